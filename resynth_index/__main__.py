@@ -1,0 +1,3 @@
+from resynth_index.cli import main
+
+main()
