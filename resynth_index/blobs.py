@@ -1,0 +1,156 @@
+"""Content-addressed blob store: every imported image file, kept byte for byte under its SHA-256.
+
+Layout: ``<root>/ab/cd/<sha256>`` where ``ab`` and ``cd`` are the first two byte pairs of the
+digest, so no directory grows past a few thousand entries. Writes are atomic (a temporary file in
+the target directory, flushed and fsynced, then ``os.replace``), so a crash leaves either the whole
+blob or a temporary file that ``remove_temp_files`` cleans up, never a half-written blob.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+from resynth_index.errors import StoreError
+
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+_TEMP_PREFIX = ".tmp-"
+_CHUNK = 1 << 20
+
+
+class BlobStore:
+    """Blobs under ``root`` (normally ``<lab>/blobs``), addressed by lowercase hex SHA-256."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def relpath_for(self, sha256: str) -> str:
+        """The blob's path relative to the root, as stored in the database: ``ab/cd/<sha>``."""
+        _check_sha(sha256)
+        return f"{sha256[:2]}/{sha256[2:4]}/{sha256}"
+
+    def path_for(self, sha256: str) -> Path:
+        """Absolute location of a blob (it may not exist)."""
+        return self.root / self.relpath_for(sha256)
+
+    def put(self, sha256: str, data: bytes) -> Path:
+        """Store ``data`` under ``sha256`` atomically; storing the same blob again does nothing.
+
+        The digest is checked first, so a wrong or mistyped hash can never file bytes under the
+        wrong name. An existing blob whose content no longer matches is rewritten.
+        """
+        _check_sha(sha256)
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256:
+            raise StoreError(f"blob {sha256} was given bytes whose SHA-256 is {actual}")
+        target = self.path_for(sha256)
+        if target.is_file() and _file_sha(target) == sha256:
+            return target
+        directory = target.parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            temp = directory / f"{_TEMP_PREFIX}{sha256[:16]}-{secrets.token_hex(6)}"
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(temp, target)
+            except BaseException:
+                temp.unlink(missing_ok=True)
+                raise
+            _fsync_dir(directory)
+        except OSError as exc:
+            raise StoreError(f"cannot write blob {target}: {exc.strerror or exc}") from None
+        return target
+
+    def exists(self, sha256: str) -> bool:
+        return self.path_for(sha256).is_file()
+
+    def read(self, sha256: str) -> bytes:
+        """The blob's bytes; a missing blob raises ``StoreError``."""
+        path = self.path_for(sha256)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"blob {sha256} is missing from {self.root}") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read blob {path}: {exc.strerror or exc}") from None
+
+    def verify(self, sha256: str) -> str | None:
+        """``None`` when the blob is present and intact, else ``"missing"`` or ``"hash mismatch"``."""
+        path = self.path_for(sha256)
+        if not path.is_file():
+            return "missing"
+        try:
+            actual = _file_sha(path)
+        except OSError:
+            return "missing"
+        return None if actual == sha256 else "hash mismatch"
+
+    def iter_shas(self) -> Iterator[str]:
+        """Every blob on disk that sits where its name says it should (for orphan detection)."""
+        if not self.root.is_dir():
+            return
+        for first in sorted(self.root.iterdir()):
+            if not (first.is_dir() and len(first.name) == 2):
+                continue
+            for second in sorted(first.iterdir()):
+                if not (second.is_dir() and len(second.name) == 2):
+                    continue
+                for entry in sorted(second.iterdir()):
+                    name = entry.name
+                    if (
+                        _SHA_RE.fullmatch(name)
+                        and name[:2] == first.name
+                        and name[2:4] == second.name
+                        and entry.is_file()
+                    ):
+                        yield name
+
+    def remove_temp_files(self) -> int:
+        """Delete temporary files left behind by an interrupted ``put``; returns how many."""
+        if not self.root.is_dir():
+            return 0
+        removed = 0
+        for temp in self.root.glob(f"*/*/{_TEMP_PREFIX}*"):
+            try:
+                temp.unlink()
+                removed += 1
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StoreError(f"cannot remove temporary file {temp}: {exc.strerror}") from None
+        return removed
+
+
+def _check_sha(sha256: str) -> None:
+    if not isinstance(sha256, str) or not _SHA_RE.fullmatch(sha256):
+        raise StoreError(f"{sha256!r} is not a SHA-256 digest (64 lowercase hex characters)")
+
+
+def _file_sha(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable where the platform allows opening directories."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,406 @@
+"""CLIP image embedders (open_clip): final or intermediate-layer features, with a content fingerprint.
+
+Attribution compares a query's embedding with its resyntheses' embeddings, so every vector must be
+reproducible and tagged with exactly what produced it. An embedder is described by an
+`EmbedderSpec` (architecture, weights, layer) and identified by `fingerprint`, a digest of the
+image tower's weights, the model config, the layer, the preprocessing and the precision: vectors
+with different fingerprints are never compared.
+
+Weights can be given three ways:
+
+- ``"local-dir:/path/to/folder"``: a folder holding ``open_clip_config.json``
+  (``{"model_cfg": ..., "preprocess_cfg": ...}``) and a checkpoint. The architecture comes from the
+  folder's config, so ``arch`` is left empty (it is ignored for such folders).
+- ``"/path/to/file.safetensors"`` (or ``.pt`` / ``.pth`` / ``.bin``): a checkpoint file for the
+  named open_clip architecture ``arch`` (a built-in name or one registered with
+  ``open_clip.add_model_config``). Pickled checkpoints are read with ``weights_only=True`` only.
+- ``"random:<seed>"``: random weights for ``arch`` drawn from the seed (benchmarks and tests).
+
+Layer ``N`` (1-based) is the class token of the output of vision transformer block ``N``
+(``model.visual.transformer.resblocks[N-1]``), before the final LayerNorm and projection; the
+forward pass stops after that block. ``layer=None`` is the projected final embedding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import pickle
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from resynth_index.devices import resolve_device
+from resynth_index.errors import ModelLoadError, RsxError
+from resynth_index.fingerprints import combine, hash_json, hash_state_dict
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+LOCAL_DIR_PREFIX = "local-dir:"
+RANDOM_WEIGHTS_PREFIX = "random:"
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+FINGERPRINT_VERSION = "rsx-openclip-embedder-v1"
+
+_CONFIG_FILENAME = "open_clip_config.json"
+# the checkpoint names open_clip's own local-dir loader prefers, best first
+_PREFERRED_CHECKPOINTS = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+    "pytorch_model.bin",
+    "pytorch_model.pth",
+    "model.pth",
+)
+_CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+@dataclass(frozen=True)
+class EmbedderSpec:
+    """What to load: an open_clip architecture, its weights and which feature layer to read.
+
+    ``arch`` is an open_clip architecture name such as ``"ViT-L-14-336"`` (empty for a
+    ``local-dir:`` folder, whose config names the architecture). ``weights`` is a checkpoint file,
+    ``"local-dir:<folder>"`` or ``"random:<seed>"``. ``layer`` is ``None`` for the final projected
+    embedding, or the 1-based index of a vision transformer block whose class token is used.
+    """
+
+    arch: str
+    weights: str
+    layer: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.arch, str) or not isinstance(self.weights, str):
+            raise RsxError("an embedder spec needs 'arch' and 'weights' as strings")
+        if not self.weights:
+            raise RsxError("an embedder spec needs 'weights' (a file, local-dir:<folder> or random:N)")
+        if self.layer is not None and (
+            isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1
+        ):
+            raise RsxError(f"embedder layer must be a positive block number, not {self.layer!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": self.arch, "weights": self.weights, "layer": self.layer}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EmbedderSpec:
+        unknown = set(data) - {"arch", "weights", "layer"}
+        if unknown:
+            raise RsxError(f"unknown embedder spec keys: {', '.join(sorted(unknown))}")
+        if "weights" not in data:
+            raise RsxError("an embedder spec needs 'weights'")
+        return cls(arch=data.get("arch", ""), weights=data["weights"], layer=data.get("layer"))
+
+
+class Embedder(Protocol):
+    """Turns images into L2-normalised float32 vectors; ``fingerprint`` names what made them."""
+
+    fingerprint: str
+    dim: int
+
+    def embed(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray: ...
+
+
+def embedder_fingerprint(
+    *,
+    weights_digest: str,
+    model_config: Mapping[str, Any],
+    layer: int | None,
+    preprocess_config: Mapping[str, Any],
+    precision: str,
+) -> str:
+    """Digest of everything that determines an embedding vector (and nothing else).
+
+    ``weights_digest`` is `hash_state_dict` of the image tower. Device and batch size are left
+    out on purpose: they do not change the vectors beyond float noise. Precision is included
+    because fp16 weights do.
+    """
+    return combine(
+        FINGERPRINT_VERSION,
+        weights_digest,
+        hash_json(dict(model_config)),
+        "final" if layer is None else f"layer:{layer}",
+        hash_json(dict(preprocess_config)),
+        precision,
+    )
+
+
+class OpenClipEmbedder:
+    """An open_clip image tower in eval mode, loaded offline from local weights.
+
+    ``preprocess`` is open_clip's evaluation transform (resize, centre crop, normalise) for the
+    model's image size, mean, std, interpolation and resize mode.
+    """
+
+    def __init__(self, spec: EmbedderSpec, device: str = "auto", precision: str = "auto") -> None:
+        self.spec = spec
+        self.device = resolve_device(device)
+        self.precision = _resolve_precision(precision, self.device)
+        model, preprocess, model_config = _load_open_clip(spec, self.device, self.precision)
+        self.model = model
+        self.preprocess = preprocess
+        self.layer = spec.layer
+        if spec.layer is None:
+            self.dim = int(model_config["embed_dim"])
+        else:
+            self.dim = int(_check_layer(model, spec).width)
+        self.image_size = tuple(model.visual.preprocess_cfg["size"])
+        conv = getattr(model.visual, "conv1", None)
+        self._input_dtype = conv.weight.dtype if conv is not None else _torch().float32
+        self.fingerprint = embedder_fingerprint(
+            weights_digest=hash_state_dict(model.visual.state_dict()),
+            model_config=model_config,
+            layer=spec.layer,
+            preprocess_config=model.visual.preprocess_cfg,
+            precision=self.precision,
+        )
+
+    def preprocess_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Preprocess images on the CPU into one (n, 3, H, W) float32 tensor."""
+        torch = _torch()
+        if not images:
+            return torch.empty((0, 3, *self.image_size), dtype=torch.float32)
+        return torch.stack([self.preprocess(_as_rgb(image)) for image in images])
+
+    def embed_tensors(self, pixels: torch.Tensor) -> np.ndarray:
+        """Embed an already-preprocessed batch; float32 (n, dim), rows L2-normalised."""
+        torch = _torch()
+        if pixels.shape[0] == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            batch = pixels.to(device=self.device, dtype=self._input_dtype)
+            if self.layer is None:
+                features = self.model.encode_image(batch)
+            else:
+                out = self.model.visual.forward_intermediates(
+                    batch,
+                    indices=[self.layer - 1],
+                    stop_early=True,
+                    intermediates_only=True,
+                    output_fmt="NLC",
+                    output_extra_tokens=True,
+                )
+                features = out["image_intermediates_prefix"][0][:, 0]
+            features = torch.nn.functional.normalize(features.float(), dim=-1)
+            return features.cpu().numpy().astype(np.float32, copy=False)
+
+    def embed(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+        """Embed PIL images; float32 (n, dim), each row L2-normalised, deterministic."""
+        if batch_size < 1:
+            raise RsxError(f"batch size must be at least 1, not {batch_size}")
+        chunks = [
+            self.embed_tensors(self.preprocess_batch(images[start : start + batch_size]))
+            for start in range(0, len(images), batch_size)
+        ]
+        if not chunks:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate(chunks, axis=0)
+
+
+def load_embedder(spec: EmbedderSpec, device: str = "auto") -> Embedder:
+    """The embedder for ``spec`` on ``device`` ("auto" picks CUDA, then MPS, then CPU)."""
+    return OpenClipEmbedder(spec, device=device)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _resolve_precision(precision: str, device: str) -> str:
+    if precision not in PRECISIONS:
+        raise RsxError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "fp16" if device.startswith("cuda") else "fp32"
+    return precision
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _check_layer(model: Any, spec: EmbedderSpec) -> Any:
+    """The vision transformer stack, after checking that ``spec.layer`` exists in it."""
+    from open_clip.transformer import VisionTransformer
+
+    visual = model.visual
+    if not isinstance(visual, VisionTransformer):
+        raise RsxError(
+            f"intermediate layers need a ViT image tower, but {spec.arch or spec.weights} "
+            f"has a {type(visual).__name__}"
+        )
+    count = len(visual.transformer.resblocks)
+    if not 1 <= spec.layer <= count:
+        raise RsxError(
+            f"layer {spec.layer} does not exist: {spec.arch or spec.weights} has {count} "
+            f"vision transformer blocks (use 1..{count})"
+        )
+    return visual.transformer
+
+
+def _builtin_config(arch: str, weights: str) -> dict[str, Any]:
+    import open_clip
+
+    if not arch:
+        raise ModelLoadError(f"weights {weights} need an open_clip architecture name (arch)")
+    if arch.startswith(("hf-hub:", LOCAL_DIR_PREFIX)):
+        raise ModelLoadError(
+            f"architecture {arch!r} is not an open_clip model name; "
+            "put a local folder in weights as local-dir:<folder>"
+        )
+    config = open_clip.get_model_config(arch.replace("/", "-"))
+    if config is None:
+        raise ModelLoadError(
+            f"unknown open_clip architecture {arch!r} (see open_clip.list_models())"
+        )
+    return config
+
+
+def _read_folder_config(folder: Path) -> dict[str, Any]:
+    if not folder.is_dir():
+        raise ModelLoadError(f"CLIP model folder {folder} does not exist")
+    config_path = folder / _CONFIG_FILENAME
+    if not config_path.is_file():
+        raise ModelLoadError(f"CLIP model folder {folder} has no {_CONFIG_FILENAME}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{config_path} is not readable JSON: {_first_line(exc)}") from exc
+    model_config = config.get("model_cfg") if isinstance(config, dict) else None
+    if not isinstance(model_config, dict):
+        raise ModelLoadError(f"{config_path} has no 'model_cfg' object")
+    return model_config
+
+
+def _find_folder_checkpoint(folder: Path) -> Path:
+    """The folder's checkpoint: safetensors first, then open_clip's preferred names."""
+    for name in _PREFERRED_CHECKPOINTS:
+        if (folder / name).is_file():
+            return folder / name
+    candidates = sorted(
+        (p for p in folder.iterdir() if p.is_file() and p.suffix in _CHECKPOINT_SUFFIXES),
+        key=lambda p: (p.suffix != ".safetensors", p.name),
+    )
+    if not candidates:
+        raise ModelLoadError(f"CLIP model folder {folder} holds no weights file")
+    return candidates[0]
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning() -> Iterator[None]:
+    """Hide open_clip's 'initialized randomly' warning: the weights are loaded right after."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def _load_open_clip(spec: EmbedderSpec, device: str, precision: str) -> tuple[Any, Any, dict]:
+    """Build the model through open_clip's factory, then load the weights safely ourselves.
+
+    open_clip is never given the checkpoint: for pickled files its loader falls back to an unsafe
+    ``torch.load`` on some errors, so safetensors go through ``open_clip.load_checkpoint`` and
+    everything else through ``torch.load(weights_only=True)``.
+    """
+    import open_clip
+    import torch
+
+    seed = 0
+    checkpoint: Path | None = None
+    if spec.weights.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(spec.weights[len(LOCAL_DIR_PREFIX) :]).expanduser()
+        model_config = _read_folder_config(folder)
+        checkpoint = _find_folder_checkpoint(folder)
+        model_name = f"{LOCAL_DIR_PREFIX}{folder}"
+        source = str(folder)
+    elif spec.weights.startswith(RANDOM_WEIGHTS_PREFIX):
+        seed_text = spec.weights[len(RANDOM_WEIGHTS_PREFIX) :]
+        if not seed_text.isdigit():
+            raise RsxError(f"random weights need an integer seed (random:0), not {spec.weights!r}")
+        seed = int(seed_text)
+        model_config = _builtin_config(spec.arch, spec.weights)
+        model_name = spec.arch.replace("/", "-")
+        source = f"{spec.arch} ({spec.weights})"
+    else:
+        checkpoint = Path(spec.weights).expanduser()
+        if not checkpoint.is_file():
+            raise ModelLoadError(f"CLIP weights file {checkpoint} does not exist")
+        model_config = _builtin_config(spec.arch, spec.weights)
+        model_name = spec.arch.replace("/", "-")
+        source = str(checkpoint)
+
+    try:
+        with torch.random.fork_rng(devices=[]), _quiet_random_init_warning():
+            torch.manual_seed(seed)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name,
+                pretrained=None,
+                load_weights=False,
+                precision=precision,
+                device=device,
+                pretrained_image=False,
+                pretrained_text=False,
+                weights_only=True,
+            )
+    except Exception as exc:  # open_clip raises bare RuntimeError/ValueError/TypeError
+        raise ModelLoadError(f"could not build the CLIP model {source}: {_first_line(exc)}") from exc
+    if checkpoint is not None:
+        _load_checkpoint(model, checkpoint)
+    model.eval()
+    return model, preprocess, model_config
+
+
+def _load_checkpoint(model: Any, checkpoint: Path) -> None:
+    import open_clip
+    import torch
+
+    try:
+        if checkpoint.suffix == ".safetensors":
+            open_clip.load_checkpoint(model, str(checkpoint), strict=True, weights_only=True)
+            return
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(_plain_state_dict(state, checkpoint), strict=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelLoadError(
+            f"CLIP weights {checkpoint} hold more than plain tensors and were not unpickled "
+            "(only weights_only checkpoints or .safetensors are accepted)"
+        ) from exc
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # truncated files, wrong architecture, missing keys
+        raise ModelLoadError(
+            f"could not load CLIP weights {checkpoint}: {_first_line(exc)}"
+        ) from exc
+
+
+def _plain_state_dict(state: Any, checkpoint: Path) -> dict[str, Any]:
+    """Unwrap a training checkpoint ({'state_dict': ...}, 'module.' prefixes) to a state dict."""
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state:
+        raise ModelLoadError(f"CLIP weights {checkpoint} do not hold a state dict")
+    if all(key.startswith("module.") for key in state):
+        state = {key[len("module.") :]: value for key, value in state.items()}
+    return state

@@ -1,0 +1,89 @@
+"""How an image enters a lab: a verified blob copy, an ``images`` row, and an embedding.
+
+Ingest, query and resynthesis all store images the same way, in the same order: the blob is
+written first (atomically, named by its hash), then the row that points at it, then the embedding.
+A crash between steps leaves at worst an orphan blob or an image without an embedding; both are
+found by ``rsx check`` and completed by re-running the same command.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+
+from resynth_index.errors import StoreError
+from resynth_index.images import LoadedImage, load_image_bytes
+from resynth_index.store import repository
+from resynth_index.store.models import ImageRow
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+    from resynth_index.lab import Lab
+
+
+def store_image(lab: Lab, loaded: LoadedImage) -> tuple[int, bool]:
+    """Copy the image's bytes into the blob store and record it; (image id, newly added)."""
+    lab.blobs.put(loaded.sha256, loaded.data)
+    with lab.session() as session:
+        return repository.ensure_image(
+            session,
+            sha256=loaded.sha256,
+            blob_path=lab.blobs.relpath_for(loaded.sha256),
+            size_bytes=len(loaded.data),
+            fmt=loaded.format,
+            width=loaded.width,
+            height=loaded.height,
+        )
+
+
+def encode_png(image: PIL.Image.Image) -> bytes:
+    """Lossless, deterministic bytes for a generated image (no timestamps, no metadata)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False, compress_level=6)
+    return buffer.getvalue()
+
+
+def load_stored_image(lab: Lab, image_id: int) -> PIL.Image.Image:
+    """Decode a stored image from its blob, refusing one whose bytes no longer match the hash."""
+    with lab.session() as session:
+        sha256 = session.scalar(select(ImageRow.sha256).where(ImageRow.id == image_id))
+    if sha256 is None:
+        raise StoreError(f"image {image_id} is not in the store")
+    problem = lab.blobs.verify(sha256)
+    if problem is not None:
+        raise StoreError(f"blob {sha256} is {problem}; run 'rsx check --repair'")
+    data = lab.blobs.read(sha256)
+    return load_image_bytes(data, f"blob {sha256[:12]}", lab.settings.max_pixels).image
+
+
+def ensure_embeddings(
+    lab: Lab, images: Mapping[int, PIL.Image.Image | None], batch_size: int | None = None
+) -> dict[int, int]:
+    """Embed every listed image that the lab's embedder has not embedded yet.
+
+    ``images`` maps image id to its decoded picture, or None to load it from the blob store.
+    Returns image id -> embedding id for all of them.
+    """
+    batch_size = batch_size or lab.settings.embedding_batch_size
+    with lab.session() as session:
+        known = repository.embedding_ids(session, images.keys(), lab.fingerprint)
+    missing = [image_id for image_id in images if image_id not in known]
+    for start in range(0, len(missing), batch_size):
+        chunk = missing[start : start + batch_size]
+        pictures = [images[i] if images[i] is not None else load_stored_image(lab, i) for i in chunk]
+        vectors = lab.embedder.embed(pictures, batch_size=batch_size)
+        with lab.session() as session:
+            repository.add_embeddings(session, lab.fingerprint, chunk, vectors)
+    if missing:
+        with lab.session() as session:
+            known = repository.embedding_ids(session, images.keys(), lab.fingerprint)
+    return known
+
+
+def embedding_ids_for(lab: Lab, image_ids: Sequence[int]) -> dict[int, int]:
+    with lab.session() as session:
+        return repository.embedding_ids(session, image_ids, lab.fingerprint)

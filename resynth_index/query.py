@@ -1,0 +1,278 @@
+"""Answering "who made this image?" for one image or many, with an audit record per answer.
+
+1. copy each image into the lab and caption it (the source is kept);
+2. reuse stored resyntheses of its caption by every candidate, generate the missing ones
+   (batched per generator across all the images of the call), mark imported ones pending;
+3. embed what is not embedded yet, then compare the query only with its caption's resyntheses;
+4. rank, score, decide ('unknown' past the lab's threshold) and record the audit row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from resynth_index.attribution import attribute, similarity_to_distance
+from resynth_index.captions import embedded_metadata, resolve_caption
+from resynth_index.errors import RsxError
+from resynth_index.images import load_image_file
+from resynth_index.intake import ensure_embeddings, store_image
+from resynth_index.resynthesis import generate_missing, plan_resyntheses, record_pending
+from resynth_index.store import repository
+from resynth_index.store.models import GeneratorRow, QueryRow, utcnow
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+    from resynth_index.captions import Captioner
+    from resynth_index.lab import Lab
+
+
+@dataclass
+class RankedGenerator:
+    generator: str
+    distance: float
+    score: float
+    distances: list[float]
+    nearest_sha256: str  # the resynthesis closest to the query (for reports)
+
+
+@dataclass
+class QueryResult:
+    image: str
+    sha256: str
+    caption: str
+    caption_source: str
+    verdict: str
+    ranking: list[RankedGenerator]
+    margin: float | None
+    generated: int
+    reused: int
+    pending: list[str]
+    not_generated: list[str]  # runnable candidates skipped because generation was off
+    candidates: list[str]
+    distance: str
+    aggregation: str
+    fingerprints: dict[str, str]
+    metadata: dict[str, str] = field(default_factory=dict)  # embedded evidence, never trusted
+    query_id: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class QueryFailure:
+    image: str
+    error: str
+
+
+@dataclass
+class _Prepared:
+    path: Path
+    image_id: int
+    sha256: str
+    picture: PIL.Image.Image
+    caption_hash: str
+    caption_text: str
+    caption_source: str
+    metadata: dict[str, str]
+
+
+def select_candidates(lab: Lab, names: Sequence[str] | None) -> list[GeneratorRow]:
+    """The named generators (each must be registered and active), or every active one."""
+    active = {row.name: row for row in lab.generators()}
+    if not names:
+        if not active:
+            raise RsxError("this lab has no generators; add one with 'rsx generator add'")
+        return list(active.values())
+    unknown = [n for n in names if n not in active]
+    if unknown:
+        raise RsxError(
+            f"unknown or retired generator(s): {', '.join(unknown)}; see 'rsx generator list'"
+        )
+    return [active[n] for n in dict.fromkeys(names)]
+
+
+def run_queries(
+    lab: Lab,
+    paths: Sequence[Path],
+    *,
+    caption: str | None = None,
+    candidates: Sequence[str] | None = None,
+    resyntheses: int | None = None,
+    generate: bool = True,
+    captioner: Captioner | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> list[QueryResult | QueryFailure]:
+    """Attribute each image; a bad image fails alone and the rest go on."""
+    generators = select_candidates(lab, candidates)
+    outcomes: list[QueryResult | QueryFailure | _Prepared] = []
+    for path in paths:
+        try:
+            outcomes.append(_prepare(lab, Path(path), caption, captioner))
+        except RsxError as error:
+            outcomes.append(QueryFailure(image=str(path), error=str(error)))
+        if progress:
+            progress("prepare", 1)
+    prepared = [o for o in outcomes if isinstance(o, _Prepared)]
+    if not prepared:
+        return outcomes  # type: ignore[return-value]
+
+    captions = {p.caption_hash: p.caption_text for p in prepared}
+    plan = plan_resyntheses(lab, list(captions), generators, resyntheses)
+    generated_for: dict[str, int] = {}
+    new_images: dict[int, PIL.Image.Image] = {}
+    if generate:
+        for work in plan.missing.values():
+            for caption_hash, _seed in work:
+                generated_for[caption_hash] = generated_for.get(caption_hash, 0) + 1
+        new_images = generate_missing(
+            lab, plan, generators, captions,
+            progress=(lambda n: progress("generate", n)) if progress else None,
+        )
+    record_pending(lab, plan, generators)
+
+    to_embed: dict[int, PIL.Image.Image | None] = {p.image_id: p.picture for p in prepared}
+    for image_ids in plan.stored.values():
+        for image_id in image_ids:
+            to_embed.setdefault(image_id, new_images.get(image_id))
+    embedding_of = ensure_embeddings(lab, to_embed)
+    lab.sync_index()
+
+    results: list[QueryResult | QueryFailure] = []
+    counted: set[str] = set()
+    for outcome in outcomes:
+        if not isinstance(outcome, _Prepared):
+            results.append(outcome)
+            continue
+        generated = 0 if outcome.caption_hash in counted else generated_for.get(
+            outcome.caption_hash, 0
+        )
+        counted.add(outcome.caption_hash)
+        results.append(
+            _answer(lab, outcome, generators, plan, embedding_of, generated)
+        )
+    return results
+
+
+def _prepare(lab: Lab, path: Path, caption: str | None, captioner: Captioner | None) -> _Prepared:
+    loaded = load_image_file(path, max_pixels=lab.settings.max_pixels)
+    found = resolve_caption(
+        explicit=caption, image_path=path, data=loaded.data, image=loaded.image,
+        captioner=captioner,
+    )
+    image_id, _ = store_image(lab, loaded)
+    with lab.session() as session:
+        repository.ensure_caption(session, found.hash, found.text)
+    return _Prepared(
+        path=path, image_id=image_id, sha256=loaded.sha256, picture=loaded.image,
+        caption_hash=found.hash, caption_text=found.text, caption_source=found.source,
+        metadata=embedded_metadata(loaded.data),
+    )
+
+
+def _answer(
+    lab: Lab,
+    query: _Prepared,
+    generators: Sequence[GeneratorRow],
+    plan,
+    embedding_of: dict[int, int],
+    generated: int,
+) -> QueryResult:
+    settings = lab.settings
+    per_generator: dict[str, list[int]] = {
+        row.name: plan.stored.get((query.caption_hash, row.name), []) for row in generators
+    }
+    candidate_ids = np.array(
+        sorted({embedding_of[i] for ids in per_generator.values() for i in ids}), dtype=np.int64
+    )
+    similarity: dict[int, float] = {}
+    if len(candidate_ids):
+        query_vector = lab.index.vectors_for(np.array([embedding_of[query.image_id]]))[0]
+        scores, ids = lab.index.search(query_vector, len(candidate_ids), ids=candidate_ids)
+        similarity = {int(i): float(s) for s, i in zip(scores[0], ids[0], strict=True)}
+    distances: dict[str, list[float]] = {}
+    nearest: dict[str, str] = {}
+    image_sha = _image_shas(lab, [i for ids in per_generator.values() for i in ids])
+    for name, image_ids in per_generator.items():
+        values = [
+            similarity_to_distance(similarity[embedding_of[i]], settings.distance)
+            for i in image_ids
+        ]
+        distances[name] = values
+        if values:
+            nearest[name] = image_sha[image_ids[int(np.argmin(values))]]
+    outcome = attribute(
+        distances,
+        aggregation=settings.aggregation,
+        temperature=settings.temperature,
+        threshold=settings.unknown_threshold,
+    )
+    ranking = [
+        RankedGenerator(
+            generator=g.generator, distance=g.distance, score=g.score,
+            distances=list(g.distances), nearest_sha256=nearest[g.generator],
+        )
+        for g in outcome.ranking
+    ]
+    reused = sum(len(v) for v in per_generator.values()) - generated
+    fingerprints = {"embedder": lab.fingerprint, **{row.name: row.fingerprint for row in generators}}
+    result = QueryResult(
+        image=str(query.path),
+        sha256=query.sha256,
+        caption=query.caption_text,
+        caption_source=query.caption_source,
+        verdict=outcome.verdict,
+        ranking=ranking,
+        margin=outcome.margin,
+        generated=generated,
+        reused=max(reused, 0),
+        pending=sorted(plan.pending.get(query.caption_hash, [])),
+        not_generated=sorted(
+            name
+            for name, work in plan.missing.items()
+            if any(caption == query.caption_hash for caption, _ in work)
+        ),
+        candidates=[row.name for row in generators],
+        distance=settings.distance,
+        aggregation=settings.aggregation,
+        fingerprints=fingerprints,
+        metadata=query.metadata,
+    )
+    with lab.session() as session:
+        row = QueryRow(
+            created_at=utcnow(),
+            image_sha256=query.sha256,
+            image_path=str(query.path),
+            caption_hash=query.caption_hash,
+            caption_source=query.caption_source,
+            candidates_json=json.dumps(result.candidates),
+            fingerprints_json=json.dumps(fingerprints, sort_keys=True),
+            distances_json=json.dumps(distances, sort_keys=True),
+            verdict=result.verdict,
+            result_json=json.dumps(result.to_json(), sort_keys=True),
+        )
+        session.add(row)
+        session.flush()
+        result.query_id = row.id
+    return result
+
+
+def _image_shas(lab: Lab, image_ids: list[int]) -> dict[int, str]:
+    from sqlalchemy import select
+
+    from resynth_index.store.models import ImageRow
+
+    if not image_ids:
+        return {}
+    with lab.session() as session:
+        rows = session.execute(
+            select(ImageRow.id, ImageRow.sha256).where(ImageRow.id.in_(image_ids))
+        )
+        return {image_id: sha for image_id, sha in rows}

@@ -1,0 +1,109 @@
+"""A self-contained HTML page per batch of answers: query beside each candidate's nearest resynthesis.
+
+Images are embedded as base64 PNG thumbnails, so the page can be archived or mailed on its own.
+Every piece of text is escaped: captions and metadata come from untrusted files.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from html import escape
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from resynth_index.errors import RsxError
+from resynth_index.images import load_image_bytes
+
+if TYPE_CHECKING:
+    from resynth_index.lab import Lab
+    from resynth_index.query import QueryResult
+
+THUMBNAIL = 224
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em;color:#222}
+section{border-top:1px solid #ccc;padding:1em 0}
+.row{display:flex;flex-wrap:wrap;gap:12px}
+figure{margin:0;text-align:center;font-size:.85em}
+figure img{display:block;max-width:224px;border:3px solid #ddd}
+figure.best img{border-color:#2a7}
+table{border-collapse:collapse;margin:.5em 0}td,th{padding:2px 10px;text-align:left}
+code{font-size:.8em;color:#555}.verdict{font-size:1.3em;font-weight:bold}
+"""
+
+
+def _thumbnail(lab: Lab, sha256: str) -> str:
+    problem = lab.blobs.verify(sha256)
+    if problem is not None:
+        return ""
+    image = load_image_bytes(lab.blobs.read(sha256), sha256[:12], lab.settings.max_pixels).image
+    image = image.copy()
+    image.thumbnail((THUMBNAIL, THUMBNAIL))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _figure(src: str, caption: str, best: bool = False) -> str:
+    image = f'<img src="{src}" alt="">' if src else "<p>(blob missing)</p>"
+    css = ' class="best"' if best else ""
+    return f"<figure{css}>{image}<figcaption>{caption}</figcaption></figure>"
+
+
+def _section(lab: Lab, result: QueryResult) -> str:
+    figures = [_figure(_thumbnail(lab, result.sha256), "query")]
+    for position, entry in enumerate(result.ranking):
+        label = f"{escape(entry.generator)}<br>d = {entry.distance:.4f}"
+        figures.append(_figure(_thumbnail(lab, entry.nearest_sha256), label, best=position == 0))
+    rows = "".join(
+        f"<tr><td>{escape(e.generator)}</td><td>{e.distance:.4f}</td><td>{e.score:.3f}</td>"
+        f"<td>{', '.join(f'{d:.4f}' for d in e.distances)}</td>"
+        f"<td><code>{escape(result.fingerprints.get(e.generator, '')[:16])}</code></td></tr>"
+        for e in result.ranking
+    )
+    notes = []
+    if result.pending:
+        notes.append(f"pending imported generators: {escape(', '.join(result.pending))}")
+    if result.not_generated:
+        notes.append(f"not generated: {escape(', '.join(result.not_generated))}")
+    metadata = "".join(
+        f"<tr><td>{escape(k)}</td><td>{escape(v[:300])}</td></tr>"
+        for k, v in sorted(result.metadata.items())
+    )
+    margin = f" (margin {result.margin:.4f})" if result.margin is not None else ""
+    return f"""<section>
+<h2>{escape(result.image)}</h2>
+<p class="verdict">verdict: {escape(result.verdict)}{margin}</p>
+<p>caption ({escape(result.caption_source)}): {escape(result.caption)}</p>
+<p><code>sha256 {result.sha256}</code></p>
+<div class="row">{"".join(figures)}</div>
+<table><tr><th>generator</th><th>distance</th><th>score</th><th>all distances</th>
+<th>fingerprint</th></tr>{rows}</table>
+<p>{result.distance} distance, {result.aggregation} over resyntheses; embedder
+<code>{escape(result.fingerprints.get("embedder", "")[:16])}</code>; generated
+{result.generated}, reused {result.reused}. {"; ".join(notes)}</p>
+{f"<details><summary>metadata found in the file (evidence, not trusted)</summary><table>{metadata}</table></details>" if metadata else ""}
+</section>"""
+
+
+def render_report(lab: Lab, results: Sequence[QueryResult]) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    body = "\n".join(_section(lab, r) for r in results)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>rsx attribution report</title>
+<style>{_STYLE}</style></head><body>
+<h1>rsx attribution report</h1>
+<p>{len(results)} image(s); lab {escape(str(lab.root))}; written {stamp}</p>
+{body}
+</body></html>
+"""
+
+
+def write_report(lab: Lab, results: Sequence[QueryResult], path: Path) -> None:
+    try:
+        Path(path).write_text(render_report(lab, results), encoding="utf-8")
+    except OSError as error:
+        raise RsxError(f"cannot write report {path}: {error.strerror}") from None

@@ -1,0 +1,45 @@
+"""Running the Alembic migrations that ship inside the package (no alembic.ini needed)."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine
+
+
+def alembic_config(engine: Engine) -> Config:
+    """An Alembic config pointing at the packaged scripts and at ``engine``'s database."""
+    config = Config()
+    config.set_main_option("script_location", str(files("resynth_index.migrations")))
+    config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    config.attributes["engine"] = engine
+    return config
+
+
+def head_revision(engine: Engine) -> str:
+    return ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    command.upgrade(alembic_config(engine), revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    command.downgrade(alembic_config(engine), revision)
+
+
+def ensure_current(engine: Engine) -> bool:
+    """Upgrade to head if the database is older; return True when a migration ran."""
+    if current_revision(engine) == head_revision(engine):
+        return False
+    upgrade(engine)
+    return True

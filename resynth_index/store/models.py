@@ -1,0 +1,149 @@
+"""The lab's tables (SQLAlchemy 2.0 typed models). SQLite is the source of truth.
+
+Every migration in ``migrations/versions`` must leave the database matching these models;
+``tests/test_migrations.py`` checks that with Alembic's comparison.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class GeneratorRow(Base):
+    """A candidate source generator: one the lab can run (diffusers, toy) or an imported service."""
+
+    __tablename__ = "generators"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))  # diffusers | toy | imported
+    source: Mapped[str | None] = mapped_column(
+        Text
+    )  # pipeline folder / checkpoint; None if imported
+    settings_json: Mapped[str] = mapped_column(Text)  # GenerationSettings + resyntheses per caption
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class CaptionRow(Base):
+    """A description, keyed by the hash of its normalised text."""
+
+    __tablename__ = "captions"
+
+    hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    text: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ImageRow(Base):
+    """An image the lab has seen; its bytes live in the blob store under their SHA-256."""
+
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    blob_path: Mapped[str] = mapped_column(String(200))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str] = mapped_column(String(16))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ResynthesisRow(Base):
+    """An image made (or, for imported generators, supplied) by a generator from a caption."""
+
+    __tablename__ = "resyntheses"
+    __table_args__ = (
+        UniqueConstraint("generator_id", "caption_hash", "settings_hash", "seed"),
+        Index("ix_resyntheses_caption", "caption_hash", "generator_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
+    generator_id: Mapped[int] = mapped_column(ForeignKey("generators.id"))
+    caption_hash: Mapped[str] = mapped_column(ForeignKey("captions.hash"))
+    seed: Mapped[int] = mapped_column(Integer)
+    settings_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ReferenceRow(Base):
+    """An image whose true generator is known (few-shot references, evaluation queries)."""
+
+    __tablename__ = "references"
+    __table_args__ = (UniqueConstraint("image_id", "generator_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
+    generator_id: Mapped[int] = mapped_column(ForeignKey("generators.id"))
+    caption_hash: Mapped[str | None] = mapped_column(ForeignKey("captions.hash"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class EmbeddingRow(Base):
+    """An image's feature vector from one embedder (float32 little-endian BLOB)."""
+
+    __tablename__ = "embeddings"
+    __table_args__ = (
+        UniqueConstraint("image_id", "embedder_fingerprint"),
+        Index("ix_embeddings_fingerprint_id", "embedder_fingerprint", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
+    embedder_fingerprint: Mapped[str] = mapped_column(String(64))
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class QueryRow(Base):
+    """The audit record of one attribution: enough to reproduce and defend the answer."""
+
+    __tablename__ = "queries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    image_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    image_path: Mapped[str] = mapped_column(Text)
+    caption_hash: Mapped[str] = mapped_column(ForeignKey("captions.hash"))
+    caption_source: Mapped[str] = mapped_column(String(200))
+    candidates_json: Mapped[str] = mapped_column(Text)
+    fingerprints_json: Mapped[str] = mapped_column(Text)  # embedder + every candidate generator
+    distances_json: Mapped[str] = mapped_column(Text)  # per generator: every resynthesis distance
+    verdict: Mapped[str] = mapped_column(String(128))
+    result_json: Mapped[str] = mapped_column(Text)  # the full answer as reported
+
+
+class PendingResynthesisRow(Base):
+    """A work order: an imported generator lacks a resynthesis of a caption some query needed."""
+
+    __tablename__ = "pending_resyntheses"
+    __table_args__ = (UniqueConstraint("generator_id", "caption_hash"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    generator_id: Mapped[int] = mapped_column(ForeignKey("generators.id"))
+    caption_hash: Mapped[str] = mapped_column(ForeignKey("captions.hash"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,113 @@
+"""The schema evolves by Alembic migrations; old labs upgrade with every row intact."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from resynth_index.config import DATABASE_FILE, LabSettings
+from resynth_index.store import migrate
+from resynth_index.store.engine import make_engine, sqlite_url
+from resynth_index.store.models import Base
+
+FIRST = "0001_initial"
+NOW = "2026-01-01 00:00:00"
+
+
+def _fill_first_revision(db: Path) -> None:
+    """Rows written the way code at revision 0001 would have written them (raw SQL)."""
+    with sqlite3.connect(db) as connection:
+        connection.executescript(
+            f"""
+            INSERT INTO generators (id, name, kind, source, settings_json, fingerprint, added_at)
+              VALUES (1, 'sd15', 'diffusers', '/models/sd15', '{{}}', '{"a" * 64}', '{NOW}');
+            INSERT INTO captions (hash, text, created_at) VALUES ('{"c" * 64}', 'a cat', '{NOW}');
+            INSERT INTO images (id, sha256, blob_path, size_bytes, format, width, height, created_at)
+              VALUES (1, '{"d" * 64}', 'dd/dd/{"d" * 64}', 10, 'PNG', 8, 8, '{NOW}'),
+                     (2, '{"e" * 64}', 'ee/ee/{"e" * 64}', 11, 'PNG', 8, 8, '{NOW}');
+            INSERT INTO resyntheses (id, image_id, generator_id, caption_hash, seed, settings_hash,
+                                     created_at)
+              VALUES (1, 2, 1, '{"c" * 64}', 0, '{"f" * 64}', '{NOW}');
+            INSERT INTO "references" (id, image_id, generator_id, caption_hash, created_at)
+              VALUES (1, 1, 1, '{"c" * 64}', '{NOW}');
+            INSERT INTO embeddings (id, image_id, embedder_fingerprint, dim, vector, created_at)
+              VALUES (1, 1, '{"b" * 64}', 2, x'0000803f00000000', '{NOW}');
+            """
+        )
+
+
+def _counts(db: Path) -> dict[str, int]:
+    tables = ["generators", "captions", "images", "resyntheses", '"references"', "embeddings"]
+    with sqlite3.connect(db) as connection:
+        return {t: connection.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables}
+
+
+def test_upgrade_keeps_rows_and_downgrade_upgrade_round_trips(tmp_path: Path) -> None:
+    db = tmp_path / "lab.sqlite"
+    engine = make_engine(sqlite_url(db))
+    migrate.upgrade(engine, FIRST)
+    assert migrate.current_revision(engine) == FIRST
+    _fill_first_revision(db)
+    before = _counts(db)
+
+    migrate.upgrade(engine)
+    assert migrate.current_revision(engine) == migrate.head_revision(engine)
+    assert _counts(db) == before
+    with sqlite3.connect(db) as connection:
+        vector = connection.execute("SELECT vector FROM embeddings WHERE id = 1").fetchone()[0]
+        assert connection.execute("SELECT count(*) FROM queries").fetchone()[0] == 0
+    assert vector == bytes.fromhex("0000803f00000000")
+
+    migrate.downgrade(engine, "-1")
+    assert migrate.current_revision(engine) == FIRST
+    migrate.upgrade(engine)
+    assert _counts(db) == before
+    engine.dispose()
+
+
+def test_head_schema_matches_the_models(tmp_path: Path) -> None:
+    engine = make_engine(sqlite_url(tmp_path / "lab.sqlite"))
+    migrate.upgrade(engine)
+    with engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    assert differences == []
+    engine.dispose()
+
+
+def test_opening_an_old_lab_upgrades_it(tmp_path: Path) -> None:
+    from resynth_index.lab import Lab
+
+    engine = make_engine(sqlite_url(tmp_path / DATABASE_FILE))
+    migrate.upgrade(engine, FIRST)
+    engine.dispose()
+    _fill_first_revision(tmp_path / DATABASE_FILE)
+    LabSettings(embedder={"arch": "", "weights": "local-dir:x"}, embedder_fingerprint="b" * 64,
+                embedder_dim=2).save(tmp_path)
+
+    lab = Lab.open(tmp_path)
+    assert migrate.current_revision(lab.engine) == migrate.head_revision(lab.engine)
+    assert [g.name for g in lab.generators()] == ["sd15"]
+    lab.close()
+    assert _counts(tmp_path / DATABASE_FILE)["embeddings"] == 1
+
+
+def test_sqlite_pragmas_are_set(tmp_path: Path) -> None:
+    engine = make_engine(sqlite_url(tmp_path / "x.sqlite"))
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 10_000
+    engine.dispose()
+
+
+@pytest.mark.parametrize("bad", ["", "{not json"])
+def test_a_broken_settings_file_is_one_clear_error(tmp_path: Path, bad: str) -> None:
+    from resynth_index.errors import StoreError
+
+    (tmp_path / "settings.json").write_text(bad)
+    with pytest.raises(StoreError, match="settings.json"):
+        LabSettings.load(tmp_path)
