@@ -83,7 +83,7 @@ class BlobStore:
             raise StoreError(f"cannot read blob {path}: {exc.strerror or exc}") from None
 
     def verify(self, sha256: str) -> str | None:
-        """``None`` when the blob is present and intact, else ``"missing"`` or ``"hash mismatch"``."""
+        """``None`` if the blob is present and intact, else ``"missing"`` or ``"hash mismatch"``."""
         path = self.path_for(sha256)
         if not path.is_file():
             return "missing"

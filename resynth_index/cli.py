@@ -37,7 +37,9 @@ class RsxGroup(click.Group):
     help=f"Lab directory (default: ${LAB_ENV}, else a per-user data directory).",
 )
 @click.option(
-    "--device", type=click.Choice(DEVICE_CHOICES), default=None,
+    "--device",
+    type=click.Choice(DEVICE_CHOICES),
+    default=None,
     help="Where models run (default: the lab's setting, 'auto').",
 )
 @click.version_option(__version__, prog_name="rsx")
@@ -73,7 +75,9 @@ def _progress(label: str, total: int):
 # --------------------------------------------------------------------------- init / check
 @cli.command()
 @click.option(
-    "--embedder", default="toy", show_default=True,
+    "--embedder",
+    default="toy",
+    show_default=True,
     help="'toy', 'local-dir:FOLDER' (open_clip_config.json + weights) or 'ARCH@WEIGHTS_FILE'.",
 )
 @click.option("--layer", type=click.IntRange(min=1), help="Use the class token of this ViT block.")
@@ -85,7 +89,7 @@ def init(ctx: click.Context, embedder: str, layer: int | None, threshold: float 
     \b
     Examples:
       rsx --lab ./lab init                       # the toy embedder
-      rsx --lab ./lab init --embedder ViT-L-14-336@/models/open_clip_vit_l_336.safetensors --layer 12
+      rsx --lab ./lab init --embedder ViT-L-14-336@/models/clip-l-336.safetensors --layer 12
       rsx --lab ./lab init --embedder local-dir:/models/my-clip
     """
     from resynth_index.lab import Lab
@@ -151,10 +155,18 @@ def _parse_size(value: str | None) -> tuple[int, int] | None:
 
 @generator.command("add")
 @click.argument("name")
-@click.option("--diffusers", "diffusers_path", type=click.Path(path_type=Path),
-              help="A local diffusers pipeline folder or single-file checkpoint.")
-@click.option("--config", "config_dir", type=click.Path(path_type=Path),
-              help="For a single-file checkpoint: a local pipeline folder with its configs.")
+@click.option(
+    "--diffusers",
+    "diffusers_path",
+    type=click.Path(path_type=Path),
+    help="A local diffusers pipeline folder or single-file checkpoint.",
+)
+@click.option(
+    "--config",
+    "config_dir",
+    type=click.Path(path_type=Path),
+    help="For a single-file checkpoint: a local pipeline folder with its configs.",
+)
 @click.option("--imported", is_flag=True, help="A service the lab cannot run; ingest its images.")
 @click.option("--toy", "toy_seed", type=int, help="A toy pipeline built from this seed.")
 @click.option("--steps", type=click.IntRange(min=1), help="Denoising steps.")
@@ -165,8 +177,21 @@ def _parse_size(value: str | None) -> tuple[int, int] | None:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--resyntheses", type=click.IntRange(min=1), help="Resyntheses per caption (K).")
 @click.pass_context
-def generator_add(ctx, name, diffusers_path, config_dir, imported, toy_seed, steps, guidance,
-                  size, scheduler, negative_prompt, dtype, resyntheses) -> None:
+def generator_add(
+    ctx,
+    name,
+    diffusers_path,
+    config_dir,
+    imported,
+    toy_seed,
+    steps,
+    guidance,
+    size,
+    scheduler,
+    negative_prompt,
+    dtype,
+    resyntheses,
+) -> None:
     """Register a candidate generator. Nothing already stored is recomputed.
 
     \b
@@ -179,8 +204,13 @@ def generator_add(ctx, name, diffusers_path, config_dir, imported, toy_seed, ste
     chosen = [diffusers_path is not None, imported, toy_seed is not None]
     if sum(chosen) != 1:
         raise click.UsageError("give exactly one of --diffusers PATH, --imported, --toy SEED")
-    tuning = {"steps": steps, "guidance": guidance, "scheduler": scheduler,
-              "negative_prompt": negative_prompt, "dtype": dtype}
+    tuning = {
+        "steps": steps,
+        "guidance": guidance,
+        "scheduler": scheduler,
+        "negative_prompt": negative_prompt,
+        "dtype": dtype,
+    }
     parsed_size = _parse_size(size)
     if parsed_size:
         tuning["width"], tuning["height"] = parsed_size
@@ -203,8 +233,14 @@ def generator_add(ctx, name, diffusers_path, config_dir, imported, toy_seed, ste
         else:
             base = GenerationSettings().to_dict()
             settings = GenerationSettings.from_dict({**base, **tuning})
-            row = lab.add_generator(name, "diffusers", source=diffusers_path, settings=settings,
-                                    resyntheses=resyntheses, config=config_dir)
+            row = lab.add_generator(
+                name,
+                "diffusers",
+                source=diffusers_path,
+                settings=settings,
+                resyntheses=resyntheses,
+                config=config_dir,
+            )
     click.echo(f"added generator {row.name} ({row.kind}, fingerprint {row.fingerprint[:12]})")
 
 
@@ -224,8 +260,11 @@ def generator_list(ctx, as_json: bool, show_all: bool) -> None:
     rows = lab.generators(include_retired=show_all)
     for row in rows:
         record = {
-            "name": row.name, "kind": row.kind, "source": row.source,
-            "settings": json.loads(row.settings_json), "fingerprint": row.fingerprint,
+            "name": row.name,
+            "kind": row.kind,
+            "source": row.source,
+            "settings": json.loads(row.settings_json),
+            "fingerprint": row.fingerprint,
             "added_at": row.added_at.isoformat(),
             "retired_at": row.retired_at.isoformat() if row.retired_at else None,
         }
@@ -233,8 +272,9 @@ def generator_list(ctx, as_json: bool, show_all: bool) -> None:
             click.echo(json.dumps(record, sort_keys=True))
         else:
             state = " (retired)" if row.retired_at else ""
-            click.echo(f"{row.name:<20} {row.kind:<10} {row.fingerprint[:12]}  "
-                       f"{row.source or '-'}{state}")
+            click.echo(
+                f"{row.name:<20} {row.kind:<10} {row.fingerprint[:12]}  {row.source or '-'}{state}"
+            )
     if not rows and not as_json:
         click.echo("no generators; add one with 'rsx generator add'")
 
@@ -256,12 +296,22 @@ def generator_remove(ctx, name: str) -> None:
 # --------------------------------------------------------------------------- ingest
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--role", type=click.Choice(["query", "resynthesis", "reference"]),
-              default="query", show_default=True, help="Role of the plain files given.")
+@click.option(
+    "--role",
+    type=click.Choice(["query", "resynthesis", "reference"]),
+    default="query",
+    show_default=True,
+    help="Role of the plain files given.",
+)
 @click.option("--generator", "generator_name", help="Generator of the plain files given.")
 @click.option("--caption", help="Caption of the plain files given.")
-@click.option("--layout", type=click.Choice(["files", "resynthesis-dataset"]), default="files",
-              show_default=True, help="How to read PATHS.")
+@click.option(
+    "--layout",
+    type=click.Choice(["files", "resynthesis-dataset"]),
+    default="files",
+    show_default=True,
+    help="How to read PATHS.",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per batch.")
 @click.pass_context
 def ingest(ctx, paths, role, generator_name, caption, layout, batch_size) -> None:
@@ -283,8 +333,9 @@ def ingest(ctx, paths, role, generator_name, caption, layout, batch_size) -> Non
     if layout == "resynthesis-dataset":
         items = [i for p in paths for i in ingest_module.resynthesis_dataset(p)]
     else:
-        items = list(ingest_module.expand_paths(paths, role=role, generator=generator_name,
-                                                caption=caption))
+        items = list(
+            ingest_module.expand_paths(paths, role=role, generator=generator_name, caption=caption)
+        )
     bar = _progress("ingesting", len(items))
 
     def report_failure(failure) -> None:
@@ -292,20 +343,28 @@ def ingest(ctx, paths, role, generator_name, caption, layout, batch_size) -> Non
 
     if bar is None:
         summary = ingest_module.ingest(
-            lab, items, batch_size=batch_size, on_failure=report_failure,
+            lab,
+            items,
+            batch_size=batch_size,
+            on_failure=report_failure,
             register_missing_as_imported=layout == "resynthesis-dataset",
         )
     else:
         with bar:
             summary = ingest_module.ingest(
-                lab, items, batch_size=batch_size, progress=bar.update,
+                lab,
+                items,
+                batch_size=batch_size,
+                progress=bar.update,
                 on_failure=report_failure,
                 register_missing_as_imported=layout == "resynthesis-dataset",
             )
     for name in summary.generators_added:
         click.echo(f"registered imported generator {name}")
-    click.echo(f"ingest: {summary.added} added, {summary.skipped} skipped (already present), "
-               f"{summary.failed} failed")
+    click.echo(
+        f"ingest: {summary.added} added, {summary.skipped} skipped (already present), "
+        f"{summary.failed} failed"
+    )
     if summary.failed:
         sys.exit(1)
 
@@ -313,18 +372,27 @@ def ingest(ctx, paths, role, generator_name, caption, layout, batch_size) -> Non
 # --------------------------------------------------------------------------- query
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--caption", help="The description to resynthesise from (else sidecar/metadata/model).")
+@click.option(
+    "--caption", help="The description to resynthesise from (else sidecar/metadata/model)."
+)
 @click.option("--candidates", help="Comma-separated generator names (default: all active).")
 @click.option("--resyntheses", type=click.IntRange(min=1), help="Resyntheses per generator (K).")
 @click.option("--no-generate", is_flag=True, help="Use only stored resyntheses.")
-@click.option("--captioner", type=click.Path(path_type=Path),
-              help="A local transformers image-to-text folder for images without a caption.")
+@click.option(
+    "--captioner",
+    type=click.Path(path_type=Path),
+    help="A local transformers image-to-text folder for images without a caption.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
-@click.option("--report", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write a self-contained HTML report.")
+@click.option(
+    "--report",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a self-contained HTML report.",
+)
 @click.pass_context
-def query(ctx, images, caption, candidates, resyntheses, no_generate, captioner, as_json,
-          report) -> None:
+def query(
+    ctx, images, caption, candidates, resyntheses, no_generate, captioner, as_json, report
+) -> None:
     """Name the generator that most likely made each image.
 
     \b
@@ -343,8 +411,15 @@ def query(ctx, images, caption, candidates, resyntheses, no_generate, captioner,
         from resynth_index.captions import TransformersCaptioner
 
         model = TransformersCaptioner(captioner_path, device=lab.device)
-    results = run_queries(lab, list(images), caption=caption, candidates=names,
-                          resyntheses=resyntheses, generate=not no_generate, captioner=model)
+    results = run_queries(
+        lab,
+        list(images),
+        caption=caption,
+        candidates=names,
+        resyntheses=resyntheses,
+        generate=not no_generate,
+        captioner=model,
+    )
     failed = 0
     for result in results:
         if isinstance(result, QueryFailure):
@@ -375,8 +450,10 @@ def _render_result(result) -> str:
         f"  {'generator':<20} {'distance':>9} {'score':>7}  resyntheses",
     ]
     for entry in result.ranking:
-        lines.append(f"  {entry.generator:<20} {entry.distance:>9.4f} {entry.score:>7.3f}  "
-                     f"{len(entry.distances)}")
+        lines.append(
+            f"  {entry.generator:<20} {entry.distance:>9.4f} {entry.score:>7.3f}  "
+            f"{len(entry.distances)}"
+        )
     extra = [f"generated {result.generated}", f"reused {result.reused}"]
     if result.pending:
         extra.append(f"pending (imported, no resynthesis yet): {', '.join(result.pending)}")
@@ -389,8 +466,11 @@ def _render_result(result) -> str:
 # --------------------------------------------------------------------------- export-prompts
 @cli.command("export-prompts")
 @click.option("--generator", "generator_name", help="Only this imported generator.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write CSV here (default: standard output).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write CSV here (default: standard output).",
+)
 @click.pass_context
 def export_prompts(ctx, generator_name: str | None, out: Path | None) -> None:
     """The work order for imported generators: captions queries needed that they lack.
@@ -422,8 +502,11 @@ def export_prompts(ctx, generator_name: str | None, out: Path | None) -> None:
 
 # --------------------------------------------------------------------------- demo
 @cli.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Where the demo writes its query images and report (default: inside the lab).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the demo writes its query images and report (default: inside the lab).",
+)
 @click.pass_context
 def demo(ctx, out: Path | None) -> None:
     """Build a toy lab, attribute toy images of known source, print the accuracy.

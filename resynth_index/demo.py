@@ -50,7 +50,8 @@ def make_query_images(lab, folder: Path) -> dict[Path, str]:
     for name in DEMO_GENERATORS:
         model = lab.generator_model(rows[name])
         requests = [
-            GenerationRequest(caption, QUERY_SEED_BASE + i) for i, caption in enumerate(DEMO_CAPTIONS)
+            GenerationRequest(caption, QUERY_SEED_BASE + i)
+            for i, caption in enumerate(DEMO_CAPTIONS)
         ]
         for i, image in enumerate(model.generate(requests)):
             path = folder / f"{name}-{i}.png"
@@ -96,9 +97,11 @@ def run_demo(lab_dir: Path, out: Path | None = None, echo: Callable[[str], None]
     generated = sum(r.generated for r in answered)
     reused = sum(r.reused for r in answered)
     echo("")
-    echo(f"accuracy: {correct}/{len(truth)} = {accuracy:.1%} "
-         f"(resyntheses generated {generated}, reused {reused}; caption source: "
-         f"{answered[0].caption_source if answered else '-'})")
+    echo(
+        f"accuracy: {correct}/{len(truth)} = {accuracy:.1%} "
+        f"(resyntheses generated {generated}, reused {reused}; caption source: "
+        f"{answered[0].caption_source if answered else '-'})"
+    )
     report = out / "report.html"
     write_report(lab, answered, report)
     echo(f"report: {report}")

@@ -1,4 +1,4 @@
-"""CLIP image embedders (open_clip): final or intermediate-layer features, with a content fingerprint.
+"""CLIP image embedders (open_clip): final or intermediate-layer features, and their fingerprint.
 
 Attribution compares a query's embedding with its resyntheses' embeddings, so every vector must be
 reproducible and tagged with exactly what produced it. An embedder is described by an
@@ -80,7 +80,9 @@ class EmbedderSpec:
         if not isinstance(self.arch, str) or not isinstance(self.weights, str):
             raise RsxError("an embedder spec needs 'arch' and 'weights' as strings")
         if not self.weights:
-            raise RsxError("an embedder spec needs 'weights' (a file, local-dir:<folder> or random:N)")
+            raise RsxError(
+                "an embedder spec needs 'weights' (a file, local-dir:<folder> or random:N)"
+            )
         if self.layer is not None and (
             isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1
         ):
@@ -151,7 +153,8 @@ class OpenClipEmbedder:
             self.dim = int(model_config["embed_dim"])
         else:
             self.dim = int(_check_layer(model, spec).width)
-        self.image_size = tuple(model.visual.preprocess_cfg["size"])
+        size = model.visual.preprocess_cfg["size"]
+        self.image_size = (size, size) if isinstance(size, int) else tuple(size)
         conv = getattr(model.visual, "conv1", None)
         self._input_dtype = conv.weight.dtype if conv is not None else _torch().float32
         self.fingerprint = embedder_fingerprint(
@@ -365,7 +368,9 @@ def _load_open_clip(spec: EmbedderSpec, device: str, precision: str) -> tuple[An
                 weights_only=True,
             )
     except Exception as exc:  # open_clip raises bare RuntimeError/ValueError/TypeError
-        raise ModelLoadError(f"could not build the CLIP model {source}: {_first_line(exc)}") from exc
+        raise ModelLoadError(
+            f"could not build the CLIP model {source}: {_first_line(exc)}"
+        ) from exc
     if checkpoint is not None:
         _load_checkpoint(model, checkpoint)
     model.eval()

@@ -129,7 +129,9 @@ def _read_file(path: Path, max_bytes: int) -> bytes:
     if not stat.S_ISREG(info.st_mode):
         raise ImageError(f"{name}: is not a regular file")
     if info.st_size > max_bytes:
-        raise ImageError(f"{name}: the file is {info.st_size:,} bytes, over the {max_bytes:,} limit")
+        raise ImageError(
+            f"{name}: the file is {info.st_size:,} bytes, over the {max_bytes:,} limit"
+        )
     try:
         with open(path, "rb") as handle:
             data = handle.read(max_bytes + 1)  # +1: notice a file that grew after stat
@@ -205,6 +207,8 @@ def _to_rgb(image: PILImage.Image) -> PILImage.Image:
         return _wide_grey_to_rgb(image)
     if mode == "1":
         return image.convert("L").convert("RGB")
+    if mode == "La":  # premultiplied: Pillow converts it to nothing but LA
+        image, mode = image.convert("LA"), "LA"
     has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
     if has_alpha:
         rgba = image.convert("RGBA")

@@ -140,13 +140,14 @@ def resynthesis_dataset(root: Path) -> Iterator[IngestItem | IngestFailure]:
     images = _dataset_images_dir(Path(root))
     for generator_dir in sorted(p for p in images.iterdir() if p.is_dir()):
         originals = sorted(
-            p for p in generator_dir.iterdir()
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            p for p in generator_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
         )
         captions: dict[str, str] = {}
         for original in originals:
             found = sidecar_text(original)
-            text = found[0] if found else f"resynthesis-dataset:{generator_dir.name}/{original.stem}"
+            text = (
+                found[0] if found else f"resynthesis-dataset:{generator_dir.name}/{original.stem}"
+            )
             captions[original.stem] = text
             yield IngestItem(original, "reference", generator_dir.name, text)
         resynth_root = generator_dir / "images"
@@ -163,8 +164,12 @@ def resynthesis_dataset(root: Path) -> Iterator[IngestItem | IngestFailure]:
 
 
 def _dataset_images_dir(root: Path) -> Path:
-    for candidate in (root / "Dataset" / "100people" / "images", root / "100people" / "images",
-                      root / "images", root):
+    for candidate in (
+        root / "Dataset" / "100people" / "images",
+        root / "100people" / "images",
+        root / "images",
+        root,
+    ):
         if candidate.is_dir() and any(
             (d / "images").is_dir() for d in candidate.iterdir() if d.is_dir()
         ):
@@ -266,14 +271,19 @@ def _record_role(lab, item: IngestItem, image_id: int, generator, caption) -> bo
             repository.ensure_caption(session, caption[0], caption[1])
         if item.role == "reference":
             return repository.ensure_reference(
-                session, image_id=image_id, generator_id=generator.id,
+                session,
+                image_id=image_id,
+                generator_id=generator.id,
                 caption_hash=caption[0] if caption else None,
             )
         if item.role == "resynthesis":
             settings_hash = lab.settings_hash(generator)
             if repository.resynthesis_image_for(
-                session, generator_id=generator.id, caption_hash=caption[0],
-                settings_hash=settings_hash, image_id=image_id,
+                session,
+                generator_id=generator.id,
+                caption_hash=caption[0],
+                settings_hash=settings_hash,
+                image_id=image_id,
             ):
                 return False
             seed = item.seed
@@ -285,7 +295,11 @@ def _record_role(lab, item: IngestItem, image_id: int, generator, caption) -> bo
                     )
                 seed = repository.next_free_seed(session, generator.id, caption[0], settings_hash)
             return repository.ensure_resynthesis(
-                session, image_id=image_id, generator_id=generator.id, caption_hash=caption[0],
-                seed=seed, settings_hash=settings_hash,
+                session,
+                image_id=image_id,
+                generator_id=generator.id,
+                caption_hash=caption[0],
+                seed=seed,
+                settings_hash=settings_hash,
             )
         return False

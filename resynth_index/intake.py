@@ -74,7 +74,9 @@ def ensure_embeddings(
     missing = [image_id for image_id in images if image_id not in known]
     for start in range(0, len(missing), batch_size):
         chunk = missing[start : start + batch_size]
-        pictures = [images[i] if images[i] is not None else load_stored_image(lab, i) for i in chunk]
+        pictures = [
+            images[i] if images[i] is not None else load_stored_image(lab, i) for i in chunk
+        ]
         vectors = lab.embedder.embed(pictures, batch_size=batch_size)
         with lab.session() as session:
             repository.add_embeddings(session, lab.fingerprint, chunk, vectors)

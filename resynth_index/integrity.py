@@ -44,7 +44,9 @@ def _check_blobs(lab: Lab, report: CheckReport, repair: bool) -> None:
     for sha256, blob_path in sorted(known.items()):
         problem = lab.blobs.verify(sha256)
         if blob_path != lab.blobs.relpath_for(sha256):
-            problem = problem or f"recorded at {blob_path}, expected {lab.blobs.relpath_for(sha256)}"
+            problem = (
+                problem or f"recorded at {blob_path}, expected {lab.blobs.relpath_for(sha256)}"
+            )
         if problem:
             line = f"blob {sha256}: {problem}"
             report.problems.append(line)

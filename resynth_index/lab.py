@@ -49,7 +49,7 @@ class Lab:
     def create(
         cls, root: Path, *, embedder: str = "toy", layer: int | None = None, device: str = "auto"
     ) -> Lab:
-        """Make a new lab; the embedder (``toy``, ``local-dir:PATH`` or ``ARCH@WEIGHTS``) is fixed."""
+        """Make a new lab with its embedder (``toy``, ``local-dir:PATH`` or ``ARCH@WEIGHTS``)."""
         from resynth_index.embedders import load_embedder
 
         root = Path(root)
@@ -101,7 +101,7 @@ class Lab:
     # ----------------------------------------------------------------- models and index
     @cached_property
     def embedder(self) -> Embedder:
-        """The lab's embedder; refuses to run if its fingerprint is not the one the lab was made with."""
+        """The lab's embedder; refused if its fingerprint is not the one the lab was made with."""
         from resynth_index.embedders import EmbedderSpec, load_embedder
 
         spec = _inside(self.root, EmbedderSpec.from_dict(self.settings.embedder))
@@ -109,7 +109,8 @@ class Lab:
         if model.fingerprint != self.settings.embedder_fingerprint:
             raise StoreError(
                 f"the embedder at {spec.weights} is not the one this lab was built with "
-                f"(fingerprint {model.fingerprint[:12]}, lab {self.settings.embedder_fingerprint[:12]});"
+                f"(fingerprint {model.fingerprint[:12]}, "
+                f"lab {self.settings.embedder_fingerprint[:12]});"
                 " vectors from different embedders cannot be compared"
             )
         return model
@@ -320,7 +321,7 @@ def _inside(root: Path, spec):
 
 
 def _embedder_spec(root: Path, embedder: str, layer: int | None):
-    """Turn the user's --embedder text into an EmbedderSpec (materialising the toy model if asked)."""
+    """Turn the user's --embedder text into an EmbedderSpec (building the toy model if asked)."""
     from resynth_index.embedders import EmbedderSpec
 
     if embedder == "toy":

@@ -133,7 +133,10 @@ def run_queries(
             for caption_hash, _seed in work:
                 generated_for[caption_hash] = generated_for.get(caption_hash, 0) + 1
         new_images = generate_missing(
-            lab, plan, generators, captions,
+            lab,
+            plan,
+            generators,
+            captions,
             progress=(lambda n: progress("generate", n)) if progress else None,
         )
     record_pending(lab, plan, generators)
@@ -151,28 +154,34 @@ def run_queries(
         if not isinstance(outcome, _Prepared):
             results.append(outcome)
             continue
-        generated = 0 if outcome.caption_hash in counted else generated_for.get(
-            outcome.caption_hash, 0
+        generated = (
+            0 if outcome.caption_hash in counted else generated_for.get(outcome.caption_hash, 0)
         )
         counted.add(outcome.caption_hash)
-        results.append(
-            _answer(lab, outcome, generators, plan, embedding_of, generated)
-        )
+        results.append(_answer(lab, outcome, generators, plan, embedding_of, generated))
     return results
 
 
 def _prepare(lab: Lab, path: Path, caption: str | None, captioner: Captioner | None) -> _Prepared:
     loaded = load_image_file(path, max_pixels=lab.settings.max_pixels)
     found = resolve_caption(
-        explicit=caption, image_path=path, data=loaded.data, image=loaded.image,
+        explicit=caption,
+        image_path=path,
+        data=loaded.data,
+        image=loaded.image,
         captioner=captioner,
     )
     image_id, _ = store_image(lab, loaded)
     with lab.session() as session:
         repository.ensure_caption(session, found.hash, found.text)
     return _Prepared(
-        path=path, image_id=image_id, sha256=loaded.sha256, picture=loaded.image,
-        caption_hash=found.hash, caption_text=found.text, caption_source=found.source,
+        path=path,
+        image_id=image_id,
+        sha256=loaded.sha256,
+        picture=loaded.image,
+        caption_hash=found.hash,
+        caption_text=found.text,
+        caption_source=found.source,
         metadata=embedded_metadata(loaded.data),
     )
 
@@ -216,13 +225,19 @@ def _answer(
     )
     ranking = [
         RankedGenerator(
-            generator=g.generator, distance=g.distance, score=g.score,
-            distances=list(g.distances), nearest_sha256=nearest[g.generator],
+            generator=g.generator,
+            distance=g.distance,
+            score=g.score,
+            distances=list(g.distances),
+            nearest_sha256=nearest[g.generator],
         )
         for g in outcome.ranking
     ]
     reused = sum(len(v) for v in per_generator.values()) - generated
-    fingerprints = {"embedder": lab.fingerprint, **{row.name: row.fingerprint for row in generators}}
+    fingerprints = {
+        "embedder": lab.fingerprint,
+        **{row.name: row.fingerprint for row in generators},
+    }
     result = QueryResult(
         image=str(query.path),
         sha256=query.sha256,

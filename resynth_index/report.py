@@ -1,4 +1,4 @@
-"""A self-contained HTML page per batch of answers: query beside each candidate's nearest resynthesis.
+"""A self-contained HTML page of answers: each query beside every candidate's nearest resynthesis.
 
 Images are embedded as base64 PNG thumbnails, so the page can be archived or mailed on its own.
 Every piece of text is escaped: captions and metadata come from untrusted files.
@@ -85,8 +85,15 @@ def _section(lab: Lab, result: QueryResult) -> str:
 <p>{result.distance} distance, {result.aggregation} over resyntheses; embedder
 <code>{escape(result.fingerprints.get("embedder", "")[:16])}</code>; generated
 {result.generated}, reused {result.reused}. {"; ".join(notes)}</p>
-{f"<details><summary>metadata found in the file (evidence, not trusted)</summary><table>{metadata}</table></details>" if metadata else ""}
+{_metadata_block(metadata)}
 </section>"""
+
+
+def _metadata_block(rows: str) -> str:
+    if not rows:
+        return ""
+    summary = "metadata found in the file (evidence, not trusted)"
+    return f"<details><summary>{summary}</summary><table>{rows}</table></details>"
 
 
 def render_report(lab: Lab, results: Sequence[QueryResult]) -> str:

@@ -51,7 +51,9 @@ def plan_resyntheses(
     by_id = {row.id: row for row in generators}
     with lab.session() as session:
         rows = repository.stored_resyntheses(session, captions, list(by_id))
-    found: dict[tuple[str, int], dict[int, int]] = defaultdict(dict)  # (caption, gen) -> seed->image
+    found: dict[tuple[str, int], dict[int, int]] = defaultdict(
+        dict
+    )  # (caption, gen) -> seed->image
     settings_hashes = {row.id: lab.settings_hash(row) for row in generators}
     for row in rows:
         if row.settings_hash == settings_hashes[row.generator_id]:
@@ -116,13 +118,21 @@ def _store_resynthesis(
 ) -> int:
     data = encode_png(image)
     loaded = LoadedImage(
-        sha256=hash_bytes(data), data=data, format="PNG", width=image.width,
-        height=image.height, image=image,
+        sha256=hash_bytes(data),
+        data=data,
+        format="PNG",
+        width=image.width,
+        height=image.height,
+        image=image,
     )
     image_id, _ = store_image(lab, loaded)
     with lab.session() as session:
         repository.ensure_resynthesis(
-            session, image_id=image_id, generator_id=row.id, caption_hash=caption, seed=seed,
+            session,
+            image_id=image_id,
+            generator_id=row.id,
+            caption_hash=caption,
+            seed=seed,
             settings_hash=settings_hash,
         )
     return image_id

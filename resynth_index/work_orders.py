@@ -28,12 +28,17 @@ class WorkOrder:
 
 def pending_work(lab: Lab, generator: str | None = None) -> list[WorkOrder]:
     """Every (imported generator, caption) still without a resynthesis, oldest first."""
-    fulfilled = exists().where(
-        ResynthesisRow.generator_id == PendingResynthesisRow.generator_id,
-        ResynthesisRow.caption_hash == PendingResynthesisRow.caption_hash,
+    fulfilled = (
+        exists()
+        .where(
+            ResynthesisRow.generator_id == PendingResynthesisRow.generator_id,
+            ResynthesisRow.caption_hash == PendingResynthesisRow.caption_hash,
+        )
+        .correlate(PendingResynthesisRow)
     )
     statement = (
         select(GeneratorRow.name, CaptionRow.hash, CaptionRow.text)
+        .select_from(PendingResynthesisRow)
         .join(GeneratorRow, GeneratorRow.id == PendingResynthesisRow.generator_id)
         .join(CaptionRow, CaptionRow.hash == PendingResynthesisRow.caption_hash)
         .where(~fulfilled, GeneratorRow.retired_at.is_(None))
@@ -45,6 +50,8 @@ def pending_work(lab: Lab, generator: str | None = None) -> list[WorkOrder]:
             if row is None:
                 raise RsxError(f"no generator named {generator!r} in this lab")
             if row.kind != "imported":
-                raise RsxError(f"{generator!r} is not an imported generator; rsx generates its images")
+                raise RsxError(
+                    f"{generator!r} is not an imported generator; rsx generates its images"
+                )
             statement = statement.where(GeneratorRow.name == generator)
         return [WorkOrder(name, h, text) for name, h, text in session.execute(statement)]

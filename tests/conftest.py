@@ -1,7 +1,62 @@
-"""Shared test set-up: no hub access, ever."""
+"""Shared test set-up: no hub access, ever; toy labs built once per session and copied per test."""
+
+from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
+
+import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("RSX_LAB", os.path.join(os.path.dirname(__file__), "..", ".pytest-no-default-lab"))
+
+TOY_GENERATORS = {"toy-a": 11, "toy-b": 22, "toy-c": 33}
+
+
+@pytest.fixture(autouse=True)
+def _no_default_lab(monkeypatch, tmp_path_factory) -> None:
+    """A test that forgets --lab must never touch the user's real lab."""
+    monkeypatch.setenv("RSX_LAB", str(tmp_path_factory.getbasetemp() / "no-lab-given"))
+
+
+@pytest.fixture(scope="session")
+def toy_lab_template(tmp_path_factory) -> Path:
+    """A lab with the toy embedder and three toy generators (built once; copy before use)."""
+    from resynth_index.lab import Lab
+
+    root = tmp_path_factory.mktemp("template") / "lab"
+    with Lab.create(root, embedder="toy") as lab:
+        for name, seed in TOY_GENERATORS.items():
+            lab.add_toy_generator(name, seed)
+    return root
+
+
+@pytest.fixture
+def toy_lab(toy_lab_template: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the toy lab for one test."""
+    target = tmp_path / "lab"
+    shutil.copytree(toy_lab_template, target)
+    return target
+
+
+@pytest.fixture
+def make_toy_image(toy_lab: Path, tmp_path: Path):
+    """Make an image with one of the lab's toy generators, at a seed resyntheses never use."""
+    from resynth_index.generators.base import GenerationRequest
+    from resynth_index.lab import Lab
+
+    def make(generator: str, caption: str, seed: int = 1000, name: str | None = None) -> Path:
+        with Lab.open(toy_lab) as lab:
+            row = next(r for r in lab.generators() if r.name == generator)
+            image = lab.generator_model(row).generate([GenerationRequest(caption, seed)])[0]
+        path = tmp_path / (name or f"{generator}-{seed}.png")
+        image.save(path)
+        return path
+
+    return make
+
+
+def copy_lab(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target

@@ -26,7 +26,8 @@ def _fill_first_revision(db: Path) -> None:
             INSERT INTO generators (id, name, kind, source, settings_json, fingerprint, added_at)
               VALUES (1, 'sd15', 'diffusers', '/models/sd15', '{{}}', '{"a" * 64}', '{NOW}');
             INSERT INTO captions (hash, text, created_at) VALUES ('{"c" * 64}', 'a cat', '{NOW}');
-            INSERT INTO images (id, sha256, blob_path, size_bytes, format, width, height, created_at)
+            INSERT INTO images
+              (id, sha256, blob_path, size_bytes, format, width, height, created_at)
               VALUES (1, '{"d" * 64}', 'dd/dd/{"d" * 64}', 10, 'PNG', 8, 8, '{NOW}'),
                      (2, '{"e" * 64}', 'ee/ee/{"e" * 64}', 11, 'PNG', 8, 8, '{NOW}');
             INSERT INTO resyntheses (id, image_id, generator_id, caption_hash, seed, settings_hash,
@@ -85,8 +86,11 @@ def test_opening_an_old_lab_upgrades_it(tmp_path: Path) -> None:
     migrate.upgrade(engine, FIRST)
     engine.dispose()
     _fill_first_revision(tmp_path / DATABASE_FILE)
-    LabSettings(embedder={"arch": "", "weights": "local-dir:x"}, embedder_fingerprint="b" * 64,
-                embedder_dim=2).save(tmp_path)
+    LabSettings(
+        embedder={"arch": "", "weights": "local-dir:x"},
+        embedder_fingerprint="b" * 64,
+        embedder_dim=2,
+    ).save(tmp_path)
 
     lab = Lab.open(tmp_path)
     assert migrate.current_revision(lab.engine) == migrate.head_revision(lab.engine)

@@ -9,7 +9,9 @@ HEAVY = ("torch", "faiss", "diffusers", "transformers", "open_clip")
 def _imported_modules(*args: str) -> set[str]:
     completed = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "resynth_index", *args],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     modules = set()
     for line in completed.stderr.splitlines():
@@ -32,8 +34,11 @@ def test_generator_list_imports_no_model_library(tmp_path) -> None:
     engine = make_engine(sqlite_url(tmp_path / "lab.sqlite"))
     migrate.upgrade(engine)
     engine.dispose()
-    LabSettings(embedder={"arch": "", "weights": "local-dir:x"}, embedder_fingerprint="b" * 64,
-                embedder_dim=2).save(tmp_path)
+    LabSettings(
+        embedder={"arch": "", "weights": "local-dir:x"},
+        embedder_fingerprint="b" * 64,
+        embedder_dim=2,
+    ).save(tmp_path)
     modules = _imported_modules("--lab", str(tmp_path), "generator", "list")
     assert "sqlalchemy" in modules
     assert not modules.intersection(HEAVY)

@@ -77,9 +77,7 @@ def upgrade() -> None:
         _created_at(),
         sa.UniqueConstraint("image_id", "embedder_fingerprint"),
     )
-    op.create_index(
-        "ix_embeddings_fingerprint_id", "embeddings", ["embedder_fingerprint", "id"]
-    )
+    op.create_index("ix_embeddings_fingerprint_id", "embeddings", ["embedder_fingerprint", "id"])
 
 
 def downgrade() -> None:

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
 TOY_CAPTIONER_IMAGE_SIZE = 32
+_IMAGE_PATH_STD = 0.2
+_IMAGE_PATH_SEED_OFFSET = 7919
 
 _SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -62,7 +64,7 @@ def _build_processor() -> BlipProcessor:
 
 
 def build_toy_captioner(seed: int = 0) -> tuple[BlipForConditionalGeneration, BlipProcessor]:
-    """A tiny BLIP captioner (model in eval mode, processor) with random weights drawn from ``seed``.
+    """A tiny BLIP captioner (model in eval mode, processor) with random weights from ``seed``.
 
     The global torch random state is left as it was (the seed is applied in a forked RNG).
     """
@@ -99,18 +101,33 @@ def build_toy_captioner(seed: int = 0) -> tuple[BlipForConditionalGeneration, Bl
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BlipForConditionalGeneration(config)
+    _amplify_image_path(model, seed)
     model.eval()
     # A random decoder likes special tokens; forbid them (except the end marker, after a few words)
     # so toy captions are never empty.
     generation = model.generation_config
-    generation.suppress_tokens = [
-        special[token] for token in ("[PAD]", "[UNK]", "[CLS]", "[MASK]")
-    ]
+    generation.suppress_tokens = [special[token] for token in ("[PAD]", "[UNK]", "[CLS]", "[MASK]")]
     generation.min_new_tokens = 3
     generation.max_new_tokens = 12
     generation.do_sample = False
     generation.num_beams = 1
     return model, processor
+
+
+def _amplify_image_path(model: BlipForConditionalGeneration, seed: int) -> None:
+    """Redraw the vision tower's and the cross-attention's matrices with a larger spread.
+
+    With the standard initialisation (std 0.02) the random decoder ignores the image and writes the
+    same words for every picture; stronger image features make different images get different
+    captions, as with a real captioner.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed + _IMAGE_PATH_SEED_OFFSET)
+    with torch.no_grad():
+        for name, tensor in sorted(model.named_parameters()):
+            if tensor.dim() >= 2 and ("vision_model" in name or "crossattention" in name):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * _IMAGE_PATH_STD)
 
 
 def save_toy_captioner(folder: Path, seed: int = 0) -> Path:

@@ -1,7 +1,7 @@
 """A tiny open_clip model with seeded random weights, saved in open_clip's own local-dir format.
 
 Tests, CI and `rsx demo` need a CLIP embedder but cannot download weights. The toy model is a
-real open_clip ``CLIP`` (a 4-block vision transformer on 32 px images and a 2-block text tower),
+real open_clip ``CLIP`` (a 4-block vision transformer on 64 px images and a 2-block text tower),
 so it goes through exactly the loader and inference code a full-size checkpoint does.
 
 Load a saved toy model with ``EmbedderSpec(arch="", weights=f"local-dir:{folder}")``: for a
@@ -24,7 +24,7 @@ TOY_EMBEDDER_LAYER_COUNT = 4
 TOY_CLIP_CONFIG: dict[str, Any] = {
     "embed_dim": 32,
     "vision_cfg": {
-        "image_size": 32,
+        "image_size": 64,  # the toy pipelines draw 64 px images: see them at full resolution
         "patch_size": 8,
         "width": 64,
         "layers": TOY_EMBEDDER_LAYER_COUNT,
@@ -52,7 +52,7 @@ WEIGHTS_FILENAME = "open_clip_model.safetensors"
 
 
 def build_toy_clip(seed: int = 0) -> torch.nn.Module:
-    """An open_clip ``CLIP`` with TOY_CLIP_CONFIG and random weights drawn from ``seed``, in eval mode.
+    """An open_clip ``CLIP`` with TOY_CLIP_CONFIG and random weights from ``seed``, in eval mode.
 
     The global torch random state is left as it was (the seed is applied in a forked RNG).
     """
@@ -71,11 +71,11 @@ def build_toy_clip(seed: int = 0) -> torch.nn.Module:
 
 
 def save_toy_clip(folder: Path, seed: int = 0) -> Path:
-    """Write the toy model for ``seed`` to ``folder`` as open_clip's local-dir layout; return folder.
+    """Write the toy model for ``seed`` into ``folder`` in open_clip's local-dir layout.
 
     The folder gets ``open_clip_config.json`` (``{"model_cfg": ..., "preprocess_cfg": ...}``, the
     layout open_clip's ``local-dir:`` loader and its Hub export use) and the weights as
-    ``open_clip_model.safetensors``.
+    ``open_clip_model.safetensors``. Returns ``folder``.
     """
     from safetensors.torch import save_file
 

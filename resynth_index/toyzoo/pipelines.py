@@ -1,0 +1,135 @@
+"""Tiny Stable Diffusion pipelines with seeded random weights: the toy zoo's generators.
+
+Each is a genuine ``diffusers.StableDiffusionPipeline`` (UNet, 2-level VAE, 2-layer CLIP text
+encoder, the real CLIP tokenizer, DDIM) small enough to make a 64 px image in a fraction of a second
+on a CPU. Different seeds give different weights, hence systematically different images; a
+"family member" (``base_seed`` + a small ``perturbation``) is a slightly nudged copy of its base,
+standing in for a fine-tune of a known model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from resynth_index.generators.base import GenerationSettings
+
+if TYPE_CHECKING:
+    import diffusers
+
+#: Settings the toy pipelines are run with: 64 px, few steps, mild guidance (fast on a CPU).
+TOY_SETTINGS = GenerationSettings(steps=4, guidance=3.0, width=64, height=64)
+
+_CROSS_ATTENTION_DIM = 32
+
+
+def _seeded_components(seed: int) -> dict:
+    """UNet, VAE and text encoder with weights drawn from ``torch.manual_seed(seed)``."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32,  # the 2-level VAE halves the size: 64 px images, 32 px latents
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=_CROSS_ATTENTION_DIM,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=64,
+    )
+    text_config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=_CROSS_ATTENTION_DIM,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=_CROSS_ATTENTION_DIM,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    return {"text_encoder": text_encoder, "unet": unet, "vae": vae}
+
+
+def _perturb(components: dict, seed: int, perturbation: float) -> None:
+    """Add ``perturbation * N(0, 1) * std(tensor)`` to every floating parameter (noise from seed).
+
+    Components and tensor names are visited in sorted order so the result depends on the seed only.
+    Constant tensors (std 0, e.g. fresh norm weights) are left as they are.
+    """
+    import torch
+
+    noise = torch.Generator("cpu").manual_seed(seed)
+    with torch.no_grad():
+        for key in sorted(components):
+            params = dict(components[key].named_parameters())
+            for name in sorted(params):
+                tensor = params[name]
+                if not tensor.is_floating_point() or tensor.numel() < 2:
+                    continue
+                std = tensor.std()
+                if float(std) == 0.0:
+                    continue
+                draw = torch.randn(tensor.shape, generator=noise, dtype=tensor.dtype)
+                tensor.add_(draw * (perturbation * std))
+
+
+def build_toy_pipeline(
+    seed: int, base_seed: int | None = None, perturbation: float = 0.0
+) -> diffusers.StableDiffusionPipeline:
+    """A tiny StableDiffusionPipeline on the CPU in float32.
+
+    Without ``base_seed`` the weights come from ``seed``. With it, the weights come from
+    ``base_seed`` and are then nudged by ``perturbation`` (relative to each tensor's spread) with
+    noise drawn from ``seed``: a family member of the ``base_seed`` pipeline.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from resynth_index.toyzoo.tokenizer import clip_tokenizer
+
+    components = _seeded_components(seed if base_seed is None else base_seed)
+    if base_seed is not None and perturbation:
+        _perturb(components, seed, perturbation)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        **components,
+        tokenizer=clip_tokenizer(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for module in components.values():
+        module.eval()
+    return pipe
+
+
+def save_toy_pipeline(folder: Path, seed: int, **kw) -> Path:
+    """Build a toy pipeline (see ``build_toy_pipeline`` for ``kw``) and save it as safetensors."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    build_toy_pipeline(seed, **kw).save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -1,0 +1,497 @@
+"""The FAISS vector index: a derived, rebuildable accelerator over the embeddings in SQLite.
+
+SQLite is the source of truth. This module never touches the database: the lab hands it an
+``EmbeddingSource`` callable that yields stored embeddings above a watermark. One index holds the
+vectors of one embedder fingerprint in a FAISS ``IndexIDMap2(IndexFlatIP)`` keyed by embedding id,
+and lives in a single file written atomically::
+
+    b"RSXVEC1\\n" | header length (4 bytes, little-endian) | JSON header | faiss index bytes
+
+The header records the fingerprint, the dimension, the vector count, the watermark (largest id
+added, -1 when empty) and the SHA-256 of the faiss bytes, so a truncated, corrupt or foreign file
+is detected on load and rebuilt from the database instead of being trusted.
+
+Ids are added in strictly increasing order, so the index's id list is sorted: membership tests
+use a binary search over a cached copy of it (8 bytes a vector) rather than a second copy of the
+vectors, which would double the memory at a million 768-dimensional vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from resynth_index.errors import StoreError
+
+if TYPE_CHECKING:
+    import numpy
+
+EmbeddingSource = Callable[[int], Iterator[tuple["numpy.ndarray", "numpy.ndarray"]]]
+"""``source(after_id)`` yields batches ``(ids int64 (n,), vectors float32 (n, dim))`` of every
+stored embedding of one fingerprint with id > after_id, in increasing id order."""
+
+MAGIC = b"RSXVEC1\n"
+_LENGTH = struct.Struct("<I")
+_MAX_HEADER = 1 << 16
+_HEADER_KEYS = {"fingerprint": str, "dim": int, "count": int, "watermark": int, "checksum": str}
+_CHUNK = 1 << 20
+
+
+@dataclass
+class IndexHealth:
+    """What ``VectorIndex.check`` found: ``ok`` when ``problems`` (one line each) is empty."""
+
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+
+
+class MissingVectorsError(StoreError, KeyError):
+    """Ids asked of the index that it does not hold (a StoreError that is also a KeyError)."""
+
+    __str__ = Exception.__str__
+
+    def __init__(self, message: str, missing: list[int]) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+class _Unusable(Exception):
+    """Internal: the index file cannot be used; the message says why."""
+
+
+class VectorIndex:
+    """One FAISS IndexIDMap2(IndexFlatIP) per embedder fingerprint, persisted as a single file.
+
+    Scores are inner products, i.e. cosine similarities for the L2-normalised vectors embedders
+    produce. ``search`` gathers a small candidate set and scores it in numpy; a large one is
+    searched by FAISS with an id selector. Both order results by score, then by id ascending.
+    """
+
+    GATHER_MAX = 4096
+    """Candidate sets up to this size are gathered and scored in numpy."""
+    GATHER_FRACTION = 64
+    """...and so are larger ones smaller than ntotal / GATHER_FRACTION."""
+
+    def __init__(self, path: Path, fingerprint: str, dim: int) -> None:
+        """An empty in-memory index for ``fingerprint``; nothing is read or written yet."""
+        if dim < 1:
+            raise ValueError(f"vector dimension must be positive, got {dim}")
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.dim = int(dim)
+        self._index = _new_faiss_index(self.dim)
+        self._watermark = -1
+        self._id_cache: numpy.ndarray | None = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def watermark(self) -> int:
+        """The largest id added, -1 when the index is empty."""
+        return self._watermark
+
+    @property
+    def count(self) -> int:
+        """How many vectors the index holds."""
+        return int(self._index.ntotal)
+
+    # ------------------------------------------------------------------ opening and saving
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        fingerprint: str,
+        dim: int,
+        source: EmbeddingSource,
+        db_count: int,
+        db_max_id: int,
+    ) -> VectorIndex:
+        """Load the index file, catch it up with the database, or rebuild it when inconsistent.
+
+        A missing, truncated or corrupt file, one made for another fingerprint or dimension, or
+        one that disagrees with the database after catching up (rows deleted, file from the
+        future) is rebuilt from ``source(-1)``. The file is saved whenever anything changed.
+        """
+        index = cls(path, fingerprint, dim)
+        index._remove_stale_temp_files()
+        try:
+            header, loaded = _read_index_file(index.path)
+        except _Unusable:
+            return cls.rebuild(path, fingerprint, dim, source)
+        if header["fingerprint"] != fingerprint or header["dim"] != index.dim:
+            return cls.rebuild(path, fingerprint, dim, source)
+        index._index = loaded
+        index._watermark = header["watermark"]
+        if index._watermark > db_max_id:
+            return cls.rebuild(path, fingerprint, dim, source)
+        changed = False
+        for ids, vectors in source(index._watermark):
+            index.add(ids, vectors)
+            changed = True
+        if index.count != db_count:
+            return cls.rebuild(path, fingerprint, dim, source)
+        if changed:
+            index.save()
+        return index
+
+    @classmethod
+    def rebuild(
+        cls, path: Path, fingerprint: str, dim: int, source: EmbeddingSource
+    ) -> VectorIndex:
+        """Build the index from scratch from ``source(-1)`` and save it."""
+        index = cls(path, fingerprint, dim)
+        index._remove_stale_temp_files()
+        for ids, vectors in source(-1):
+            index.add(ids, vectors)
+        index.save()
+        return index
+
+    def save(self) -> None:
+        """Write the index atomically: temp file, fsync, ``os.replace``, fsync the directory.
+
+        A crash at any point leaves either the old file or the new one, never a mix; a leftover
+        temp file is removed by the next ``open``.
+        """
+        import faiss
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        header = {
+            "fingerprint": self.fingerprint,
+            "dim": self.dim,
+            "count": self.count,
+            "watermark": self._watermark,
+            "checksum": "0" * 64,
+        }
+        try:
+            with open(tmp, "wb") as handle:
+                placeholder = _encode_header(header)
+                handle.write(MAGIC)
+                handle.write(placeholder)
+                digest = hashlib.sha256()
+
+                def write(chunk: bytes) -> int:
+                    digest.update(chunk)
+                    handle.write(chunk)
+                    return len(chunk)
+
+                faiss.write_index(self._index, faiss.PyCallbackIOWriter(write))
+                header["checksum"] = digest.hexdigest()
+                final = _encode_header(header)
+                assert len(final) == len(placeholder)
+                handle.seek(len(MAGIC))
+                handle.write(final)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"could not write index {self.path}: {error}") from error
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_directory(self.path.parent)
+
+    # ------------------------------------------------------------------ adding
+    def add(self, ids: numpy.ndarray, vectors: numpy.ndarray) -> None:
+        """Append vectors under ``ids`` (strictly increasing, all above the watermark)."""
+        import numpy as np
+
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if len(ids) == 0:
+            return
+        if vectors.ndim != 2 or vectors.shape != (len(ids), self.dim):
+            raise StoreError(
+                f"cannot add to index {self.path}: expected vectors of shape ({len(ids)}, "
+                f"{self.dim}), got {tuple(vectors.shape)}"
+            )
+        if ids[0] <= self._watermark or (len(ids) > 1 and bool(np.any(np.diff(ids) <= 0))):
+            raise StoreError(
+                f"cannot add to index {self.path}: ids must increase strictly and exceed the "
+                f"watermark {self._watermark}"
+            )
+        self._index.add_with_ids(vectors, ids)
+        self._watermark = int(ids[-1])
+        self._id_cache = None
+
+    # ------------------------------------------------------------------ reading
+    def vectors_for(self, ids: numpy.ndarray) -> numpy.ndarray:
+        """The stored vectors for ``ids``, shape (n, dim), in the order asked."""
+        import numpy as np
+
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        if len(ids) == 0:
+            return np.empty((0, self.dim), dtype=np.float32)
+        present = self._contains(ids)
+        if not present.all():
+            missing = [int(i) for i in ids[~present]]
+            shown = ", ".join(str(i) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise MissingVectorsError(
+                f"index {self.path} has no vector for embedding id(s) {shown}", missing
+            )
+        return self._index.reconstruct_batch(ids)
+
+    def search(
+        self, query: numpy.ndarray, k: int, ids: numpy.ndarray | None = None
+    ) -> tuple[numpy.ndarray, numpy.ndarray]:
+        """The ``k`` best candidates for each query row: ``(scores (q, k'), ids (q, k'))``.
+
+        ``query`` is (dim,) or (q, dim); ``k' = min(k, number of candidates)``, with no -1
+        padding. ``ids`` restricts the candidates (ids not in the index are ignored). Results are
+        ordered by score descending, then id ascending, whichever path computes them.
+        """
+        import numpy as np
+
+        query = np.ascontiguousarray(query, dtype=np.float32)
+        if query.ndim == 1:
+            query = query.reshape(1, -1)
+        if query.ndim != 2 or query.shape[1] != self.dim:
+            raise ValueError(f"query must have shape (dim,) or (q, {self.dim}), got {query.shape}")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        if ids is None:
+            return self._faiss_top_k(query, k, self.count, None)
+        candidates = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
+        candidates = candidates[self._contains(candidates)]
+        if (
+            len(candidates) <= self.GATHER_MAX
+            or len(candidates) * self.GATHER_FRACTION < self.count
+        ):
+            return self._gathered_top_k(query, k, candidates)
+        return self._faiss_top_k(query, k, len(candidates), candidates)
+
+    def _gathered_top_k(
+        self, query: numpy.ndarray, k: int, candidates: numpy.ndarray
+    ) -> tuple[numpy.ndarray, numpy.ndarray]:
+        """Score a small sorted candidate set in numpy; a stable sort keeps ties in id order."""
+        import numpy as np
+
+        if len(candidates) == 0:
+            return _empty(len(query))
+        scores = query @ self._index.reconstruct_batch(candidates).T
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, axis=1), candidates[order]
+
+    def _faiss_top_k(
+        self, query: numpy.ndarray, k: int, available: int, candidates: numpy.ndarray | None
+    ) -> tuple[numpy.ndarray, numpy.ndarray]:
+        """FAISS search (whole index or id selector), widened until ties at rank k are all seen."""
+        import faiss
+        import numpy as np
+
+        if available == 0:
+            return _empty(len(query))
+        k = min(k, available)
+        selector = None if candidates is None else faiss.IDSelectorBatch(candidates)
+        params = None if selector is None else faiss.SearchParameters(sel=selector)
+        fetch = min(available, k + 1)
+        while True:
+            scores, found = self._index.search(query, fetch, params=params)
+            # every vector scoring as well as the k-th is in hand once a worse one is
+            if fetch == available or bool(np.all(scores[:, fetch - 1] < scores[:, k - 1])):
+                break
+            fetch = min(available, fetch * 2)
+        del selector, params
+        order = np.lexsort((found, -scores), axis=-1)[:, :k]
+        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(found, order, axis=1)
+
+    def _contains(self, ids: numpy.ndarray) -> numpy.ndarray:
+        """Boolean mask: which of ``ids`` the index holds (binary search in the sorted id list)."""
+        import faiss
+        import numpy as np
+
+        if self._id_cache is None:
+            self._id_cache = faiss.vector_to_array(self._index.id_map)
+        stored = self._id_cache
+        if len(stored) == 0:
+            return np.zeros(len(ids), dtype=bool)
+        position = np.minimum(np.searchsorted(stored, ids), len(stored) - 1)
+        return stored[position] == ids
+
+    # ------------------------------------------------------------------ checking
+    def check(
+        self,
+        db_count: int,
+        db_max_id: int,
+        db_ids: Callable[[], numpy.ndarray] | None = None,
+    ) -> IndexHealth:
+        """Compare the index file with the database without repairing anything.
+
+        ``db_ids``, when given, returns every stored embedding id of this fingerprint, so ids
+        present on one side only are reported too.
+        """
+        import faiss
+        import numpy as np
+
+        try:
+            header, loaded = _read_index_file(self.path)
+        except _Unusable as reason:
+            return IndexHealth(ok=False, problems=[str(reason)])
+        problems = []
+        if header["fingerprint"] != self.fingerprint:
+            problems.append(
+                f"index was built by embedder {header['fingerprint'][:12]}, "
+                f"the lab uses {self.fingerprint[:12]}"
+            )
+        if header["dim"] != self.dim:
+            problems.append(
+                f"index holds {header['dim']}-dimensional vectors, the embedder makes {self.dim}"
+            )
+        if header["count"] != db_count:
+            problems.append(f"index holds {header['count']} vectors, database {db_count}")
+        if header["watermark"] > db_max_id:
+            problems.append(f"index watermark {header['watermark']} ahead of database {db_max_id}")
+        elif header["watermark"] < db_max_id:
+            problems.append(f"index watermark {header['watermark']} behind database {db_max_id}")
+        if db_ids is not None:
+            stored = faiss.vector_to_array(loaded.id_map)
+            expected = np.unique(np.asarray(db_ids(), dtype=np.int64))
+            lacking = np.setdiff1d(expected, stored, assume_unique=True)
+            extra = np.setdiff1d(stored, expected, assume_unique=True)
+            if len(lacking):
+                problems.append(
+                    f"{len(lacking)} database embedding(s) missing from the index"
+                    f" (first: {_first(lacking)})"
+                )
+            if len(extra):
+                problems.append(
+                    f"{len(extra)} index id(s) not in the database (first: {_first(extra)})"
+                )
+        return IndexHealth(ok=not problems, problems=problems)
+
+    # ------------------------------------------------------------------ housekeeping
+    def _remove_stale_temp_files(self) -> None:
+        """Delete temp files left by a save that crashed (not those of a live process)."""
+        if not self.path.parent.is_dir():
+            return
+        for tmp in self.path.parent.glob(f"{self.path.name}.tmp-*"):
+            owner = tmp.name.rsplit("-", 1)[-1]
+            if owner.isdigit() and int(owner) != os.getpid() and _process_alive(int(owner)):
+                continue
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+
+# ---------------------------------------------------------------------- helpers
+def _new_faiss_index(dim: int) -> Any:
+    import faiss
+
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+def _empty(rows: int) -> tuple[numpy.ndarray, numpy.ndarray]:
+    import numpy as np
+
+    return np.empty((rows, 0), dtype=np.float32), np.empty((rows, 0), dtype=np.int64)
+
+
+def _first(values: numpy.ndarray, shown: int = 5) -> str:
+    text = ", ".join(str(int(v)) for v in values[:shown])
+    return text + (", ..." if len(values) > shown else "")
+
+
+def _encode_header(header: dict[str, Any]) -> bytes:
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("ascii")
+    return _LENGTH.pack(len(text)) + text
+
+
+def _read_index_file(path: Path) -> tuple[dict[str, Any], Any]:
+    """Read and verify an index file; raise ``_Unusable`` with a one-line reason if it is bad."""
+    import faiss
+    import numpy as np
+
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        raise _Unusable("index file missing") from None
+    except OSError as error:
+        raise _Unusable(f"index file unreadable: {error}") from None
+    with handle:
+        try:
+            if handle.read(len(MAGIC)) != MAGIC:
+                raise _Unusable("index file unreadable: not an rsx vector index")
+            raw = handle.read(_LENGTH.size)
+            if len(raw) != _LENGTH.size:
+                raise _Unusable("index file unreadable: truncated header")
+            (length,) = _LENGTH.unpack(raw)
+            if length > _MAX_HEADER:
+                raise _Unusable("index file unreadable: header too large")
+            header = _parse_header(handle.read(length))
+            start = handle.tell()
+            # verify the checksum before faiss parses anything: garbage sizes could ask for
+            # absurd allocations
+            digest = hashlib.sha256()
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+            if digest.hexdigest() != header["checksum"]:
+                raise _Unusable("index file unreadable: checksum mismatch (truncated or damaged)")
+            handle.seek(start)
+            try:
+                index = faiss.read_index(faiss.PyCallbackIOReader(handle.read, _CHUNK))
+            except RuntimeError as error:
+                lines = str(error).strip().splitlines() or ["unknown error"]
+                raise _Unusable(
+                    f"index file unreadable: faiss data is damaged ({lines[-1]})"
+                ) from None
+            if handle.read(1):
+                raise _Unusable("index file unreadable: trailing bytes after the faiss data")
+        except OSError as error:
+            raise _Unusable(f"index file unreadable: {error}") from None
+    if not isinstance(index, faiss.IndexIDMap2) or index.d != header["dim"]:
+        raise _Unusable("index file unreadable: unexpected faiss index type or dimension")
+    if index.ntotal != header["count"]:
+        raise _Unusable(
+            f"index file unreadable: header says {header['count']} vectors, data {index.ntotal}"
+        )
+    stored = faiss.vector_to_array(index.id_map)
+    if len(stored) > 1 and bool(np.any(np.diff(stored) <= 0)):
+        raise _Unusable("index file unreadable: ids are not in increasing order")
+    if header["watermark"] != (int(stored[-1]) if len(stored) else -1):
+        raise _Unusable("index file unreadable: header watermark does not match the data")
+    return header, index
+
+
+def _parse_header(raw: bytes) -> dict[str, Any]:
+    try:
+        header = json.loads(raw.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise _Unusable("index file unreadable: header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise _Unusable("index file unreadable: header is not a JSON object")
+    for key, kind in _HEADER_KEYS.items():
+        value = header.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise _Unusable(f"index file unreadable: header field {key!r} is missing or invalid")
+    return header
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable; platforms that cannot open directories skip it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True

@@ -1,0 +1,32 @@
+"""The embedded default: the toy demo attributes every toy image to the generator that made it."""
+
+from click.testing import CliRunner
+
+from resynth_index.cli import cli
+
+
+def test_demo_attributes_every_toy_image_and_reuses_its_lab(tmp_path):
+    lab = tmp_path / "demo-lab"
+    result = CliRunner().invoke(cli, ["--lab", str(lab), "demo"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "accuracy: 12/12 = 100.0%" in result.stdout
+    assert "resyntheses generated 12" in result.stdout
+    assert (lab / "demo" / "report.html").exists()
+
+    again = CliRunner().invoke(cli, ["--lab", str(lab), "demo"], catch_exceptions=False)
+    assert "accuracy: 12/12 = 100.0%" in again.stdout
+    assert "resyntheses generated 0" in again.stdout  # every resynthesis came from the cache
+
+
+def test_demo_refuses_a_real_lab(tmp_path):
+    from resynth_index.config import LabSettings
+
+    LabSettings(
+        embedder={"arch": "ViT-L-14", "weights": "/x"},
+        embedder_label="ViT-L-14@/x",
+        embedder_fingerprint="f" * 64,
+        embedder_dim=768,
+    ).save(tmp_path)
+    result = CliRunner().invoke(cli, ["--lab", str(tmp_path), "demo"])
+    assert result.exit_code == 1
+    assert "real lab" in result.output
