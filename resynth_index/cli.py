@@ -408,7 +408,7 @@ def query(
     model = None
     captioner_path = captioner or lab.settings.captioner
     if captioner_path:
-        from resynth_index.captions import TransformersCaptioner
+        from resynth_index.captioners import TransformersCaptioner
 
         model = TransformersCaptioner(captioner_path, device=lab.device)
     results = run_queries(

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from resynth_index.captions import caption_hash, embedded_prompt, normalise_caption, sidecar_text
+from resynth_index.captions import caption_hash, normalise_caption, sidecar_text
 from resynth_index.errors import RsxError
 from resynth_index.images import IMAGE_SUFFIXES, LoadedImage, load_image_file
 from resynth_index.intake import ensure_embeddings, store_image
+from resynth_index.metadata import embedded_prompt
 from resynth_index.store import repository
 
 if TYPE_CHECKING:

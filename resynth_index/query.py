@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from resynth_index.attribution import attribute, similarity_to_distance
-from resynth_index.captions import embedded_metadata, resolve_caption
+from resynth_index.captions import resolve_caption
 from resynth_index.errors import RsxError
 from resynth_index.images import load_image_file
 from resynth_index.intake import ensure_embeddings, store_image
+from resynth_index.metadata import embedded_metadata
 from resynth_index.resynthesis import generate_missing, plan_resyntheses, record_pending
 from resynth_index.store import repository
 from resynth_index.store.models import GeneratorRow, QueryRow, utcnow
@@ -29,7 +30,7 @@ from resynth_index.store.models import GeneratorRow, QueryRow, utcnow
 if TYPE_CHECKING:
     import PIL.Image
 
-    from resynth_index.captions import Captioner
+    from resynth_index.captioners import Captioner
     from resynth_index.lab import Lab
 
 

@@ -16,17 +16,16 @@ from hypothesis import strategies as st
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from resynth_index.captioners import TransformersCaptioner
 from resynth_index.captions import (
     Caption,
-    TransformersCaptioner,
     caption_hash,
-    embedded_metadata,
-    embedded_prompt,
     normalise_caption,
     resolve_caption,
     sidecar_text,
 )
 from resynth_index.errors import ModelLoadError, RsxError
+from resynth_index.metadata import embedded_metadata, embedded_prompt
 
 A1111 = (
     "a castle on a hill,\nat sunset, (detailed:1.2)\n"
