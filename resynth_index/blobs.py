@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from resynth_index.errors import StoreError
+from resynth_index.faults import crash_point
 
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _TEMP_PREFIX = ".tmp-"
@@ -60,6 +61,7 @@ class BlobStore:
                     handle.write(data)
                     handle.flush()
                     os.fsync(handle.fileno())
+                crash_point("blob-write")  # temp file written, not yet in place
                 os.replace(temp, target)
             except BaseException:
                 temp.unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 
 from resynth_index.errors import StoreError
+from resynth_index.faults import crash_point
 from resynth_index.images import LoadedImage, load_image_bytes
 from resynth_index.store import repository
 from resynth_index.store.models import ImageRow
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 def store_image(lab: Lab, loaded: LoadedImage) -> tuple[int, bool]:
     """Copy the image's bytes into the blob store and record it; (image id, newly added)."""
     lab.blobs.put(loaded.sha256, loaded.data)
+    crash_point("image-row")  # blob stored, no row points at it yet
     with lab.session() as session:
         return repository.ensure_image(
             session,
@@ -78,6 +80,7 @@ def ensure_embeddings(
             images[i] if images[i] is not None else load_stored_image(lab, i) for i in chunk
         ]
         vectors = lab.embedder.embed(pictures, batch_size=batch_size)
+        crash_point("embedding")  # rows stored, their embeddings not yet
         with lab.session() as session:
             repository.add_embeddings(session, lab.fingerprint, chunk, vectors)
     if missing:

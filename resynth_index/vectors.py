@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from resynth_index.errors import StoreError
+from resynth_index.faults import crash_point
 
 if TYPE_CHECKING:
     import numpy
@@ -188,6 +189,7 @@ class VectorIndex:
                 handle.write(final)
                 handle.flush()
                 os.fsync(handle.fileno())
+            crash_point("index-save")  # new index written, old one still in place
             os.replace(tmp, self.path)
         except OSError as error:
             tmp.unlink(missing_ok=True)
