@@ -55,10 +55,10 @@ class Lab:
         root = Path(root)
         if (root / SETTINGS_FILE).exists():
             raise StoreError(f"{root} is already an rsx lab")
+        spec = _embedder_spec(root, embedder, layer)
+        model = load_embedder(_inside(root, spec), device=device)  # a bad embedder leaves no lab
         for sub in ("blobs", "index", "models"):
             (root / sub).mkdir(parents=True, exist_ok=True)
-        spec = _embedder_spec(root, embedder, layer)
-        model = load_embedder(_inside(root, spec), device=device)
         settings = LabSettings(
             embedder=spec.to_dict(),
             embedder_label=embedder,
