@@ -528,5 +528,143 @@ def demo(ctx, out: Path | None) -> None:
         click.echo("note: not every toy image was attributed correctly", err=True)
 
 
+# --------------------------------------------------------------------------- resynthesize
+@cli.command()
+@click.option(
+    "--captions",
+    "captions_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Captions to precompute: one per line, or a CSV with a 'caption' column.",
+)
+@click.option("--pending", is_flag=True, help="Every caption queries have asked for.")
+@click.option("--generator", "generator_name", help="Only this generator (default: all runnable).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images generated per batch.")
+@click.pass_context
+def resynthesize(ctx, captions_file: Path | None, pending: bool, generator_name, batch_size):
+    """Precompute the missing resyntheses of many captions (fill the cache overnight).
+
+    Work is grouped per generator and made in batches; each batch is stored (images, rows,
+    embeddings) before the next, so an interrupted run keeps what it finished and a re-run
+    makes only the rest.
+
+    \b
+    Examples:
+      rsx resynthesize --captions prompts.txt --batch-size 16
+      rsx resynthesize --pending --generator sd15
+    """
+    from resynth_index import resynthesis
+
+    if (captions_file is None) == (not pending):
+        raise click.UsageError("give either --captions FILE or --pending")
+    lab = _open_lab(ctx)
+    generators = resynthesis.runnable_generators(lab, generator_name)
+    if pending:
+        captions = resynthesis.pending_captions(lab)
+    else:
+        captions = resynthesis.captions_by_hash(resynthesis.read_captions_file(captions_file))
+    bar = None
+
+    def start(total: int) -> None:
+        nonlocal bar
+        bar = _progress("generating", total)
+        if bar is not None:
+            bar.__enter__()
+
+    try:
+        summary = resynthesis.resynthesize(
+            lab,
+            captions,
+            generators,
+            batch_size=batch_size,
+            on_plan=start,
+            progress=lambda n: bar.update(n) if bar is not None else None,
+        )
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    click.echo(
+        f"resynthesize: {summary.captions} caption(s) x {len(summary.generators)} generator(s): "
+        f"{summary.generated} generated, {summary.reused} already stored"
+    )
+
+
+# --------------------------------------------------------------------------- eval
+@cli.command("eval")
+@click.option("--shots", default="1,5,10,20", show_default=True, help="Training shot counts.")
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Repeats, each with its own seeded draw of training references.",
+)
+@click.option(
+    "--methods",
+    default="resynthesis,knn,clip-svm,clip-logreg,clip-mlp,hybrid",
+    show_default=True,
+    help="Comma-separated methods.",
+)
+@click.option("--perturb", help="Post-process the queries: 'all' or e.g. jpeg,resize,social.")
+@click.option(
+    "--holdout-unknown",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Leave N generators (drawn per repeat) out of the candidates: open-set test.",
+)
+@click.option("--generators", help="Comma-separated generators to evaluate (default: all).")
+@click.option("--resyntheses", type=click.IntRange(min=1), help="Resyntheses per generator (K).")
+@click.option("--generate", is_flag=True, help="Generate missing resyntheses of runnable ones.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draws.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full results as one JSON object.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write report.md, results.json and PNG plots here.",
+)
+@click.pass_context
+def eval_command(
+    ctx, shots, repeats, methods, perturb, holdout_unknown, generators, resyntheses, generate,
+    seed, as_json, out,
+) -> None:  # fmt: skip
+    """Measure attribution on the lab's references, next to few-shot baselines.
+
+    Each reference is a query; N references per generator (drawn per repeat) train the few-shot
+    methods and every other reference is tested, by every method on the same split.
+
+    \b
+    Examples:
+      rsx eval
+      rsx eval --shots 1,5 --repeats 3 --methods resynthesis,clip-svm,hybrid
+      rsx eval --perturb jpeg,resize,social --out ./eval-report
+      rsx eval --holdout-unknown 2 --json
+    """
+    from resynth_index.eval_report import require_matplotlib, terminal_text, write_report
+    from resynth_index.evaluation import EvalConfig, evaluate, parse_list, parse_shots
+
+    config = EvalConfig(
+        shots=parse_shots(shots),
+        repeats=repeats,
+        methods=tuple(parse_list(methods)),
+        perturb=tuple(parse_list(perturb)),
+        holdout_unknown=holdout_unknown,
+        seed=seed,
+        generators=tuple(parse_list(generators)) or None,
+        resyntheses=resyntheses,
+        generate=generate,
+    )
+    config.validate()
+    if out is not None:
+        require_matplotlib()
+    lab = _open_lab(ctx)
+    summary = evaluate(lab, config, echo=lambda line: click.echo(line, err=True))
+    if as_json:
+        click.echo(json.dumps(summary, sort_keys=True))
+    else:
+        click.echo(terminal_text(summary))
+    if out is not None:
+        written = write_report(summary, out)
+        click.echo(f"report: {written[0]}", err=as_json)
+
+
 def main() -> None:
     cli(prog_name="rsx")

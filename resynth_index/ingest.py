@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import csv
 import json
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from sqlalchemy import select
 
 from resynth_index.captions import caption_hash, normalise_caption, sidecar_text
 from resynth_index.errors import RsxError
 from resynth_index.images import IMAGE_SUFFIXES, LoadedImage, load_image_file
-from resynth_index.intake import ensure_embeddings, store_image
+from resynth_index.intake import store_images, write_embeddings
 from resynth_index.metadata import embedded_prompt
 from resynth_index.store import repository
+from resynth_index.store.models import EmbeddingRow, GeneratorRow, ImageRow
 
 if TYPE_CHECKING:
-    import PIL.Image
-
     from resynth_index.lab import Lab
 
 ROLES = ("query", "resynthesis", "reference")
@@ -179,6 +183,18 @@ def _dataset_images_dir(root: Path) -> Path:
 
 
 # ------------------------------------------------------------------------- the ingest loop
+_QUEUE_DEPTH = 1  # batches decoded ahead of the one being stored and embedded
+
+
+@dataclass
+class _Loaded:
+    """One batch as the loader thread hands it over: decoded, hashed, maybe preprocessed."""
+
+    entries: list[tuple[IngestItem, LoadedImage, Any] | IngestFailure]  # Any: the caption
+    pixels: Any = None  # (n, 3, H, W) tensor for the images not yet embedded, or None
+    pixel_row: dict[str, int] = field(default_factory=dict)  # sha256 -> row of ``pixels``
+
+
 def ingest(
     lab: Lab,
     items: Iterable[IngestItem | IngestFailure],
@@ -188,72 +204,219 @@ def ingest(
     progress: Callable[[int], None] | None = None,
     on_failure: Callable[[IngestFailure], None] | None = None,
 ) -> IngestSummary:
-    """Store every item, batch by batch; failures are collected, never raised."""
+    """Store every item, batch by batch; failures are collected, never raised.
+
+    A loader thread reads, hashes, decodes and preprocesses the next batch while this thread
+    stores the current one and runs the embedder on it (PIL, hashlib and torch release the GIL).
+    Each batch's rows are written in one transaction; the index is synced once at the end.
+    """
     batch_size = batch_size or lab.settings.embedding_batch_size
+    if batch_size < 1:
+        raise RsxError(f"batch size must be at least 1, not {batch_size}")
     summary = IngestSummary()
-    batch: list[IngestItem] = []
+    generators: dict[str, GeneratorRow | None] = {}
 
     def fail(failure: IngestFailure) -> None:
         summary.failures.append(failure)
         if on_failure:
             on_failure(failure)
 
-    def flush() -> None:
-        _ingest_batch(lab, batch, summary, fail, register_missing_as_imported)
+    embedder = lab.embedder  # loaded here, before the loader thread may use it
+    batches = _batches(items, batch_size)
+    for loaded in _prefetch(lab, embedder, batches, register_missing_as_imported):
+        _ingest_batch(lab, loaded, summary, fail, register_missing_as_imported, generators)
         if progress:
-            progress(len(batch))
-        batch.clear()
-
-    for item in items:
-        if isinstance(item, IngestFailure):
-            fail(item)
-            if progress:
-                progress(1)
-            continue
-        batch.append(item)
-        if len(batch) >= batch_size:
-            flush()
-    if batch:
-        flush()
+            progress(len(loaded.entries))
     lab.sync_index()
     return summary
 
 
-def _ingest_batch(lab, batch, summary, fail, register_missing) -> None:
-    pictures: dict[int, PIL.Image.Image] = {}
+def _batches(items: Iterable[IngestItem | IngestFailure], size: int) -> Iterator[list]:
+    """Runs of ``size`` items (failures ride along without counting)."""
+    batch: list[IngestItem | IngestFailure] = []
+    real = 0
+    for item in items:
+        batch.append(item)
+        if isinstance(item, IngestItem):
+            real += 1
+        if real >= size:
+            yield batch
+            batch, real = [], 0
+    if batch:
+        yield batch
+
+
+def _prefetch(
+    lab: Lab, embedder, batches: Iterator[list], register_missing: bool
+) -> Iterator[_Loaded]:
+    """Load batches on a background thread, at most ``_QUEUE_DEPTH`` ahead of the consumer."""
+    done = object()
+    ready: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
+    stop = threading.Event()
+
+    def hand_over(value) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for batch in batches:
+                if not hand_over(_load_batch(lab, embedder, batch, register_missing)):
+                    return
+            hand_over(done)
+        except BaseException as error:  # re-raised in the consumer
+            hand_over(error)
+
+    thread = threading.Thread(target=work, name="rsx-ingest-loader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            value = ready.get()
+            if value is done:
+                return
+            if isinstance(value, BaseException):
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _load_batch(lab: Lab, embedder, batch: list, register_missing: bool) -> _Loaded:
+    entries: list[tuple[IngestItem, LoadedImage, Any] | IngestFailure] = []
     for item in batch:
+        if isinstance(item, IngestFailure):
+            entries.append(item)
+            continue
         try:
             loaded = load_image_file(item.path, max_pixels=lab.settings.max_pixels)
-            generator, caption = _resolve(lab, item, loaded, summary, register_missing)
-            image_id, new_image = store_image(lab, loaded)
-            new_role = _record_role(lab, item, image_id, generator, caption)
+            caption = _precheck(lab, item, loaded, register_missing)
+            # the blob goes in now, ahead of its row: its fsync waits here, not in the
+            # consumer's forward pass (a crash before the row leaves an orphan `rsx check` finds)
+            lab.blobs.put(loaded.sha256, loaded.data)
+            entries.append((item, loaded, caption))
         except RsxError as error:
-            fail(IngestFailure(str(item.path), str(error).removeprefix(f"{item.path}: ")))
+            entries.append(IngestFailure(str(item.path), _reason(item, error)))
+    batch_loaded = _Loaded(entries)
+    preprocess = getattr(embedder, "preprocess_batch", None)
+    if preprocess is None or not hasattr(embedder, "embed_tensors"):
+        return batch_loaded
+    images = {e[1].sha256: e[1].image for e in entries if isinstance(e, tuple)}
+    embedded = _embedded_shas(lab, list(images))
+    todo = [sha for sha in images if sha not in embedded]
+    if todo:
+        batch_loaded.pixels = preprocess([images[sha] for sha in todo])
+        batch_loaded.pixel_row = {sha: row for row, sha in enumerate(todo)}
+    return batch_loaded
+
+
+def _embedded_shas(lab: Lab, shas: list[str]) -> set[str]:
+    """Which of these images the lab's embedder has embedded (a plain read, no write lock)."""
+    if not shas:
+        return set()
+    statement = (
+        select(ImageRow.sha256)
+        .join(EmbeddingRow, EmbeddingRow.image_id == ImageRow.id)
+        .where(EmbeddingRow.embedder_fingerprint == lab.fingerprint, ImageRow.sha256.in_(shas))
+    )
+    with lab.engine.connect() as connection:
+        return set(connection.scalars(statement))
+
+
+def _reason(item: IngestItem, error: RsxError) -> str:
+    return str(error).removeprefix(f"{item.path}: ")
+
+
+def _ingest_batch(lab, loaded: _Loaded, summary, fail, register_missing, generators) -> None:
+    """Store one batch: blobs, then every row in one transaction, then its embeddings."""
+    resolved = []
+    for entry in loaded.entries:
+        if isinstance(entry, IngestFailure):
+            fail(entry)
             continue
-        pictures[image_id] = loaded.image
-        if new_image or new_role:
-            summary.added += 1
-        else:
-            summary.skipped += 1
-    ensure_embeddings(lab, pictures)
+        item, image, caption = entry
+        try:
+            generator = _generator(lab, item, summary, register_missing, generators)
+        except RsxError as error:
+            fail(IngestFailure(str(item.path), _reason(item, error)))
+            continue
+        resolved.append((item, image, generator, caption))
+    if not resolved:
+        return
+    pictures: dict[int, LoadedImage] = {}
+    with lab.session() as session:
+        stored = store_images(
+            lab, [image for _, image, _, _ in resolved], session=session, blobs_written=True
+        )
+        for (item, image, generator, caption), (image_id, new_image) in zip(
+            resolved, stored, strict=True
+        ):
+            try:
+                new_role = _record_role(lab, session, item, image_id, generator, caption)
+            except RsxError as error:  # raised before anything of this item's role is written
+                fail(IngestFailure(str(item.path), _reason(item, error)))
+                continue
+            pictures.setdefault(image_id, image)
+            if new_image or new_role:
+                summary.added += 1
+            else:
+                summary.skipped += 1
+        known = repository.embedding_ids(session, list(pictures), lab.fingerprint)
+    missing = [image_id for image_id in pictures if image_id not in known]
+    if not missing:
+        return
+    batch_size = lab.settings.embedding_batch_size
+    rows = [loaded.pixel_row.get(pictures[i].sha256) for i in missing]
+    if loaded.pixels is not None and all(row is not None for row in rows):
+        vectors = np.concatenate(
+            [
+                lab.embedder.embed_tensors(loaded.pixels[rows[start : start + batch_size]])
+                for start in range(0, len(rows), batch_size)
+            ]
+        )
+    else:  # another process embedded or removed something meanwhile: embed from the pictures
+        vectors = lab.embedder.embed([pictures[i].image for i in missing], batch_size=batch_size)
+    write_embeddings(lab, missing, vectors)
 
 
-def _resolve(lab, item: IngestItem, loaded: LoadedImage, summary, register_missing):
-    """The generator row and the caption (hash, text) an item needs for its role."""
-    generator = None
+def _generator(lab, item: IngestItem, summary, register_missing, generators):
+    """The generator row a reference or resynthesis names (registered as imported if asked).
+
+    ``generators`` caches rows by name for the whole ingest (one lookup per name).
+    """
+    if item.role not in ("resynthesis", "reference"):
+        return None
+    generator = generators.get(item.generator)
+    if generator is None:
+        with lab.session() as session:
+            generator = repository.generator_by_name(session, item.generator)
+    if generator is None and register_missing:
+        generator = lab.add_generator(item.generator, "imported")
+        summary.generators_added.append(item.generator)
+    if generator is None:
+        raise _unknown_generator(item)
+    generators[item.generator] = generator
+    return generator
+
+
+def _precheck(lab, item: IngestItem, loaded: LoadedImage, register_missing: bool):
+    """Refuse, with reads only, what storing would refuse (so no blob is written for it).
+
+    Returns the caption (hash, text) the item's role needs, or None.
+    """
     if item.role in ("resynthesis", "reference"):
         if not item.generator:
             raise RsxError(f"{item.path}: a {item.role} needs a generator")
-        with lab.session() as session:
-            generator = repository.generator_by_name(session, item.generator)
-        if generator is None and register_missing:
-            generator = lab.add_generator(item.generator, "imported")
-            summary.generators_added.append(item.generator)
-        if generator is None:
-            raise RsxError(
-                f"{item.path}: unknown generator {item.generator!r}; add it with"
-                " 'rsx generator add'"
-            )
+        if not register_missing:
+            statement = select(GeneratorRow.id).where(GeneratorRow.name == item.generator)
+            with lab.engine.connect() as connection:
+                if connection.scalar(statement) is None:
+                    raise _unknown_generator(item)
     text = item.caption
     if text is None and item.role != "query":
         found = sidecar_text(item.path) or embedded_prompt(loaded.data)
@@ -262,45 +425,62 @@ def _resolve(lab, item: IngestItem, loaded: LoadedImage, summary, register_missi
         raise RsxError(f"{item.path}: the caption is blank")
     if item.role == "resynthesis" and text is None:
         raise RsxError(f"{item.path}: a resynthesis needs the caption it was made from")
-    caption = (caption_hash(text), normalise_caption(text)) if text is not None else None
-    return generator, caption
+    return (caption_hash(text), normalise_caption(text)) if text is not None else None
 
 
-def _record_role(lab, item: IngestItem, image_id: int, generator, caption) -> bool:
-    with lab.session() as session:
-        if caption is not None:
-            repository.ensure_caption(session, caption[0], caption[1])
-        if item.role == "reference":
-            return repository.ensure_reference(
-                session,
-                image_id=image_id,
-                generator_id=generator.id,
-                caption_hash=caption[0] if caption else None,
-            )
-        if item.role == "resynthesis":
-            settings_hash = lab.settings_hash(generator)
-            if repository.resynthesis_image_for(
-                session,
-                generator_id=generator.id,
-                caption_hash=caption[0],
-                settings_hash=settings_hash,
-                image_id=image_id,
-            ):
-                return False
-            seed = item.seed
-            if seed is None:
-                if generator.kind != "imported":
-                    raise RsxError(
-                        f"{item.path}: a resynthesis for runnable generator {generator.name!r}"
-                        " needs its seed"
-                    )
-                seed = repository.next_free_seed(session, generator.id, caption[0], settings_hash)
-            return repository.ensure_resynthesis(
-                session,
-                image_id=image_id,
-                generator_id=generator.id,
-                caption_hash=caption[0],
-                seed=seed,
-                settings_hash=settings_hash,
-            )
-        return False
+def _unknown_generator(item: IngestItem) -> RsxError:
+    return RsxError(
+        f"{item.path}: unknown generator {item.generator!r}; add it with 'rsx generator add'"
+    )
+
+
+def _record_role(lab, session, item: IngestItem, image_id: int, generator, caption) -> bool:
+    """Record the item's role in the batch's transaction; True when that is new.
+
+    The one refusal (a runnable generator's resynthesis without its seed) is raised before this
+    item writes anything, so the rest of the batch is unaffected.
+    """
+    if item.role == "resynthesis" and item.seed is None and generator.kind != "imported":
+        settings_hash = lab.settings_hash(generator)
+        if repository.resynthesis_image_for(
+            session,
+            generator_id=generator.id,
+            caption_hash=caption[0],
+            settings_hash=settings_hash,
+            image_id=image_id,
+        ):
+            return False
+        raise RsxError(
+            f"{item.path}: a resynthesis for runnable generator {generator.name!r} needs its seed"
+        )
+    if caption is not None:
+        repository.ensure_caption(session, caption[0], caption[1])
+    if item.role == "reference":
+        return repository.ensure_reference(
+            session,
+            image_id=image_id,
+            generator_id=generator.id,
+            caption_hash=caption[0] if caption else None,
+        )
+    if item.role == "resynthesis":
+        settings_hash = lab.settings_hash(generator)
+        if repository.resynthesis_image_for(
+            session,
+            generator_id=generator.id,
+            caption_hash=caption[0],
+            settings_hash=settings_hash,
+            image_id=image_id,
+        ):
+            return False
+        seed = item.seed
+        if seed is None:  # imported: the next ordinal (runnable ones were refused above)
+            seed = repository.next_free_seed(session, generator.id, caption[0], settings_hash)
+        return repository.ensure_resynthesis(
+            session,
+            image_id=image_id,
+            generator_id=generator.id,
+            caption_hash=caption[0],
+            seed=seed,
+            settings_hash=settings_hash,
+        )
+    return False

@@ -13,14 +13,16 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from resynth_index.errors import StoreError
 from resynth_index.faults import crash_point
 from resynth_index.images import LoadedImage, load_image_bytes
 from resynth_index.store import repository
-from resynth_index.store.models import ImageRow
+from resynth_index.store.models import EmbeddingRow, ImageRow
 
 if TYPE_CHECKING:
+    import numpy as np
     import PIL.Image
 
     from resynth_index.lab import Lab
@@ -28,18 +30,47 @@ if TYPE_CHECKING:
 
 def store_image(lab: Lab, loaded: LoadedImage) -> tuple[int, bool]:
     """Copy the image's bytes into the blob store and record it; (image id, newly added)."""
-    lab.blobs.put(loaded.sha256, loaded.data)
-    crash_point("image-row")  # blob stored, no row points at it yet
-    with lab.session() as session:
-        return repository.ensure_image(
+    return store_images(lab, [loaded])[0]
+
+
+def store_images(
+    lab: Lab,
+    loaded: Sequence[LoadedImage],
+    session: Session | None = None,
+    *,
+    blobs_written: bool = False,
+) -> list[tuple[int, bool]]:
+    """Store a batch: every blob first, then all their rows in one transaction.
+
+    Returns (image id, newly added) per image, in order. With ``session`` the rows join the
+    caller's transaction (so a batch's other rows commit with them). ``blobs_written`` says the
+    caller already put every blob (ingest writes them ahead, on its loader thread).
+    """
+    for item in loaded:
+        if not blobs_written:
+            lab.blobs.put(item.sha256, item.data)
+        crash_point("image-row")  # blob stored, no row points at it yet
+    if session is None:
+        with lab.session() as own:
+            return _image_rows(lab, own, loaded)
+    return _image_rows(lab, session, loaded)
+
+
+def _image_rows(
+    lab: Lab, session: Session, loaded: Sequence[LoadedImage]
+) -> list[tuple[int, bool]]:
+    return [
+        repository.ensure_image(
             session,
-            sha256=loaded.sha256,
-            blob_path=lab.blobs.relpath_for(loaded.sha256),
-            size_bytes=len(loaded.data),
-            fmt=loaded.format,
-            width=loaded.width,
-            height=loaded.height,
+            sha256=item.sha256,
+            blob_path=lab.blobs.relpath_for(item.sha256),
+            size_bytes=len(item.data),
+            fmt=item.format,
+            width=item.width,
+            height=item.height,
         )
+        for item in loaded
+    ]
 
 
 def encode_png(image: PIL.Image.Image) -> bytes:
@@ -63,12 +94,16 @@ def load_stored_image(lab: Lab, image_id: int) -> PIL.Image.Image:
 
 
 def ensure_embeddings(
-    lab: Lab, images: Mapping[int, PIL.Image.Image | None], batch_size: int | None = None
+    lab: Lab,
+    images: Mapping[int, PIL.Image.Image | None],
+    batch_size: int | None = None,
+    computed: dict[int, np.ndarray] | None = None,
 ) -> dict[int, int]:
     """Embed every listed image that the lab's embedder has not embedded yet.
 
     ``images`` maps image id to its decoded picture, or None to load it from the blob store.
-    Returns image id -> embedding id for all of them.
+    Returns image id -> embedding id for all of them. ``computed``, when given, receives the
+    vectors made here by embedding id (so a caller need not read them back).
     """
     batch_size = batch_size or lab.settings.embedding_batch_size
     with lab.session() as session:
@@ -80,13 +115,35 @@ def ensure_embeddings(
             images[i] if images[i] is not None else load_stored_image(lab, i) for i in chunk
         ]
         vectors = lab.embedder.embed(pictures, batch_size=batch_size)
-        crash_point("embedding")  # rows stored, their embeddings not yet
-        with lab.session() as session:
-            repository.add_embeddings(session, lab.fingerprint, chunk, vectors)
-    if missing:
-        with lab.session() as session:
-            known = repository.embedding_ids(session, images.keys(), lab.fingerprint)
+        written = write_embeddings(lab, chunk, vectors)
+        known.update(written)
+        if computed is not None:
+            for image_id, vector in zip(chunk, vectors, strict=True):
+                if image_id in written:
+                    computed[written[image_id]] = vector
     return known
+
+
+def write_embeddings(lab: Lab, image_ids: Sequence[int], vectors: np.ndarray) -> dict[int, int]:
+    """Store the vectors the embedder just made for ``image_ids``; image id -> embedding id."""
+    crash_point("embedding")  # rows stored, their embeddings not yet
+    with lab.session() as session:
+        repository.add_embeddings(session, lab.fingerprint, image_ids, vectors)
+        return repository.embedding_ids(session, image_ids, lab.fingerprint)
+
+
+def embedding_vectors(lab: Lab, embedding_ids: Sequence[int]) -> dict[int, np.ndarray]:
+    """Stored vectors by embedding id, read from the database (a few rows, no index scan)."""
+    ids = [int(i) for i in dict.fromkeys(embedding_ids)]
+    if not ids:
+        return {}
+    with lab.session() as session:
+        rows = session.execute(
+            select(EmbeddingRow.id, EmbeddingRow.dim, EmbeddingRow.vector).where(
+                EmbeddingRow.id.in_(ids)
+            )
+        ).all()
+    return {row.id: repository.blob_to_vector(row.vector, row.dim) for row in rows}
 
 
 def embedding_ids_for(lab: Lab, image_ids: Sequence[int]) -> dict[int, int]:

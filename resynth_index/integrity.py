@@ -105,7 +105,7 @@ def _check_index(lab: Lab, report: CheckReport, repair: bool) -> None:
     if count == 0 and not lab.index_path.exists():
         return
     index = VectorIndex(lab.index_path, lab.fingerprint, lab.settings.embedder_dim)
-    health = index.check(count, max_id)
+    health = index.check(count, max_id, lambda: _embedding_ids(lab))
     for problem in health.problems:
         report.problems.append(f"index {lab.index_path.name}: {problem}")
     if health.problems and repair:
@@ -113,3 +113,14 @@ def _check_index(lab: Lab, report: CheckReport, repair: bool) -> None:
             lab.index_path, lab.fingerprint, lab.settings.embedder_dim, lab.embedding_source
         )
         report.repaired.append(f"rebuilt index {lab.index_path.name} from {count} embedding(s)")
+
+
+def _embedding_ids(lab: Lab):
+    """Every embedding id of the lab's embedder (8 bytes each), to compare with the index's."""
+    import numpy as np
+
+    with lab.session() as session:
+        ids = session.scalars(
+            select(EmbeddingRow.id).where(EmbeddingRow.embedder_fingerprint == lab.fingerprint)
+        )
+        return np.fromiter(ids, dtype=np.int64)

@@ -20,12 +20,13 @@ import numpy as np
 from resynth_index.attribution import attribute, similarity_to_distance
 from resynth_index.captions import resolve_caption
 from resynth_index.errors import RsxError
-from resynth_index.images import load_image_file
-from resynth_index.intake import ensure_embeddings, store_image
+from resynth_index.images import LoadedImage, load_image_file
+from resynth_index.intake import embedding_vectors, ensure_embeddings, store_images
 from resynth_index.metadata import embedded_metadata
 from resynth_index.resynthesis import generate_missing, plan_resyntheses, record_pending
 from resynth_index.store import repository
 from resynth_index.store.models import GeneratorRow, QueryRow, utcnow
+from resynth_index.vectors import MissingVectorsError
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -83,6 +84,7 @@ class _Prepared:
     caption_text: str
     caption_source: str
     metadata: dict[str, str]
+    loaded: LoadedImage | None = None  # until stored
 
 
 def select_candidates(lab: Lab, names: Sequence[str] | None) -> list[GeneratorRow]:
@@ -110,8 +112,16 @@ def run_queries(
     generate: bool = True,
     captioner: Captioner | None = None,
     progress: Callable[[str, int], None] | None = None,
+    sync_index: bool = True,
 ) -> list[QueryResult | QueryFailure]:
-    """Attribute each image; a bad image fails alone and the rest go on."""
+    """Attribute each image; a bad image fails alone and the rest go on.
+
+    Lookups read the few vectors each answer needs (from the index, or from the database for
+    embeddings stored since the index was last synced); they never scan the index. With
+    ``sync_index`` (the default) the index file is brought up to date once, at the end of the
+    call. A long-running caller answering images one call at a time can pass ``False`` and call
+    ``lab.sync_index()`` when done: per call, the index is then only read.
+    """
     generators = select_candidates(lab, candidates)
     outcomes: list[QueryResult | QueryFailure | _Prepared] = []
     for path in paths:
@@ -121,6 +131,7 @@ def run_queries(
             outcomes.append(QueryFailure(image=str(path), error=str(error)))
         if progress:
             progress("prepare", 1)
+    outcomes = _store_prepared(lab, outcomes)
     prepared = [o for o in outcomes if isinstance(o, _Prepared)]
     if not prepared:
         return outcomes  # type: ignore[return-value]
@@ -128,28 +139,36 @@ def run_queries(
     captions = {p.caption_hash: p.caption_text for p in prepared}
     plan = plan_resyntheses(lab, list(captions), generators, resyntheses)
     generated_for: dict[str, int] = {}
-    new_images: dict[int, PIL.Image.Image] = {}
     if generate:
         for work in plan.missing.values():
             for caption_hash, _seed in work:
                 generated_for[caption_hash] = generated_for.get(caption_hash, 0) + 1
-        new_images = generate_missing(
-            lab,
-            plan,
-            generators,
-            captions,
-            progress=(lambda n: progress("generate", n)) if progress else None,
-        )
+        if plan.missing_count():
+            generate_missing(
+                lab,
+                plan,
+                generators,
+                captions,
+                progress=(lambda n: progress("generate", n)) if progress else None,
+            )
     record_pending(lab, plan, generators)
 
+    # generated resyntheses were embedded batch by batch; what is left is the query images
+    # and any stored image that lacks an embedding (loaded from its blob)
     to_embed: dict[int, PIL.Image.Image | None] = {p.image_id: p.picture for p in prepared}
     for image_ids in plan.stored.values():
         for image_id in image_ids:
-            to_embed.setdefault(image_id, new_images.get(image_id))
-    embedding_of = ensure_embeddings(lab, to_embed)
-    lab.sync_index()
+            to_embed.setdefault(image_id, None)
+    fresh: dict[int, np.ndarray] = {}
+    embedding_of = ensure_embeddings(lab, to_embed, computed=fresh)
+    vectors = _lookup_vectors(lab, [embedding_of[i] for i in to_embed], fresh)
+    image_sha = dict(plan.sha256)
+    image_sha.update(
+        _image_shas(lab, [i for ids in plan.stored.values() for i in ids if i not in image_sha])
+    )
 
     results: list[QueryResult | QueryFailure] = []
+    answers: list[tuple[QueryResult, str, dict]] = []
     counted: set[str] = set()
     for outcome in outcomes:
         if not isinstance(outcome, _Prepared):
@@ -159,11 +178,19 @@ def run_queries(
             0 if outcome.caption_hash in counted else generated_for.get(outcome.caption_hash, 0)
         )
         counted.add(outcome.caption_hash)
-        results.append(_answer(lab, outcome, generators, plan, embedding_of, generated))
+        result, distances = _answer(
+            lab, outcome, generators, plan, embedding_of, vectors, image_sha, generated
+        )
+        results.append(result)
+        answers.append((result, outcome.caption_hash, distances))
+    _record_answers(lab, answers)
+    if sync_index:
+        lab.sync_index()
     return results
 
 
 def _prepare(lab: Lab, path: Path, caption: str | None, captioner: Captioner | None) -> _Prepared:
+    """Read, decode and caption one image (nothing is stored yet: see ``_store_prepared``)."""
     loaded = load_image_file(path, max_pixels=lab.settings.max_pixels)
     found = resolve_caption(
         explicit=caption,
@@ -172,19 +199,76 @@ def _prepare(lab: Lab, path: Path, caption: str | None, captioner: Captioner | N
         image=loaded.image,
         captioner=captioner,
     )
-    image_id, _ = store_image(lab, loaded)
-    with lab.session() as session:
-        repository.ensure_caption(session, found.hash, found.text)
     return _Prepared(
         path=path,
-        image_id=image_id,
+        image_id=-1,
         sha256=loaded.sha256,
         picture=loaded.image,
         caption_hash=found.hash,
         caption_text=found.text,
         caption_source=found.source,
         metadata=embedded_metadata(loaded.data),
+        loaded=loaded,
     )
+
+
+def _store_prepared(lab: Lab, outcomes: list) -> list:
+    """Store every prepared image (blobs, then their rows and captions in one transaction).
+
+    Should the batch fail, each image is stored alone, so only the one at fault fails.
+    """
+    prepared = [o for o in outcomes if isinstance(o, _Prepared)]
+    if not prepared:
+        return outcomes
+    try:
+        _store_batch(lab, prepared)
+        return outcomes
+    except RsxError:
+        pass
+    kept = []
+    for outcome in outcomes:
+        if isinstance(outcome, _Prepared):
+            try:
+                _store_batch(lab, [outcome])
+            except RsxError as error:
+                outcome = QueryFailure(image=str(outcome.path), error=str(error))
+        kept.append(outcome)
+    return kept
+
+
+def _store_batch(lab: Lab, prepared: list[_Prepared]) -> None:
+    with lab.session() as session:
+        stored = store_images(lab, [p.loaded for p in prepared], session=session)
+        for p in prepared:
+            repository.ensure_caption(session, p.caption_hash, p.caption_text)
+    for p, (image_id, _new) in zip(prepared, stored, strict=True):
+        p.image_id = image_id
+        p.loaded = None  # the bytes are in the blob store; keep only the decoded picture
+
+
+def _lookup_vectors(
+    lab: Lab, embedding_ids: list[int], fresh: dict[int, np.ndarray]
+) -> dict[int, np.ndarray]:
+    """The vectors of a few embeddings: from the index when it holds them, else the database.
+
+    A gather by id (no scan). Embeddings stored after the index was last synced (the query
+    images, fresh resyntheses) are read from the database, so the index need not change.
+    """
+    found: dict[int, np.ndarray] = {i: fresh[i] for i in embedding_ids if i in fresh}
+    ids = np.array(sorted(set(embedding_ids) - set(found)), dtype=np.int64)
+    if not len(ids):
+        return found
+    index = lab.index
+    indexed = ids[ids <= index.watermark]
+    if len(indexed):
+        try:
+            rows = index.vectors_for(indexed)
+            found.update({int(i): row for i, row in zip(indexed, rows, strict=True)})
+        except MissingVectorsError:
+            pass
+    rest = [int(i) for i in ids if int(i) not in found]
+    found.update(embedding_vectors(lab, rest))
+    return found
 
 
 def _answer(
@@ -193,23 +277,25 @@ def _answer(
     generators: Sequence[GeneratorRow],
     plan,
     embedding_of: dict[int, int],
+    vectors: dict[int, np.ndarray],
+    image_sha: dict[int, str],
     generated: int,
-) -> QueryResult:
+) -> tuple[QueryResult, dict[str, list[float]]]:
+    """The answer for one prepared image, and its distances per generator (for the audit)."""
     settings = lab.settings
     per_generator: dict[str, list[int]] = {
         row.name: plan.stored.get((query.caption_hash, row.name), []) for row in generators
     }
-    candidate_ids = np.array(
-        sorted({embedding_of[i] for ids in per_generator.values() for i in ids}), dtype=np.int64
-    )
+    query_vector = vectors[embedding_of[query.image_id]].astype(np.float64)
     similarity: dict[int, float] = {}
-    if len(candidate_ids):
-        query_vector = lab.index.vectors_for(np.array([embedding_of[query.image_id]]))[0]
-        scores, ids = lab.index.search(query_vector, len(candidate_ids), ids=candidate_ids)
-        similarity = {int(i): float(s) for s, i in zip(scores[0], ids[0], strict=True)}
+    for image_ids in per_generator.values():
+        for image_id in image_ids:
+            embedding_id = embedding_of[image_id]
+            if embedding_id not in similarity:
+                candidate = vectors[embedding_id].astype(np.float64)
+                similarity[embedding_id] = float(np.dot(query_vector, candidate))
     distances: dict[str, list[float]] = {}
     nearest: dict[str, str] = {}
-    image_sha = _image_shas(lab, [i for ids in per_generator.values() for i in ids])
     for name, image_ids in per_generator.items():
         values = [
             similarity_to_distance(similarity[embedding_of[i]], settings.distance)
@@ -261,23 +347,37 @@ def _answer(
         fingerprints=fingerprints,
         metadata=query.metadata,
     )
+    return result, distances
+
+
+def _record_answers(lab: Lab, answers: list[tuple[QueryResult, str, dict]]) -> None:
+    """The audit rows of a call's answers, in one transaction; each result gets its query_id.
+
+    ``answers`` holds (result, caption hash, distances per generator).
+    """
+    if not answers:
+        return
+    results = [result for result, _, _ in answers]
     with lab.session() as session:
-        row = QueryRow(
-            created_at=utcnow(),
-            image_sha256=query.sha256,
-            image_path=str(query.path),
-            caption_hash=query.caption_hash,
-            caption_source=query.caption_source,
-            candidates_json=json.dumps(result.candidates),
-            fingerprints_json=json.dumps(fingerprints, sort_keys=True),
-            distances_json=json.dumps(distances, sort_keys=True),
-            verdict=result.verdict,
-            result_json=json.dumps(result.to_json(), sort_keys=True),
-        )
-        session.add(row)
+        rows = []
+        for result, caption_hash, distances in answers:
+            row = QueryRow(
+                created_at=utcnow(),
+                image_sha256=result.sha256,
+                image_path=result.image,
+                caption_hash=caption_hash,
+                caption_source=result.caption_source,
+                candidates_json=json.dumps(result.candidates),
+                fingerprints_json=json.dumps(result.fingerprints, sort_keys=True),
+                distances_json=json.dumps(distances, sort_keys=True),
+                verdict=result.verdict,
+                result_json=json.dumps(result.to_json(), sort_keys=True),
+            )
+            session.add(row)
+            rows.append(row)
         session.flush()
-        result.query_id = row.id
-    return result
+        for result, row in zip(results, rows, strict=True):
+            result.query_id = row.id
 
 
 def _image_shas(lab: Lab, image_ids: list[int]) -> dict[int, str]:

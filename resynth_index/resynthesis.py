@@ -4,20 +4,39 @@ A resynthesis is keyed by (generator, caption hash, generation-settings hash, se
 generator with K resyntheses per caption needs seeds 0..K-1; whatever of those is stored is
 reused, the rest is generated in batches per generator. An imported generator cannot run: any
 resynthesis supplied for the caption counts, and a caption it lacks becomes a work order.
+
+Generation is the dominant cost of the method, so it is batched: the missing work of every
+caption in a call is grouped per generator and made ``batch_size`` images at a time. Each batch
+is stored whole (blobs, then its image and resynthesis rows in one transaction, then its
+embeddings) before the next begins, and its pictures are dropped: memory holds one batch at a
+time, and an interrupted run keeps every finished batch.
 """
 
 from __future__ import annotations
 
+import csv
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sqlalchemy import func, select
+
+from resynth_index.captions import caption_hash
+from resynth_index.errors import RsxError
 from resynth_index.fingerprints import hash_bytes
 from resynth_index.images import LoadedImage
-from resynth_index.intake import encode_png, store_image
+from resynth_index.intake import encode_png, store_images, write_embeddings
 from resynth_index.store import repository
-from resynth_index.store.models import GeneratorRow
+from resynth_index.store.models import (
+    CaptionRow,
+    GeneratorRow,
+    ImageRow,
+    QueryRow,
+    ResynthesisRow,
+)
+from resynth_index.text import normalise_caption
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -34,6 +53,7 @@ class ResynthesisPlan:
     stored: dict[Key, list[int]] = field(default_factory=lambda: defaultdict(list))
     missing: dict[str, list[tuple[str, int]]] = field(default_factory=lambda: defaultdict(list))
     pending: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    sha256: dict[int, str] = field(default_factory=dict)  # of every stored image in the plan
 
     def missing_count(self) -> int:
         return sum(len(v) for v in self.missing.values())
@@ -49,18 +69,35 @@ def plan_resyntheses(
     plan = ResynthesisPlan()
     captions = list(dict.fromkeys(caption_hashes))
     by_id = {row.id: row for row in generators}
-    with lab.session() as session:
-        rows = repository.stored_resyntheses(session, captions, list(by_id))
-    found: dict[tuple[str, int], dict[int, int]] = defaultdict(
-        dict
-    )  # (caption, gen) -> seed->image
+    rows = []
+    if captions and by_id:  # plain column rows: no ORM objects to build on the warm path
+        with lab.session() as session:
+            rows = session.execute(
+                select(
+                    ResynthesisRow.caption_hash,
+                    ResynthesisRow.generator_id,
+                    ResynthesisRow.seed,
+                    ResynthesisRow.settings_hash,
+                    ResynthesisRow.image_id,
+                    ImageRow.sha256,
+                )
+                .join(ImageRow, ImageRow.id == ResynthesisRow.image_id)
+                .where(
+                    ResynthesisRow.caption_hash.in_(captions),
+                    ResynthesisRow.generator_id.in_(list(by_id)),
+                )
+                .order_by(ResynthesisRow.id)
+            ).all()
+    found: dict[tuple[str, int], dict[int, int]] = defaultdict(dict)  # -> seed -> image id
     settings_hashes = {row.id: lab.settings_hash(row) for row in generators}
     for row in rows:
         if row.settings_hash == settings_hashes[row.generator_id]:
             found[(row.caption_hash, row.generator_id)][row.seed] = row.image_id
+            plan.sha256[row.image_id] = row.sha256
+    wanted_of = {row.id: resyntheses or lab.resyntheses_per_caption(row) for row in generators}
     for caption in captions:
         for generator in generators:
-            wanted = resyntheses or lab.resyntheses_per_caption(generator)
+            wanted = wanted_of[generator.id]
             have = found.get((caption, generator.id), {})
             key = (caption, generator.name)
             if generator.kind == "imported":
@@ -84,17 +121,20 @@ def generate_missing(
     *,
     batch_size: int | None = None,
     progress: Callable[[int], None] | None = None,
-) -> dict[int, PIL.Image.Image]:
+) -> list[int]:
     """Generate every missing resynthesis, batched per generator; store each batch as it lands.
 
-    Returns the new images by image id (so they can be embedded without decoding them again).
-    The plan is updated in place: generated images join ``stored``.
+    Each batch is stored and embedded before the next is generated, then let go: at most one
+    batch of pictures is alive at a time. Returns the image ids generated. The plan is updated
+    in place: generated images join ``stored`` and ``missing`` is emptied.
     """
     from resynth_index.generators.base import GenerationRequest
 
     batch_size = batch_size or lab.settings.generation_batch_size
+    if batch_size < 1:
+        raise RsxError(f"batch size must be at least 1, not {batch_size}")
     by_name = {row.name: row for row in generators}
-    made: dict[int, PIL.Image.Image] = {}
+    made: list[int] = []
     for name, work in plan.missing.items():
         row = by_name[name]
         model = lab.generator_model(row)
@@ -103,45 +143,168 @@ def generate_missing(
             chunk = work[start : start + batch_size]
             requests = [GenerationRequest(caption_texts[c], seed) for c, seed in chunk]
             images = model.generate(requests, batch_size=batch_size)
-            for (caption, seed), image in zip(chunk, images, strict=True):
-                image_id = _store_resynthesis(lab, row, caption, seed, settings_hash, image)
+            image_ids = store_resyntheses(lab, row, settings_hash, chunk, images, plan.sha256)
+            del images  # the batch is stored and embedded: nothing keeps its pictures alive
+            for (caption, _seed), image_id in zip(chunk, image_ids, strict=True):
                 plan.stored[(caption, name)].append(image_id)
-                made[image_id] = image
+            made.extend(image_ids)
             if progress is not None:
                 progress(len(chunk))
     plan.missing.clear()
     return made
 
 
-def _store_resynthesis(
-    lab: Lab, row: GeneratorRow, caption: str, seed: int, settings_hash: str, image
-) -> int:
-    data = encode_png(image)
-    loaded = LoadedImage(
-        sha256=hash_bytes(data),
-        data=data,
-        format="PNG",
-        width=image.width,
-        height=image.height,
-        image=image,
-    )
-    image_id, _ = store_image(lab, loaded)
-    with lab.session() as session:
-        repository.ensure_resynthesis(
-            session,
-            image_id=image_id,
-            generator_id=row.id,
-            caption_hash=caption,
-            seed=seed,
-            settings_hash=settings_hash,
+def store_resyntheses(
+    lab: Lab,
+    row: GeneratorRow,
+    settings_hash: str,
+    chunk: Sequence[tuple[str, int]],
+    images: Sequence[PIL.Image.Image],
+    sha256_of: dict[int, str] | None = None,
+) -> list[int]:
+    """Store one generated batch: blobs, then image + resynthesis rows in one transaction,
+    then the batch's embeddings. Returns the image ids in ``chunk`` order."""
+    loaded = []
+    for image in images:
+        data = encode_png(image)
+        loaded.append(
+            LoadedImage(
+                sha256=hash_bytes(data),
+                data=data,
+                format="PNG",
+                width=image.width,
+                height=image.height,
+                image=image,
+            )
         )
-    return image_id
+    with lab.session() as session:
+        stored = store_images(lab, loaded, session=session)
+        image_ids = [image_id for image_id, _new in stored]
+        if sha256_of is not None:
+            sha256_of.update((i, item.sha256) for i, item in zip(image_ids, loaded, strict=True))
+        for (caption, seed), image_id in zip(chunk, image_ids, strict=True):
+            repository.ensure_resynthesis(
+                session,
+                image_id=image_id,
+                generator_id=row.id,
+                caption_hash=caption,
+                seed=seed,
+                settings_hash=settings_hash,
+            )
+        known = repository.embedding_ids(session, image_ids, lab.fingerprint)
+    # two seeds can draw the same picture: embed each distinct new image once
+    to_embed = [i for i in dict.fromkeys(image_ids) if i not in known]
+    if to_embed:
+        picture = {image_id: item.image for image_id, item in zip(image_ids, loaded, strict=True)}
+        vectors = lab.embedder.embed(
+            [picture[i] for i in to_embed], batch_size=lab.settings.embedding_batch_size
+        )
+        write_embeddings(lab, to_embed, vectors)
+    return image_ids
 
 
 def record_pending(lab: Lab, plan: ResynthesisPlan, generators: Sequence[GeneratorRow]) -> None:
     """Write a work order for every (imported generator, caption) still lacking a resynthesis."""
+    if not any(plan.pending.values()):
+        return
     by_name = {row.name: row for row in generators}
     with lab.session() as session:
         for caption, names in plan.pending.items():
             for name in names:
                 repository.add_pending(session, by_name[name].id, caption)
+
+
+# ------------------------------------------------------------------ precomputing (rsx resynthesize)
+@dataclass
+class ResynthesizeSummary:
+    captions: int = 0
+    generators: list[str] = field(default_factory=list)
+    generated: int = 0
+    reused: int = 0
+
+
+def read_captions_file(path: Path) -> list[str]:
+    """Captions from a file: one per line, or a CSV (``.csv``) with a ``caption`` column."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, newline="", encoding="utf-8") as handle:
+                reader = csv.DictReader(handle)
+                if not reader.fieldnames or "caption" not in reader.fieldnames:
+                    raise RsxError(f"{path}: a captions CSV needs a 'caption' column")
+                texts = [record.get("caption") or "" for record in reader]
+        else:
+            texts = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise RsxError(f"{path}: no such captions file") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise RsxError(f"{path}: cannot read captions: {error}") from None
+    captions = [normalise_caption(t) for t in texts]
+    return list(dict.fromkeys(c for c in captions if c))
+
+
+def pending_captions(lab: Lab) -> dict[str, str]:
+    """Every caption a query has asked for: caption hash -> text, oldest first."""
+    first_asked = func.min(QueryRow.id)
+    with lab.session() as session:
+        rows = session.execute(
+            select(CaptionRow.hash, CaptionRow.text)
+            .join(QueryRow, QueryRow.caption_hash == CaptionRow.hash)
+            .group_by(CaptionRow.hash, CaptionRow.text)
+            .order_by(first_asked)
+        ).all()
+    return dict(rows)
+
+
+def runnable_generators(lab: Lab, name: str | None = None) -> list[GeneratorRow]:
+    """The active generators the lab can run, or just the one named (which must be one)."""
+    active = lab.generators()
+    if name is not None:
+        chosen = [row for row in active if row.name == name]
+        if not chosen:
+            raise RsxError(f"no active generator named {name!r}; see 'rsx generator list'")
+        if chosen[0].kind == "imported":
+            raise RsxError(
+                f"{name!r} is an imported generator: rsx cannot run it (see 'rsx export-prompts')"
+            )
+        return chosen
+    runnable = [row for row in active if row.kind != "imported"]
+    if not runnable:
+        raise RsxError("this lab has no runnable generator; add one with 'rsx generator add'")
+    return runnable
+
+
+def resynthesize(
+    lab: Lab,
+    captions: dict[str, str],
+    generators: Sequence[GeneratorRow],
+    *,
+    batch_size: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[int], None] | None = None,
+) -> ResynthesizeSummary:
+    """Make every missing resynthesis of ``captions`` (hash -> text) by ``generators``.
+
+    Captions are recorded first; ``on_plan(n)`` is told how many images will be generated before
+    the first one is; ``progress(n)`` after each stored batch.
+    """
+    with lab.session() as session:
+        for digest, text in captions.items():
+            repository.ensure_caption(session, digest, text)
+    plan = plan_resyntheses(lab, list(captions), generators)
+    summary = ResynthesizeSummary(
+        captions=len(captions),
+        generators=[row.name for row in generators],
+        reused=sum(len(v) for v in plan.stored.values()),
+        generated=plan.missing_count(),
+    )
+    if on_plan is not None:
+        on_plan(summary.generated)
+    if summary.generated:
+        generate_missing(lab, plan, generators, captions, batch_size=batch_size, progress=progress)
+        lab.sync_index()
+    return summary
+
+
+def captions_by_hash(texts: Sequence[str]) -> dict[str, str]:
+    return {caption_hash(text): normalise_caption(text) for text in texts}

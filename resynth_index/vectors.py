@@ -23,6 +23,7 @@ import json
 import os
 import struct
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,6 +90,7 @@ class VectorIndex:
         self._index = _new_faiss_index(self.dim)
         self._watermark = -1
         self._id_cache: numpy.ndarray | None = None
+        self._seen: tuple[int, ...] | None = None  # the file as this index last saw it
 
     # ------------------------------------------------------------------ properties
     @property
@@ -117,50 +119,105 @@ class VectorIndex:
         A missing, truncated or corrupt file, one made for another fingerprint or dimension, or
         one that disagrees with the database after catching up (rows deleted, file from the
         future) is rebuilt from ``source(-1)``. The file is saved whenever anything changed.
+
+        ``db_count`` and ``db_max_id`` may be older than the file: another process can store
+        embeddings and save the index between the moment the caller counted and the moment the
+        file is read. Ids only grow, so every row above ``db_max_id`` is such a newcomer: rows
+        the catch-up meets above ``db_max_id`` are added to the expected count instead of
+        forcing a needless rebuild.
         """
+        import numpy as np
+
         index = cls(path, fingerprint, dim)
         index._remove_stale_temp_files()
+        seen = _identity(index.path)
         try:
             header, loaded = _read_index_file(index.path)
         except _Unusable:
-            return cls.rebuild(path, fingerprint, dim, source)
+            return cls.rebuild(path, fingerprint, dim, source, _seen=seen)
         if header["fingerprint"] != fingerprint or header["dim"] != index.dim:
-            return cls.rebuild(path, fingerprint, dim, source)
+            return cls.rebuild(path, fingerprint, dim, source, _seen=seen)
         index._index = loaded
         index._watermark = header["watermark"]
-        if index._watermark > db_max_id:
-            return cls.rebuild(path, fingerprint, dim, source)
+        index._seen = seen
         changed = False
-        for ids, vectors in source(index._watermark):
-            index.add(ids, vectors)
-            changed = True
-        if index.count != db_count:
-            return cls.rebuild(path, fingerprint, dim, source)
+        newcomers = 0  # rows with ids above db_max_id: stored after the caller counted
+        for ids, vectors in source(min(index._watermark, db_max_id)):
+            ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+            newcomers += int(np.count_nonzero(ids > db_max_id))
+            fresh = ids > index._watermark  # ids increase, so this is a suffix
+            if not fresh.all() and not index._contains(ids[~fresh]).all():
+                return cls.rebuild(path, fingerprint, dim, source, _seen=seen)
+            if fresh.any():
+                index.add(ids[fresh], vectors[fresh])
+                changed = True
+        if index.count != db_count + newcomers:
+            return cls.rebuild(path, fingerprint, dim, source, _seen=seen)
         if changed:
             index.save()
         return index
 
     @classmethod
     def rebuild(
-        cls, path: Path, fingerprint: str, dim: int, source: EmbeddingSource
+        cls,
+        path: Path,
+        fingerprint: str,
+        dim: int,
+        source: EmbeddingSource,
+        *,
+        _seen: tuple[int, ...] | None = None,
     ) -> VectorIndex:
-        """Build the index from scratch from ``source(-1)`` and save it."""
+        """Build the index from scratch from ``source(-1)`` and save it.
+
+        The file found before reading the database (``_seen``, given by ``open``, which judged
+        it) is the one this rebuild replaces; one that another process saved meanwhile is kept
+        when it is at least as new (see ``save``).
+        """
         index = cls(path, fingerprint, dim)
         index._remove_stale_temp_files()
+        index._seen = _identity(index.path) if _seen is None else _seen
         for ids, vectors in source(-1):
             index.add(ids, vectors)
         index.save()
         return index
 
-    def save(self) -> None:
+    def save(self) -> bool:
         """Write the index atomically: temp file, fsync, ``os.replace``, fsync the directory.
 
         A crash at any point leaves either the old file or the new one, never a mix; a leftover
         temp file is removed by the next ``open``.
+
+        Several processes may save the same index: saves are serialised by an exclusive lock on
+        the index directory, and a save never replaces a file that another process wrote after
+        this one last looked (loaded, rebuilt or saved it) when that file is at least as new
+        (watermark at least ours); the index on disk never goes back in time. Returns True when
+        the file was written, False when a newer one was kept.
         """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with _directory_lock(self.path.parent):
+            current = _identity(self.path)
+            if current is not None and current != self._seen and self._newer_on_disk():
+                self._seen = None  # theirs is newer: our next save compares again
+                return False
+            self._write()
+            self._seen = _identity(self.path)
+        return True
+
+    def _newer_on_disk(self) -> bool:
+        """Whether the file holds this index's vectors up to at least our watermark (header)."""
+        try:
+            header = _read_header(self.path)
+        except _Unusable:
+            return False
+        return (
+            header["fingerprint"] == self.fingerprint
+            and header["dim"] == self.dim
+            and header["watermark"] >= self._watermark
+        )
+
+    def _write(self) -> None:
         import faiss
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         header = {
             "fingerprint": self.fingerprint,
@@ -459,6 +516,55 @@ def _read_index_file(path: Path) -> tuple[dict[str, Any], Any]:
     if header["watermark"] != (int(stored[-1]) if len(stored) else -1):
         raise _Unusable("index file unreadable: header watermark does not match the data")
     return header, index
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """Only the header of an index file (nothing verified beyond its own shape)."""
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(len(MAGIC)) != MAGIC:
+                raise _Unusable("not an rsx vector index")
+            raw = handle.read(_LENGTH.size)
+            if len(raw) != _LENGTH.size:
+                raise _Unusable("truncated header")
+            (length,) = _LENGTH.unpack(raw)
+            if length > _MAX_HEADER:
+                raise _Unusable("header too large")
+            return _parse_header(handle.read(length))
+    except OSError as error:
+        raise _Unusable(f"index file unreadable: {error}") from None
+
+
+def _identity(path: Path) -> tuple[int, ...] | None:
+    """Which file is at ``path`` now (None when none): ``os.replace`` gives a new identity."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+@contextmanager
+def _directory_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the index directory (released if the process dies).
+
+    Locking the directory rather than a sidecar file leaves nothing behind. Where ``fcntl`` is
+    missing (Windows) saves are not serialised; each stays atomic.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError as error:
+        raise StoreError(f"cannot lock index directory {directory}: {error}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _parse_header(raw: bytes) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -92,11 +93,28 @@ def test_opening_an_old_lab_upgrades_it(tmp_path: Path) -> None:
         embedder_dim=2,
     ).save(tmp_path)
 
+    before = _rows(tmp_path / DATABASE_FILE)
+
     lab = Lab.open(tmp_path)
     assert migrate.current_revision(lab.engine) == migrate.head_revision(lab.engine)
     assert [g.name for g in lab.generators()] == ["sd15"]
+    [(ids, vectors)] = list(lab.embedding_source(-1))  # today's code reads the old rows
+    assert ids.tolist() == [1] and vectors.tolist() == [[1.0, 0.0]]
+    lab.add_generator("midjourney", "imported")  # ... and writes next to them
     lab.close()
-    assert _counts(tmp_path / DATABASE_FILE)["embeddings"] == 1
+    after = _rows(tmp_path / DATABASE_FILE)
+    assert {table: after[table] for table in before if table != "generators"} == {
+        table: rows for table, rows in before.items() if table != "generators"
+    }
+    assert after["generators"][: len(before["generators"])] == before["generators"]
+    assert len(after["generators"]) == len(before["generators"]) + 1
+
+
+def _rows(db: Path) -> dict[str, list[tuple]]:
+    """Every row of every table of the first revision, in full, in id order."""
+    tables = ["generators", "captions", "images", "resyntheses", '"references"', "embeddings"]
+    with sqlite3.connect(db) as connection:
+        return {t: connection.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in tables}
 
 
 def test_sqlite_pragmas_are_set(tmp_path: Path) -> None:
@@ -115,3 +133,48 @@ def test_a_broken_settings_file_is_one_clear_error(tmp_path: Path, bad: str) -> 
     (tmp_path / "settings.json").write_text(bad)
     with pytest.raises(StoreError, match="settings.json"):
         LabSettings.load(tmp_path)
+
+
+def test_a_working_lab_taken_back_to_the_first_revision_upgrades_and_works(
+    toy_lab: Path, tmp_path: Path
+) -> None:
+    """A real lab (blobs, embeddings, index) whose schema is at 0001 opens, upgrades, answers."""
+    import json
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from resynth_index.cli import cli
+
+    def rsx(*args: str):
+        return CliRunner().invoke(cli, ["--lab", str(toy_lab), *args], catch_exceptions=False)
+
+    paths = []
+    for seed in range(3):
+        paths.append(tmp_path / f"image-{seed}.png")
+        pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(paths[-1])
+    assert rsx("generator", "add", "imp", "--imported").exit_code == 0
+    stored = rsx(
+        "ingest", str(paths[0]), "--role", "resynthesis", "--generator", "imp",
+        "--caption", "a cat",
+    )  # fmt: skip
+    assert stored.exit_code == 0 and rsx("ingest", str(paths[1])).exit_code == 0
+    db = toy_lab / DATABASE_FILE
+    engine = make_engine(sqlite_url(db))
+    migrate.downgrade(engine, FIRST)
+    engine.dispose()
+    before = _rows(db)
+
+    check = rsx("check")  # opening the lab upgrades it
+    assert check.exit_code == 0, check.output
+    answer = rsx(
+        "query", str(paths[2]), "--caption", "a cat", "--candidates", "imp", "--no-generate",
+        "--json",
+    )  # fmt: skip
+    assert answer.exit_code == 0, answer.output
+    assert json.loads(answer.stdout)["verdict"] == "imp"
+    after = _rows(db)
+    for table, rows in before.items():  # every old row kept as it was; only the query added
+        assert after[table][: len(rows)] == rows
+    assert sum(len(rows) for rows in after.values()) > sum(len(rows) for rows in before.values())

@@ -1,0 +1,175 @@
+"""The labelled data an evaluation runs on, read from a lab.
+
+Each reference (an image whose generator is known, with a caption) is a query; the resyntheses of
+its caption by every candidate are its comparison set, chosen exactly as ``rsx query`` chooses
+them (``plan_resyntheses``: K seeds per runnable generator, the first K supplied images of an
+imported one). Features are the lab's embeddings, computed where missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from sqlalchemy import select
+
+from resynth_index.attribution import aggregate, similarity_to_distance
+from resynth_index.errors import RsxError
+from resynth_index.intake import ensure_embeddings, load_stored_image
+from resynth_index.resynthesis import generate_missing, plan_resyntheses
+from resynth_index.store.models import CaptionRow, EmbeddingRow, ReferenceRow
+from resynth_index.store.repository import blob_to_vector
+
+if TYPE_CHECKING:
+    from resynth_index.lab import Lab
+
+#: Distance given to a candidate without any resynthesis of a caption (beyond any real distance).
+MISSING_DISTANCE = 10.0
+
+
+@dataclass
+class EvalData:
+    generators: list[str]  # the classes, sorted by name (the candidate order)
+    image_ids: np.ndarray  # per query (reference)
+    labels: np.ndarray  # per query: index into generators
+    captions: list[str]  # per query: caption hash
+    features: np.ndarray  # (n, d) the queries' clean embeddings
+    resyntheses: list[list[np.ndarray]]  # per query, per generator: (K, d) embeddings
+    distance: str
+    aggregation: str
+    temperature: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.generators)
+
+    def counts(self) -> dict[str, int]:
+        return {g: int(np.sum(self.labels == i)) for i, g in enumerate(self.generators)}
+
+    def resynthesis_distances(self, queries: np.ndarray) -> np.ndarray:
+        """(n, C) aggregated distance of each query to each candidate's resyntheses."""
+        out = np.full((len(queries), self.n_classes), MISSING_DISTANCE)
+        for i, per_generator in enumerate(self.resyntheses):
+            for c, vectors in enumerate(per_generator):
+                if len(vectors):
+                    sims = vectors @ queries[i]
+                    values = [similarity_to_distance(float(s), self.distance) for s in sims]
+                    out[i, c] = aggregate(values, self.aggregation)
+        return out
+
+
+def load_eval_data(
+    lab: Lab,
+    generators: Sequence[str] | None = None,
+    resyntheses: int | None = None,
+    generate: bool = False,
+    echo: Callable[[str], None] | None = None,
+) -> EvalData:
+    """Every reference of the chosen generators with a caption, and its caption's resyntheses."""
+    active = {row.name: row for row in lab.generators()}
+    if generators:
+        unknown = [g for g in generators if g not in active]
+        if unknown:
+            raise RsxError(
+                f"unknown or retired generator(s): {', '.join(unknown)}; see 'rsx generator list'"
+            )
+        active = {g: active[g] for g in sorted(set(generators))}
+    by_id = {row.id: row for row in active.values()}
+    notes: list[str] = []
+    with lab.session() as session:
+        refs = session.execute(
+            select(ReferenceRow.image_id, ReferenceRow.generator_id, ReferenceRow.caption_hash)
+            .where(ReferenceRow.generator_id.in_(list(by_id)))
+            .order_by(ReferenceRow.id)
+        ).all()
+        caption_texts = dict(session.execute(select(CaptionRow.hash, CaptionRow.text)).all())
+    without_caption = sum(1 for r in refs if r.caption_hash is None)
+    if without_caption:
+        notes.append(f"{without_caption} reference(s) without a caption left out")
+    refs = [r for r in refs if r.caption_hash is not None]
+    names = sorted({by_id[r.generator_id].name for r in refs})
+    if len(names) < 2:
+        raise RsxError(
+            "evaluation needs captioned references of at least two generators; ingest some"
+            " (e.g. 'rsx ingest DATASET --layout resynthesis-dataset')"
+        )
+    skipped = sorted(set(active) - set(names))
+    if skipped:
+        notes.append(f"generators without references left out: {', '.join(skipped)}")
+    rows = [active[n] for n in names]
+    captions = list(dict.fromkeys(r.caption_hash for r in refs))
+    plan = plan_resyntheses(lab, captions, rows, resyntheses)
+    if generate and plan.missing_count():
+        if echo:
+            echo(f"generating {plan.missing_count()} missing resynthes(es)")
+        generate_missing(lab, plan, rows, {c: caption_texts[c] for c in captions})
+    missing = sum(1 for c in captions for n in names if not plan.stored.get((c, n)))
+    if missing:
+        notes.append(
+            f"{missing} (caption, generator) pair(s) lack a resynthesis; those candidates rank"
+            " last for that query" + ("" if generate else " (--generate makes runnable ones)")
+        )
+    ids = [r.image_id for r in refs] + [i for ids in plan.stored.values() for i in ids]
+    if echo:
+        echo(f"embedding what is missing among {len(set(ids))} image(s)")
+    ensure_embeddings(lab, dict.fromkeys(ids))
+    vectors = _vectors(lab, ids)
+    index = {n: i for i, n in enumerate(names)}
+    return EvalData(
+        generators=names,
+        image_ids=np.array([r.image_id for r in refs], dtype=np.int64),
+        labels=np.array([index[by_id[r.generator_id].name] for r in refs], dtype=int),
+        captions=[r.caption_hash for r in refs],
+        features=np.stack([vectors[r.image_id] for r in refs]),
+        resyntheses=[
+            [
+                np.stack([vectors[i] for i in plan.stored.get((r.caption_hash, n), [])])
+                if plan.stored.get((r.caption_hash, n))
+                else np.zeros((0, lab.settings.embedder_dim), dtype=np.float32)
+                for n in names
+            ]
+            for r in refs
+        ],
+        distance=lab.settings.distance,
+        aggregation=lab.settings.aggregation,
+        temperature=lab.settings.temperature,
+        notes=notes,
+    )
+
+
+def _vectors(lab: Lab, image_ids: Sequence[int]) -> dict[int, np.ndarray]:
+    wanted = list(set(image_ids))
+    found: dict[int, np.ndarray] = {}
+    with lab.session() as session:
+        for start in range(0, len(wanted), 500):
+            rows = session.execute(
+                select(EmbeddingRow.image_id, EmbeddingRow.dim, EmbeddingRow.vector).where(
+                    EmbeddingRow.embedder_fingerprint == lab.fingerprint,
+                    EmbeddingRow.image_id.in_(wanted[start : start + 500]),
+                )
+            )
+            found.update({row.image_id: blob_to_vector(row.vector, row.dim) for row in rows})
+    return found
+
+
+def perturbed_features(
+    lab: Lab, image_ids: Sequence[int], ops: Sequence[str], seed: int
+) -> dict[str, np.ndarray]:
+    """op -> (n, d) embeddings of the post-processed images (parameters drawn per image)."""
+    from resynth_index.perturb import apply, image_rng
+
+    batch = lab.settings.embedding_batch_size
+    parts: dict[str, list[np.ndarray]] = {op: [] for op in ops}
+    for start in range(0, len(image_ids), batch):  # a batch at a time: big images, many ops
+        keys = [int(i) for i in image_ids[start : start + batch]]
+        originals = [load_stored_image(lab, key) for key in keys]
+        for op in ops:
+            changed = [
+                apply(op, picture, image_rng(seed, op, key))[0]
+                for key, picture in zip(keys, originals, strict=True)
+            ]
+            parts[op].append(lab.embedder.embed(changed, batch_size=batch))
+    return {op: np.concatenate(chunks) for op, chunks in parts.items()}

@@ -1,0 +1,285 @@
+"""Rendering an evaluation summary: terminal table, markdown report, PNG plots, JSON.
+
+The plots use matplotlib with the Agg backend, imported only when a report is written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from resynth_index.errors import RsxError
+from resynth_index.evaluation import CLEAN, result_for
+from resynth_index.fewshot import INSTALL_HINT
+
+METRIC_LABELS = {
+    "accuracy": "accuracy",
+    "balanced_accuracy": "balanced accuracy",
+    "top3": "top-3 accuracy",
+    "auroc": "macro one-vs-rest ROC-AUC",
+}
+
+
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise RsxError(f"the evaluation report's plots need matplotlib: {INSTALL_HINT}") from None
+
+
+def _cell(stat: dict | None) -> str:
+    """'mean±std' in percent, or '-' when there is no value."""
+    if not stat or stat.get("mean") is None:
+        return "-"
+    return f"{stat['mean'] * 100:.1f}±{(stat.get('std') or 0.0) * 100:.1f}"
+
+
+def metric_rows(summary: dict, cond: str, key: str = "accuracy") -> list[list[str]]:
+    """Rows [method, cell per shot count] of one metric under one condition."""
+    rows = []
+    for method in summary["methods"]:
+        cells = []
+        for shots in summary["shots"]:
+            entry = result_for(summary, cond, method, shots)
+            cells.append(_cell(entry[key] if entry else None))
+        rows.append([method, *cells])
+    return rows
+
+
+def mean_over_operators_rows(summary: dict) -> list[list[str]]:
+    """Accuracy per method and shot count averaged over the post-processing conditions."""
+    ops = [c for c in summary["conditions"] if c != CLEAN]
+    rows = []
+    for method in summary["methods"]:
+        cells = []
+        for shots in summary["shots"]:
+            means = [result_for(summary, c, method, shots)["accuracy"]["mean"] for c in ops]
+            means = [m for m in means if m is not None]
+            cells.append(f"{100 * sum(means) / len(means):.1f}" if means else "-")
+        rows.append([method, *cells])
+    return rows
+
+
+def open_set_rows(summary: dict, cond: str) -> list[list[str]]:
+    rows = []
+    for method in summary["methods"]:
+        cells = []
+        for shots in summary["shots"]:
+            entry = result_for(summary, cond, method, shots)
+            stats = (entry or {}).get("open_set") or {}
+            cells.append(f"{_cell(stats.get('auroc'))} / {_cell(stats.get('accuracy'))}")
+        rows.append([method, *cells])
+    return rows
+
+
+def _text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _goal_line(summary: dict, cond: str) -> str | None:
+    rows = [g for g in summary.get("hybrid_goal", []) if g["condition"] == cond]
+    if not rows:
+        return None
+    met = [f"{g['shots']}:{'yes' if g['met'] else 'no'}" for g in rows]
+    return "hybrid >= max(resynthesis, clip-svm) per shot count: " + ", ".join(met)
+
+
+def terminal_text(summary: dict) -> str:
+    """The accuracy table (mean±std % over repeats) per condition, plus open-set numbers."""
+    header = ["method", *[f"{s}-shot" for s in summary["shots"]]]
+    parts = [
+        f"{summary['queries']} queries, {len(summary['generators'])} generators, "
+        f"{summary['repeats']} repeat(s), seed {summary['seed']}; accuracy % (mean±std)"
+    ]
+    for note in summary["notes"]:
+        parts.append(f"note: {note}")
+    for cond in summary["conditions"]:
+        title = "clean queries" if cond == CLEAN else f"queries post-processed: {cond}"
+        parts.append(f"\n{title}\n" + _text_table(header, metric_rows(summary, cond)))
+        goal = _goal_line(summary, cond)
+        if goal:
+            parts.append(goal)
+        if summary["holdout_unknown"]:
+            parts.append(
+                f"open set ({summary['holdout_unknown']} generator(s) held out per repeat): "
+                "unknown-vs-known AUROC % / accuracy % at the known queries' 95th percentile\n"
+                + _text_table(header, open_set_rows(summary, cond))
+            )
+    ops = [c for c in summary["conditions"] if c != CLEAN]
+    if len(ops) > 1:
+        parts.append(
+            f"\nmean accuracy % over the {len(ops)} post-processings ({', '.join(ops)})\n"
+            + _text_table(header, mean_over_operators_rows(summary))
+        )
+    return "\n".join(parts)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
+
+
+def write_report(summary: dict, out: Path) -> list[Path]:
+    """Write report.md, results.json and the PNGs into ``out``; returns the files written."""
+    require_matplotlib()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "results.json"]
+    written[0].write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    plots = _plots(summary, out)
+    written += plots
+    lines = _markdown(summary, [p.name for p in plots])
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return [report, *written]
+
+
+def _markdown(summary: dict, plot_names: list[str]) -> list[str]:
+    header = ["method", *[f"{s}-shot" for s in summary["shots"]]]
+    lines = [
+        "# rsx evaluation",
+        "",
+        f"- lab: `{summary.get('lab', '-')}`; embedder `{str(summary.get('embedder', '-'))[:12]}`",
+        f"- generators ({len(summary['generators'])}): "
+        + ", ".join(f"{g} ({n})" for g, n in summary["references"].items())
+        + " — references per generator in brackets",
+        f"- {summary['queries']} queries; shots {summary['shots']}; {summary['repeats']} "
+        f"repeat(s), seed {summary['seed']}; resynthesis: {summary['distance']} distance, "
+        f"{summary['aggregation']} over resyntheses",
+        "- every method is scored on the same test split (all references not drawn for"
+        " training); numbers are mean±std over repeats, in %",
+    ]
+    lines += [f"- note: {n}" for n in summary["notes"]]
+    if "accuracy_vs_shots.png" in plot_names:
+        lines += ["", "![accuracy versus shots](accuracy_vs_shots.png)"]
+    if "robustness.png" in plot_names:
+        lines += ["", "![accuracy per post-processing](robustness.png)"]
+    ops = [c for c in summary["conditions"] if c != CLEAN]
+    if len(ops) > 1:
+        lines += [
+            "",
+            f"## Mean accuracy over the {len(ops)} post-processings",
+            "",
+            _markdown_table(header, mean_over_operators_rows(summary)),
+        ]
+    for cond in summary["conditions"]:
+        title = "Clean queries" if cond == CLEAN else f"Queries post-processed: {cond}"
+        lines += ["", f"## {title}"]
+        for key, label in METRIC_LABELS.items():
+            lines += [
+                "",
+                f"### {label}",
+                "",
+                _markdown_table(header, metric_rows(summary, cond, key)),
+            ]
+        goal = _goal_line(summary, cond)
+        if goal:
+            lines += ["", goal]
+        if summary["holdout_unknown"]:
+            lines += [
+                "",
+                f"### open set: {summary['holdout_unknown']} generator(s) held out per repeat",
+                "",
+                "unknown-vs-known AUROC / accuracy with 'unknown' as an answer (threshold: 95th"
+                " percentile of the known queries' unknownness)",
+                "",
+                _markdown_table(header, open_set_rows(summary, cond)),
+            ]
+    top = max(summary["shots"])
+    lines += ["", f"## Per-generator accuracy (clean, {top}-shot)", ""]
+    per_rows = []
+    for method in summary["methods"]:
+        entry = result_for(summary, CLEAN, method, top)
+        per_rows.append(
+            [method, *[_cell(entry["per_generator"][g]) for g in summary["generators"]]]
+        )
+    lines.append(_markdown_table(["method", *summary["generators"]], per_rows))
+    confusions = [n for n in plot_names if n.startswith("confusion_")]
+    if confusions:
+        lines += ["", f"## Confusion matrices (clean, {top}-shot, summed over repeats)", ""]
+        lines += [f"![{n}]({n})" for n in confusions]
+    return lines
+
+
+def _plots(summary: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in summary["methods"]:
+        means, stds = [], []
+        for shots in summary["shots"]:
+            acc = result_for(summary, CLEAN, method, shots)["accuracy"]
+            means.append(acc["mean"] * 100)
+            stds.append((acc["std"] or 0) * 100)
+        ax.errorbar(summary["shots"], means, yerr=stds, marker="o", capsize=3, label=method)
+    ax.set_xlabel("shots (references per generator)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_xscale("log")
+    ax.set_xticks(summary["shots"], [str(s) for s in summary["shots"]])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(out / "accuracy_vs_shots.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    top = max(summary["shots"])
+    if len(summary["conditions"]) > 1:
+        conds = summary["conditions"]
+        fig, ax = plt.subplots(figsize=(max(6, len(conds) * 0.8), 4))
+        width = 0.8 / len(summary["methods"])
+        for k, method in enumerate(summary["methods"]):
+            values = [result_for(summary, c, method, top)["accuracy"]["mean"] * 100 for c in conds]
+            ax.bar(np.arange(len(conds)) + k * width, values, width, label=method)
+        ax.set_xticks(np.arange(len(conds)) + 0.4 - width / 2, conds, rotation=45, ha="right")
+        ax.set_ylabel(f"accuracy (%), {top}-shot")
+        ax.set_ylim(0, 115)  # room for the legend above the bars
+        ax.legend(fontsize=7, ncol=len(summary["methods"]), loc="upper center")
+        fig.tight_layout()
+        written.append(out / "robustness.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+    names = summary["generators"]
+    for method in summary["methods"]:
+        matrix = np.array(result_for(summary, CLEAN, method, top)["confusion"], dtype=float)
+        rows = matrix.sum(axis=1, keepdims=True)
+        share = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+        size = max(4, 0.5 * len(names) + 2)
+        fig, ax = plt.subplots(figsize=(size, size))
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{method}, {top}-shot")
+        for i in range(len(names)):
+            for j in range(len(names)):
+                if matrix[i, j]:
+                    color = "white" if share[i, j] > 0.5 else "black"
+                    ax.text(j, i, int(matrix[i, j]), ha="center", va="center", color=color)
+        fig.tight_layout()
+        written.append(out / f"confusion_{_slug(method)}.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def json_text(summary: dict[str, Any]) -> str:
+    return json.dumps(summary, sort_keys=True)

@@ -1,0 +1,394 @@
+"""The evaluation protocol: resynthesis, few-shot baselines and the hybrid, side by side.
+
+For each shot count N and each repeat, N references per generator are drawn (seeded) as the
+training set and every other reference is a test query; all methods are scored on the same test
+queries. ``resynthesis`` needs no training, so its numbers differ across shot counts only through
+the test split. Post-processing (``perturb``) is applied to the test queries only; training
+references stay clean. With ``holdout_unknown`` N generators per repeat are removed from the
+candidates and their references become "unknown" queries.
+
+``hybrid`` adds the few-shot references to resynthesis: per query and candidate,
+``(1 - w) * z(resynthesis similarity) + w * z(class-mean similarity)``, each z-scored across the
+candidates. The weight w is chosen by leave-one-out over the training references (each has its
+own caption's resyntheses), never by looking at test queries; with one shot leave-one-out is
+impossible and ``HYBRID_ONE_SHOT_WEIGHT`` is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from resynth_index import metrics
+from resynth_index.errors import RsxError
+from resynth_index.fewshot import (
+    FEWSHOT_METHODS,
+    SKLEARN_METHODS,
+    class_mean_similarity,
+    draw_shots,
+    fit_predict_scores,
+    leave_one_out_class_mean_similarity,
+    require_sklearn,
+)
+
+if TYPE_CHECKING:
+    from resynth_index.eval_data import EvalData
+    from resynth_index.lab import Lab
+
+METHODS = ("resynthesis", *FEWSHOT_METHODS, "hybrid")
+DEFAULT_SHOTS = (1, 5, 10, 20)
+HYBRID_GRID = np.round(np.linspace(0.0, 1.0, 21), 2)
+HYBRID_ONE_SHOT_WEIGHT = 0.0  # no leave-one-out with one shot: trust resynthesis alone
+CLEAN = "none"
+UNKNOWN_PERCENTILE = 95.0
+
+
+@dataclass
+class EvalConfig:
+    shots: tuple[int, ...] = DEFAULT_SHOTS
+    repeats: int = 5
+    methods: tuple[str, ...] = METHODS
+    perturb: tuple[str, ...] = ()
+    holdout_unknown: int = 0
+    seed: int = 0
+    generators: tuple[str, ...] | None = None
+    resyntheses: int | None = None
+    generate: bool = False
+
+    def validate(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise RsxError(f"unknown method(s) {', '.join(unknown)}: use {', '.join(METHODS)}")
+        if not self.methods:
+            raise RsxError("give at least one method")
+        if not self.shots or min(self.shots) < 1:
+            raise RsxError("shot counts must be positive integers, e.g. --shots 1,5,10,20")
+        if self.repeats < 1:
+            raise RsxError("--repeats must be at least 1")
+        if self.holdout_unknown < 0:
+            raise RsxError("--holdout-unknown must not be negative")
+
+
+def parse_list(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def parse_shots(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(sorted({int(part) for part in parse_list(text)}))
+    except ValueError:
+        raise RsxError(f"cannot read --shots {text!r}: give counts like 1,5,10,20") from None
+    if not values or values[0] < 1:
+        raise RsxError(f"cannot read --shots {text!r}: give positive counts like 1,5,10,20")
+    return values
+
+
+# ----------------------------------------------------------------------------- hybrid
+def zscore_rows(values: np.ndarray) -> np.ndarray:
+    mean = values.mean(axis=1, keepdims=True)
+    std = values.std(axis=1, keepdims=True)
+    return (values - mean) / np.where(std == 0, 1.0, std)
+
+
+def hybrid_scores(resynthesis_distance: np.ndarray, fewshot_sim: np.ndarray, w: float):
+    return (1.0 - w) * zscore_rows(-resynthesis_distance) + w * zscore_rows(fewshot_sim)
+
+
+def choose_hybrid_weight(
+    train_distance: np.ndarray, loo_similarity: np.ndarray, y_train: np.ndarray
+) -> tuple[float, float | None]:
+    """The grid weight with the best leave-one-out accuracy on the training references.
+
+    Ties go to the tied weight nearest the middle of the tied ones. Returns (w, LOO accuracy),
+    or (HYBRID_ONE_SHOT_WEIGHT, None) when leave-one-out is impossible (one shot).
+    """
+    if np.isnan(loo_similarity).any():
+        return HYBRID_ONE_SHOT_WEIGHT, None
+    accuracies = np.array(
+        [
+            metrics.accuracy(
+                y_train, hybrid_scores(train_distance, loo_similarity, w).argmax(axis=1)
+            )
+            for w in HYBRID_GRID
+        ]
+    )
+    tied = HYBRID_GRID[accuracies >= accuracies.max() - 1e-12]
+    w = float(tied[np.argmin(np.abs(tied - np.median(tied)))])
+    return w, float(accuracies.max())
+
+
+# ----------------------------------------------------------------------------- one run
+@dataclass
+class _Outcome:
+    """One method's answers on one test split: scores over the known candidates."""
+
+    scores: np.ndarray  # (n, K) higher = more likely
+    unknownness: np.ndarray  # (n,)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _score_split(
+    data: EvalData,
+    method: str,
+    queries: dict[str, np.ndarray],
+    distances: dict[str, np.ndarray],
+    train: np.ndarray,
+    test: np.ndarray,
+    known: np.ndarray,
+    seed: int,
+) -> dict[str, _Outcome]:
+    """Scores of one method for every condition, on the test split, over the known candidates."""
+    position = {int(c): k for k, c in enumerate(known)}
+    y_train = np.array([position[int(c)] for c in data.labels[train]], dtype=int)
+    x_train = data.features[train]
+    out: dict[str, _Outcome] = {}
+    if method == "resynthesis":
+        for cond, dist in distances.items():
+            d = dist[test][:, known]
+            scores = metrics.softmax_rows(-d, data.temperature)
+            out[cond] = _Outcome(scores, d.min(axis=1))
+        return out
+    if method in FEWSHOT_METHODS:
+        conds = list(queries)
+        results = fit_predict_scores(
+            method, x_train, y_train, [queries[c][test] for c in conds], len(known), seed
+        )
+        for cond, scores in zip(conds, results, strict=True):
+            out[cond] = _Outcome(scores, -scores.max(axis=1))
+        return out
+    if method == "hybrid":
+        clean_train_distance = distances[CLEAN][train][:, known]
+        loo = leave_one_out_class_mean_similarity(x_train, y_train, len(known))
+        w, loo_accuracy = choose_hybrid_weight(clean_train_distance, loo, y_train)
+        for cond in queries:
+            d = distances[cond][test][:, known]
+            sim = class_mean_similarity(x_train, y_train, queries[cond][test], len(known))
+            combined = hybrid_scores(d, sim, w)
+            raw = (1.0 - w) * -d + w * sim
+            best = combined.argmax(axis=1)
+            out[cond] = _Outcome(
+                combined,
+                -raw[np.arange(len(best)), best],
+                {"weight": w, "loo_accuracy": loo_accuracy},
+            )
+        return out
+    raise ValueError(f"unknown method {method!r}")
+
+
+def _metrics_for(
+    data: EvalData, outcome: _Outcome, test: np.ndarray, known: np.ndarray
+) -> dict[str, Any]:
+    n_all = data.n_classes
+    labels = data.labels[test]
+    is_known = np.isin(labels, known)
+    position = {int(c): k for k, c in enumerate(known)}
+    y = np.array([position[int(c)] for c in labels[is_known]], dtype=int)
+    scores = outcome.scores[is_known]
+    pred = scores.argmax(axis=1)
+    per_known = metrics.per_class_accuracy(y, pred, len(known))
+    per_generator = np.full(n_all, np.nan)
+    per_generator[known] = per_known
+    confusion = np.zeros((n_all, n_all), dtype=int)
+    confusion[np.ix_(known, known)] = metrics.confusion_matrix(y, pred, len(known))
+    record: dict[str, Any] = {
+        "accuracy": metrics.accuracy(y, pred),
+        "balanced_accuracy": metrics.balanced_accuracy(y, pred, len(known)),
+        "top3": metrics.top_k_accuracy(y, scores, 3),
+        "auroc": metrics.macro_ovr_auc(y, scores),
+        "per_generator": per_generator,
+        "confusion": confusion,
+        **outcome.extra,
+    }
+    if len(known) < n_all:
+        unknown = ~is_known
+        threshold = metrics.known_threshold(outcome.unknownness[is_known], UNKNOWN_PERCENTILE)
+        all_pred = outcome.scores.argmax(axis=1)
+        y_all = np.array([position.get(int(c), -1) for c in labels], dtype=int)
+        record["open_set"] = {
+            "auroc": metrics.open_set_auroc(outcome.unknownness, unknown),
+            "threshold": threshold,
+            **metrics.open_set_accuracy(y_all, all_pred, unknown, outcome.unknownness, threshold),
+        }
+    return record
+
+
+# ----------------------------------------------------------------------------- the protocol
+def run_protocol(
+    data: EvalData,
+    config: EvalConfig,
+    queries: dict[str, np.ndarray],
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Every method on every (shot count, repeat, condition); returns the summary (JSON-able).
+
+    ``queries`` maps each condition ("none" first, then operators) to the (n, d) query features.
+    """
+    config.validate()
+    if any(m in SKLEARN_METHODS for m in config.methods):
+        require_sklearn()
+    n_classes = data.n_classes
+    if config.holdout_unknown and n_classes - config.holdout_unknown < 2:
+        raise RsxError(
+            f"--holdout-unknown {config.holdout_unknown} leaves fewer than two known generators"
+            f" (the lab has {n_classes} with references)"
+        )
+    counts = data.counts()
+    fewest = min(counts.values())
+    usable = [s for s in config.shots if s < fewest]
+    notes = list(data.notes)
+    dropped = [s for s in config.shots if s >= fewest]
+    if dropped:
+        scarce = min(counts, key=counts.get)
+        notes.append(
+            f"shot count(s) {', '.join(map(str, dropped))} skipped: {scarce} has only {fewest}"
+            " reference(s) and every generator must keep a test query"
+        )
+    if not usable:
+        raise RsxError(
+            f"no shot count fits: {min(counts, key=counts.get)} has only {fewest} reference(s);"
+            " use --shots below that"
+        )
+    distances = {cond: data.resynthesis_distances(q) for cond, q in queries.items()}
+    runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for shots in usable:
+        for repeat in range(config.repeats):
+            rng = np.random.default_rng([config.seed, shots, repeat])
+            unknown = np.sort(
+                rng.choice(n_classes, size=config.holdout_unknown, replace=False)
+                if config.holdout_unknown
+                else np.array([], dtype=int)
+            )
+            known = np.setdiff1d(np.arange(n_classes), unknown)
+            train, test = draw_shots(data.labels, shots, rng, classes=known)
+            if progress and repeat == 0:
+                progress(f"evaluating {shots}-shot, {config.repeats} repeat(s)")
+            for method in config.methods:
+                outcomes = _score_split(
+                    data, method, queries, distances, train, test, known, config.seed + repeat
+                )
+                for cond, outcome in outcomes.items():
+                    record = _metrics_for(data, outcome, test, known)
+                    record["unknown_generators"] = [data.generators[i] for i in unknown]
+                    runs.setdefault((cond, method, shots), []).append(record)
+    return _summarise(data, config, usable, list(queries), runs, notes)
+
+
+def _summarise(data, config, usable, conditions, runs, notes) -> dict[str, Any]:
+    results = []
+    for (cond, method, shots), records in runs.items():
+        entry: dict[str, Any] = {"condition": cond, "method": method, "shots": shots}
+        for key in ("accuracy", "balanced_accuracy", "top3", "auroc"):
+            values = [r[key] for r in records]
+            mean, std = metrics.mean_std(values)
+            entry[key] = {"mean": mean, "std": std, "values": values}
+        per_gen = np.stack([r["per_generator"] for r in records])
+        entry["per_generator"] = {}
+        for i, g in enumerate(data.generators):
+            mean, std = metrics.mean_std(per_gen[:, i])
+            entry["per_generator"][g] = {"mean": mean, "std": std}
+        entry["confusion"] = np.sum([r["confusion"] for r in records], axis=0).tolist()
+        if "weight" in records[0]:
+            entry["hybrid_weights"] = [r["weight"] for r in records]
+        if "open_set" in records[0]:
+            entry["open_set"] = {
+                key: dict(
+                    zip(
+                        ("mean", "std"),
+                        metrics.mean_std([r["open_set"][key] for r in records]),
+                        strict=True,
+                    )
+                )
+                for key in records[0]["open_set"]
+            }
+            entry["unknown_generators"] = [r["unknown_generators"] for r in records]
+        results.append(entry)
+    summary = {
+        "generators": data.generators,
+        "references": data.counts(),
+        "queries": int(len(data.labels)),
+        "distance": data.distance,
+        "aggregation": data.aggregation,
+        "shots": usable,
+        "repeats": config.repeats,
+        "seed": config.seed,
+        "methods": list(config.methods),
+        "conditions": conditions,
+        "holdout_unknown": config.holdout_unknown,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        "notes": notes,
+        "results": _clean(results),
+    }
+    summary["hybrid_goal"] = hybrid_goal(summary)
+    return summary
+
+
+def _clean(value):
+    """NaN -> None, numpy -> plain Python (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _clean(value.tolist())
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return None if np.isnan(value) else float(value)
+    return value
+
+
+def result_for(summary: dict, cond: str, method: str, shots: int) -> dict | None:
+    for entry in summary["results"]:
+        if (entry["condition"], entry["method"], entry["shots"]) == (cond, method, shots):
+            return entry
+    return None
+
+
+def hybrid_goal(summary: dict) -> list[dict[str, Any]]:
+    """Per condition and shot count: is hybrid's mean accuracy >= max(resynthesis, clip-svm)?"""
+    if not {"hybrid", "resynthesis", "clip-svm"} <= set(summary["methods"]):
+        return []
+    rows = []
+    for cond in summary["conditions"]:
+        for shots in summary["shots"]:
+            acc = {
+                m: result_for(summary, cond, m, shots)["accuracy"]["mean"]
+                for m in ("hybrid", "resynthesis", "clip-svm")
+            }
+            target = max(acc["resynthesis"], acc["clip-svm"])
+            rows.append(
+                {
+                    "condition": cond,
+                    "shots": shots,
+                    "hybrid": acc["hybrid"],
+                    "target": target,
+                    "met": acc["hybrid"] >= target - 1e-9,
+                }
+            )
+    return rows
+
+
+def evaluate(
+    lab: Lab, config: EvalConfig, echo: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Load the lab's labelled data, post-process the queries, run the protocol."""
+    from resynth_index.eval_data import load_eval_data, perturbed_features
+    from resynth_index.perturb import parse_operators
+
+    config.validate()
+    ops = parse_operators(",".join(config.perturb))
+    if any(m in SKLEARN_METHODS for m in config.methods):
+        require_sklearn()
+    data = load_eval_data(lab, config.generators, config.resyntheses, config.generate, echo=echo)
+    queries = {CLEAN: data.features}
+    if ops:
+        if echo:
+            echo(f"post-processing {len(data.image_ids)} queries with {', '.join(ops)}")
+        queries.update(perturbed_features(lab, data.image_ids, ops, config.seed))
+    summary = run_protocol(data, config, queries, progress=echo)
+    summary["embedder"] = lab.fingerprint
+    summary["lab"] = str(lab.root)
+    return summary

@@ -1,0 +1,170 @@
+"""Batched resynthesis (`rsx resynthesize`, the query path) and the pipelined ingest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import func, select
+
+from resynth_index.cli import cli
+from resynth_index.lab import Lab
+from resynth_index.store.models import EmbeddingRow, ImageRow, ResynthesisRow
+
+CAPTIONS = ["a red barn in snow", "a bowl of lemons", "a harbour at night"]
+
+
+def rsx(lab: Path, *args: str):
+    return CliRunner().invoke(cli, ["--lab", str(lab), *args], catch_exceptions=False)
+
+
+def count(lab: Path, model) -> int:
+    with Lab.open(lab) as opened, opened.session() as session:
+        return session.scalar(select(func.count()).select_from(model))
+
+
+def test_resynthesize_a_captions_file_then_queries_generate_nothing(toy_lab, make_toy_image):
+    captions = toy_lab.parent / "captions.txt"
+    captions.write_text("\n".join([*CAPTIONS, "", CAPTIONS[0]]) + "\n")  # blank and repeat
+    result = rsx(toy_lab, "resynthesize", "--captions", str(captions), "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    assert "3 caption(s) x 3 generator(s): 9 generated, 0 already stored" in result.output
+    assert count(toy_lab, ResynthesisRow) == 9
+    assert count(toy_lab, EmbeddingRow) == count(toy_lab, ImageRow) == 9
+
+    again = rsx(toy_lab, "resynthesize", "--captions", str(captions))
+    assert "0 generated, 9 already stored" in again.output
+
+    image = make_toy_image("toy-c", CAPTIONS[1])
+    query = rsx(toy_lab, "query", "--json", str(image), "--caption", CAPTIONS[1])
+    [answer] = [json.loads(line) for line in query.stdout.splitlines()]
+    assert answer["generated"] == 0 and answer["reused"] == 3
+    assert answer["verdict"] == "toy-c"
+    assert rsx(toy_lab, "check").exit_code == 0
+
+
+def test_pending_fills_what_queries_asked_for(toy_lab, make_toy_image, tmp_path):
+    image = make_toy_image("toy-a", CAPTIONS[2])
+    first = rsx(toy_lab, "query", "--json", str(image), "--caption", CAPTIONS[2], "--no-generate")
+    assert json.loads(first.stdout)["not_generated"] == ["toy-a", "toy-b", "toy-c"]
+    assert rsx(toy_lab, "generator", "add", "mj", "--imported").exit_code == 0
+
+    only_a = rsx(toy_lab, "resynthesize", "--pending", "--generator", "toy-a")
+    assert only_a.exit_code == 0, only_a.output
+    assert "1 caption(s) x 1 generator(s): 1 generated" in only_a.output
+    rest = rsx(toy_lab, "resynthesize", "--pending")  # the imported one is not runnable
+    assert "1 caption(s) x 3 generator(s): 2 generated, 1 already stored" in rest.output
+
+    done = rsx(toy_lab, "query", "--json", str(image), "--caption", CAPTIONS[2])
+    answer = json.loads(done.stdout.splitlines()[0])
+    assert answer["generated"] == 0 and answer["verdict"] == "toy-a"
+    assert answer["pending"] == ["mj"]
+
+
+def test_bad_input_is_one_line(toy_lab, tmp_path):
+    table = tmp_path / "c.csv"
+    table.write_text("prompt\nsomething\n")
+    result = rsx(toy_lab, "resynthesize", "--captions", str(table))
+    assert result.exit_code == 1 and "'caption' column" in result.output
+    assert "Traceback" not in result.output
+    assert rsx(toy_lab, "resynthesize").exit_code == 2  # neither source
+    assert rsx(toy_lab, "resynthesize", "--pending", "--captions", str(table)).exit_code == 2
+    assert rsx(toy_lab, "generator", "add", "mj", "--imported").exit_code == 0
+    table.write_text("caption,other\nx,y\n")
+    refused = rsx(toy_lab, "resynthesize", "--captions", str(table), "--generator", "mj")
+    assert refused.exit_code == 1 and "imported" in refused.output
+    missing = rsx(toy_lab, "resynthesize", "--captions", str(tmp_path / "nope.txt"))
+    assert missing.exit_code == 1 and "nope.txt" in missing.output
+
+
+def test_each_batch_is_stored_before_the_next_and_batching_changes_no_pixel(toy_lab):
+    from resynth_index.resynthesis import resynthesize, runnable_generators
+
+    captions = {f"h{i}": f"caption number {i}" for i in range(5)}
+    with Lab.open(toy_lab) as lab:
+        [row] = [r for r in runnable_generators(lab) if r.name == "toy-b"]
+        model = lab.generator_model(row)
+        real_generate = model.generate
+        seen: list[tuple[int, int]] = []  # (batch length, resyntheses stored before it)
+
+        def spy(requests, batch_size=8, progress=None):
+            with lab.session() as session:
+                stored = session.scalar(select(func.count()).select_from(ResynthesisRow))
+            seen.append((len(requests), stored))
+            return real_generate(requests, batch_size=batch_size, progress=progress)
+
+        model.generate = spy
+        summary = resynthesize(lab, captions, [row], batch_size=2)
+        assert summary.generated == 5
+        assert seen == [(2, 0), (2, 2), (1, 4)]
+        with lab.session() as session:
+            batched = dict(
+                session.execute(
+                    select(ResynthesisRow.caption_hash, ImageRow.sha256).join(
+                        ImageRow, ImageRow.id == ResynthesisRow.image_id
+                    )
+                ).all()
+            )
+        from resynth_index.fingerprints import hash_bytes
+        from resynth_index.generators.base import GenerationRequest
+        from resynth_index.intake import encode_png
+
+        alone = real_generate([GenerationRequest(captions["h3"], 0)], batch_size=1)[0]
+        assert hash_bytes(encode_png(alone)) == batched["h3"]
+
+
+def _noise_images(folder: Path, n: int, size: int = 48) -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        path = folder / f"img-{i}.png"
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_pipelined_ingest_embeds_like_the_embedder_and_skips_on_rerun(toy_lab, tmp_path):
+    from PIL import Image
+
+    from resynth_index.ingest import expand_paths, ingest
+
+    paths = _noise_images(tmp_path / "in", 7)
+    (tmp_path / "in" / "zz-broken.png").write_bytes(b"not an image")
+    with Lab.open(toy_lab) as lab:
+        summary = ingest(lab, expand_paths([tmp_path / "in"]), batch_size=3)
+        assert (summary.added, summary.skipped, summary.failed) == (7, 0, 1)
+        assert "zz-broken.png" in summary.failures[0].path
+        expected = lab.embedder.embed([Image.open(p).convert("RGB") for p in paths])
+        with lab.session() as session:
+            rows = session.execute(
+                select(ImageRow.sha256, EmbeddingRow.vector)
+                .join(EmbeddingRow, EmbeddingRow.image_id == ImageRow.id)
+                .order_by(ImageRow.id)
+            ).all()
+        stored = np.stack([np.frombuffer(v, dtype="<f4") for _, v in rows])
+        np.testing.assert_allclose(stored, expected, atol=1e-5)
+        again = ingest(lab, expand_paths(paths), batch_size=2)
+        assert (again.added, again.skipped, again.failed) == (0, 7, 0)
+    assert rsx(toy_lab, "check").exit_code == 0
+
+
+def test_a_loader_error_reaches_the_caller_and_stops_the_thread(toy_lab, tmp_path, monkeypatch):
+    import threading
+
+    from resynth_index import ingest as ingest_module
+
+    paths = _noise_images(tmp_path / "in", 4)
+
+    def boom(*args, **kwargs):
+        raise MemoryError("decoder exploded")
+
+    monkeypatch.setattr(ingest_module, "load_image_file", boom)
+    with Lab.open(toy_lab) as lab, pytest.raises(MemoryError, match="decoder exploded"):
+        ingest_module.ingest(lab, ingest_module.expand_paths(paths), batch_size=1)
+    assert not [t for t in threading.enumerate() if t.name == "rsx-ingest-loader"]
