@@ -15,6 +15,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+from resynth_index.durable import fsync_directory
 from resynth_index.errors import StoreError
 from resynth_index.faults import crash_point
 
@@ -66,7 +67,7 @@ class BlobStore:
             except BaseException:
                 temp.unlink(missing_ok=True)
                 raise
-            _fsync_dir(directory)
+            fsync_directory(directory)
         except OSError as exc:
             raise StoreError(f"cannot write blob {target}: {exc.strerror or exc}") from None
         return target
@@ -142,17 +143,3 @@ def _file_sha(path: Path) -> str:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable where the platform allows opening directories."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -440,28 +440,7 @@ def _record_role(lab, session, item: IngestItem, image_id: int, generator, capti
     The one refusal (a runnable generator's resynthesis without its seed) is raised before this
     item writes anything, so the rest of the batch is unaffected.
     """
-    if item.role == "resynthesis" and item.seed is None and generator.kind != "imported":
-        settings_hash = lab.settings_hash(generator)
-        if repository.resynthesis_image_for(
-            session,
-            generator_id=generator.id,
-            caption_hash=caption[0],
-            settings_hash=settings_hash,
-            image_id=image_id,
-        ):
-            return False
-        raise RsxError(
-            f"{item.path}: a resynthesis for runnable generator {generator.name!r} needs its seed"
-        )
-    if caption is not None:
-        repository.ensure_caption(session, caption[0], caption[1])
-    if item.role == "reference":
-        return repository.ensure_reference(
-            session,
-            image_id=image_id,
-            generator_id=generator.id,
-            caption_hash=caption[0] if caption else None,
-        )
+    settings_hash = None
     if item.role == "resynthesis":
         settings_hash = lab.settings_hash(generator)
         if repository.resynthesis_image_for(
@@ -472,6 +451,21 @@ def _record_role(lab, session, item: IngestItem, image_id: int, generator, capti
             image_id=image_id,
         ):
             return False
+        if item.seed is None and generator.kind != "imported":
+            raise RsxError(
+                f"{item.path}: a resynthesis for runnable generator {generator.name!r}"
+                " needs its seed"
+            )
+    if caption is not None:
+        repository.ensure_caption(session, caption[0], caption[1])
+    if item.role == "reference":
+        return repository.ensure_reference(
+            session,
+            image_id=image_id,
+            generator_id=generator.id,
+            caption_hash=caption[0] if caption else None,
+        )
+    if item.role == "resynthesis":
         seed = item.seed
         if seed is None:  # imported: the next ordinal (runnable ones were refused above)
             seed = repository.next_free_seed(session, generator.id, caption[0], settings_hash)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from resynth_index.durable import fsync_directory
 from resynth_index.errors import StoreError
 from resynth_index.faults import crash_point
 
@@ -254,7 +255,7 @@ class VectorIndex:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_directory(self.path.parent)
+        fsync_directory(self.path.parent)
 
     # ------------------------------------------------------------------ adding
     def add(self, ids: numpy.ndarray, vectors: numpy.ndarray) -> None:
@@ -579,20 +580,6 @@ def _parse_header(raw: bytes) -> dict[str, Any]:
         if not isinstance(value, kind) or isinstance(value, bool):
             raise _Unusable(f"index file unreadable: header field {key!r} is missing or invalid")
     return header
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename durable; platforms that cannot open directories skip it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _process_alive(pid: int) -> bool:
