@@ -15,8 +15,8 @@ import click
 
 from resynth_index import __version__
 from resynth_index.config import LAB_ENV, resolve_lab_dir
-from resynth_index.devices import DEVICE_CHOICES
 from resynth_index.errors import RsxError
+from resynth_index.models.devices import DEVICE_CHOICES
 
 
 class RsxGroup(click.Group):
@@ -119,7 +119,7 @@ def check(ctx: click.Context, repair: bool) -> None:
       rsx --lab ./lab check
       rsx --lab ./lab check --repair
     """
-    from resynth_index.integrity import check_lab
+    from resynth_index.store.integrity import check_lab
 
     lab = _open_lab(ctx)
     report = check_lab(lab, repair=repair)
@@ -221,10 +221,10 @@ def generator_add(
     if imported:
         row = lab.add_generator(name, "imported", resyntheses=resyntheses)
     else:
-        from resynth_index.generators.base import GenerationSettings
+        from resynth_index.models.generators.protocol import GenerationSettings
 
         if toy_seed is not None:
-            from resynth_index.toyzoo.pipelines import TOY_SETTINGS
+            from resynth_index.models.toyzoo.pipelines import TOY_SETTINGS
 
             base = TOY_SETTINGS.to_dict()
             row = lab.add_toy_generator(name, toy_seed, resyntheses=resyntheses)
@@ -327,7 +327,7 @@ def ingest(ctx, paths, role, generator_name, caption, layout, batch_size) -> Non
       rsx ingest ./refs/*.png --role reference --generator midjourney
       rsx ingest ~/data/resynthesis-dataset --layout resynthesis-dataset
     """
-    from resynth_index import ingest as ingest_module
+    from resynth_index.pipeline import ingest as ingest_module
 
     lab = _open_lab(ctx)
     if layout == "resynthesis-dataset":
@@ -401,14 +401,14 @@ def query(
       rsx query a.png b.png --candidates sd15,sdxl,midjourney --json
       rsx query suspect.png --report suspect.html
     """
-    from resynth_index.query import QueryFailure, run_queries
+    from resynth_index.pipeline.query import QueryFailure, run_queries
 
     lab = _open_lab(ctx)
     names = [n.strip() for n in candidates.split(",") if n.strip()] if candidates else None
     model = None
     captioner_path = captioner or lab.settings.captioner
     if captioner_path:
-        from resynth_index.captioners import TransformersCaptioner
+        from resynth_index.models.captioners import TransformersCaptioner
 
         model = TransformersCaptioner(captioner_path, device=lab.device)
     results = run_queries(
@@ -484,7 +484,7 @@ def export_prompts(ctx, generator_name: str | None, out: Path | None) -> None:
     """
     import csv
 
-    from resynth_index.work_orders import pending_work
+    from resynth_index.pipeline.work_orders import pending_work
 
     rows = pending_work(_open_lab(ctx), generator_name)
     handle = open(out, "w", newline="", encoding="utf-8") if out else sys.stdout
@@ -552,7 +552,7 @@ def resynthesize(ctx, captions_file: Path | None, pending: bool, generator_name,
       rsx resynthesize --captions prompts.txt --batch-size 16
       rsx resynthesize --pending --generator sd15
     """
-    from resynth_index import resynthesis
+    from resynth_index.pipeline import resynthesis
 
     if (captions_file is None) == (not pending):
         raise click.UsageError("give either --captions FILE or --pending")
@@ -638,8 +638,8 @@ def eval_command(
       rsx eval --perturb jpeg,resize,social --out ./eval-report
       rsx eval --holdout-unknown 2 --json
     """
-    from resynth_index.eval_report import require_matplotlib, terminal_text, write_report
-    from resynth_index.evaluation import EvalConfig, evaluate, parse_list, parse_shots
+    from resynth_index.evaluation.protocol import EvalConfig, evaluate, parse_list, parse_shots
+    from resynth_index.evaluation.report import require_matplotlib, terminal_text, write_report
 
     config = EvalConfig(
         shots=parse_shots(shots),

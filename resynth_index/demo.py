@@ -42,7 +42,7 @@ def make_query_images(lab, folder: Path) -> dict[Path, str]:
     """One image per (toy generator, caption); returns path -> true generator."""
     from PIL.PngImagePlugin import PngInfo
 
-    from resynth_index.generators.base import GenerationRequest
+    from resynth_index.models.generators.protocol import GenerationRequest
 
     folder.mkdir(parents=True, exist_ok=True)
     truth: dict[Path, str] = {}
@@ -68,7 +68,7 @@ def make_query_images(lab, folder: Path) -> dict[Path, str]:
 
 def run_demo(lab_dir: Path, out: Path | None = None, echo: Callable[[str], None] = print) -> float:
     """Run the demo; return the accuracy over the toy query images."""
-    from resynth_index.query import QueryFailure, run_queries
+    from resynth_index.pipeline.query import QueryFailure, run_queries
     from resynth_index.report import write_report
 
     lab_dir = Path(lab_dir)

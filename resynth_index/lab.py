@@ -16,17 +16,17 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from resynth_index.blobs import BlobStore
 from resynth_index.config import DATABASE_FILE, SETTINGS_FILE, LabSettings
 from resynth_index.errors import RsxError, StoreError
 from resynth_index.store import migrate, repository
+from resynth_index.store.blobs import BlobStore
 from resynth_index.store.engine import make_engine, make_sessionmaker, sqlite_url
 from resynth_index.store.models import GeneratorRow, utcnow
 
 if TYPE_CHECKING:
-    from resynth_index.embedders import Embedder
-    from resynth_index.generators.base import GenerationSettings, Generator
-    from resynth_index.vectors import VectorIndex
+    from resynth_index.models.embedders import Embedder
+    from resynth_index.models.generators.protocol import GenerationSettings, Generator
+    from resynth_index.store.vectors import VectorIndex
 
 GENERATOR_KINDS = ("diffusers", "toy", "imported")
 IMPORTED_SETTINGS_HASH = "imported"
@@ -50,7 +50,7 @@ class Lab:
         cls, root: Path, *, embedder: str = "toy", layer: int | None = None, device: str = "auto"
     ) -> Lab:
         """Make a new lab with its embedder (``toy``, ``local-dir:PATH`` or ``ARCH@WEIGHTS``)."""
-        from resynth_index.embedders import load_embedder
+        from resynth_index.models.embedders import load_embedder
 
         root = Path(root)
         if (root / SETTINGS_FILE).exists():
@@ -102,7 +102,7 @@ class Lab:
     @cached_property
     def embedder(self) -> Embedder:
         """The lab's embedder; refused if its fingerprint is not the one the lab was made with."""
-        from resynth_index.embedders import EmbedderSpec, load_embedder
+        from resynth_index.models.embedders import EmbedderSpec, load_embedder
 
         spec = _inside(self.root, EmbedderSpec.from_dict(self.settings.embedder))
         model = load_embedder(spec, device=self.device)
@@ -126,7 +126,7 @@ class Lab:
     @cached_property
     def index(self) -> VectorIndex:
         """The FAISS index of the lab's embeddings, caught up with (or rebuilt from) the store."""
-        from resynth_index.vectors import VectorIndex
+        from resynth_index.store.vectors import VectorIndex
 
         with self.session() as session:
             count, max_id = repository.embedding_stats(session, self.fingerprint)
@@ -166,7 +166,7 @@ class Lab:
         config: str | Path | None = None,
     ) -> GeneratorRow:
         """Register a candidate generator. Nothing already stored is recomputed."""
-        from resynth_index.generators.base import GenerationSettings
+        from resynth_index.models.generators.protocol import GenerationSettings
 
         _check_name(name)
         if kind not in GENERATOR_KINDS:
@@ -181,12 +181,12 @@ class Lab:
             raise RsxError("--resyntheses must be at least 1")
         record: dict[str, Any] = {"resyntheses": resyntheses}
         if kind == "imported":
-            from resynth_index.generators.imported import ImportedGenerator
+            from resynth_index.models.generators.imported import ImportedGenerator
 
             fingerprint = ImportedGenerator(name).fingerprint
             stored_source = None
         else:
-            from resynth_index.generators.diffusers_backend import DiffusersGenerator
+            from resynth_index.models.generators.diffusers import DiffusersGenerator
 
             settings = settings or GenerationSettings()
             record["generation"] = settings.to_dict()
@@ -219,7 +219,7 @@ class Lab:
         resyntheses: int | None = None,
     ) -> GeneratorRow:
         """Build a toy pipeline from ``seed``, save it inside the lab, register it."""
-        from resynth_index.toyzoo.pipelines import TOY_SETTINGS, save_toy_pipeline
+        from resynth_index.models.toyzoo.pipelines import TOY_SETTINGS, save_toy_pipeline
 
         _check_name(name)
         folder = self.root / "models" / f"toy-{name}"
@@ -250,12 +250,12 @@ class Lab:
         if row.name not in self._generators:
             record = json.loads(row.settings_json)
             if row.kind == "imported":
-                from resynth_index.generators.imported import ImportedGenerator
+                from resynth_index.models.generators.imported import ImportedGenerator
 
                 model: Generator = ImportedGenerator(row.name)
             else:
-                from resynth_index.generators.base import GenerationSettings
-                from resynth_index.generators.diffusers_backend import DiffusersGenerator
+                from resynth_index.models.generators.diffusers import DiffusersGenerator
+                from resynth_index.models.generators.protocol import GenerationSettings
 
                 settings = GenerationSettings.from_dict(record["generation"])
                 if self.device != "auto" and settings.device == "auto":
@@ -280,7 +280,7 @@ class Lab:
     def settings_hash(row: GeneratorRow) -> str:
         if row.kind == "imported":
             return IMPORTED_SETTINGS_HASH
-        from resynth_index.generators.base import GenerationSettings
+        from resynth_index.models.generators.protocol import GenerationSettings
 
         record = json.loads(row.settings_json)
         return GenerationSettings.from_dict(record["generation"]).output_hash()
@@ -311,7 +311,7 @@ def _check_name(name: str) -> None:
 
 def _inside(root: Path, spec):
     """The spec with a lab-relative local-dir folder made absolute."""
-    from resynth_index.embedders import EmbedderSpec
+    from resynth_index.models.embedders import EmbedderSpec
 
     if spec.weights.startswith("local-dir:"):
         folder = Path(spec.weights.removeprefix("local-dir:"))
@@ -322,10 +322,10 @@ def _inside(root: Path, spec):
 
 def _embedder_spec(root: Path, embedder: str, layer: int | None):
     """Turn the user's --embedder text into an EmbedderSpec (building the toy model if asked)."""
-    from resynth_index.embedders import EmbedderSpec
+    from resynth_index.models.embedders import EmbedderSpec
 
     if embedder == "toy":
-        from resynth_index.toyzoo.clip import save_toy_clip
+        from resynth_index.models.toyzoo.clip import save_toy_clip
 
         save_toy_clip(root / "models" / "toy-clip")
         return EmbedderSpec(arch="", weights="local-dir:models/toy-clip", layer=layer)

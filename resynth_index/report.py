@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from resynth_index.errors import RsxError
-from resynth_index.images import load_image_bytes
+from resynth_index.media.images import load_image_bytes
 
 if TYPE_CHECKING:
     from resynth_index.lab import Lab
-    from resynth_index.query import QueryResult
+    from resynth_index.pipeline.query import QueryResult
 
 THUMBNAIL = 224
 

@@ -69,9 +69,9 @@ def timed(fn, repeat: int = 1) -> float:
 
 # ------------------------------------------------------------------------------ generation
 def bench_generation(n: int, batch: int, repeat: int) -> Row:
-    from resynth_index.generators.base import GenerationRequest
-    from resynth_index.generators.diffusers_backend import generate_images
-    from resynth_index.toyzoo.pipelines import TOY_SETTINGS, build_toy_pipeline
+    from resynth_index.models.generators.diffusers import generate_images
+    from resynth_index.models.generators.protocol import GenerationRequest
+    from resynth_index.models.toyzoo.pipelines import TOY_SETTINGS, build_toy_pipeline
 
     pipe = build_toy_pipeline(11)
     requests = [GenerationRequest(f"caption {i % 3}", i) for i in range(n)]
@@ -126,10 +126,10 @@ def make_lab(root: Path, spec, model, device: str = "cpu"):
 
 
 def load_embedder(kind: str, scratch: Path, device: str = "cpu"):
-    from resynth_index.embedders import EmbedderSpec, OpenClipEmbedder
+    from resynth_index.models.embedders import EmbedderSpec, OpenClipEmbedder
 
     if kind == "toy":
-        from resynth_index.toyzoo.clip import save_toy_clip
+        from resynth_index.models.toyzoo.clip import save_toy_clip
 
         folder = save_toy_clip(scratch / "toy-clip")
         spec = EmbedderSpec(arch="", weights=f"local-dir:{folder}")
@@ -160,7 +160,7 @@ def bench_ingest(
 ) -> Row:
     from PIL import Image
 
-    from resynth_index.ingest import expand_paths, ingest
+    from resynth_index.pipeline.ingest import expand_paths, ingest
 
     paths = write_images(scratch / f"ingest-{kind}", n, size)
     pictures = [Image.open(p).convert("RGB") for p in paths[: batch * 2]]
@@ -220,9 +220,9 @@ def bench_query(
 ):
     from PIL import Image
 
-    from resynth_index.generators.base import GenerationRequest
     from resynth_index.lab import Lab
-    from resynth_index.query import run_queries
+    from resynth_index.models.generators.protocol import GenerationRequest
+    from resynth_index.pipeline.query import run_queries
 
     root = scratch / f"lab-query-{kind}"
     lab = make_lab(root, spec, model, device)

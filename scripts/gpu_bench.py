@@ -183,7 +183,7 @@ def build_pipeline(arch: str, device: str, tiny: bool):
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from resynth_index.toyzoo.tokenizer import clip_tokenizer
+    from resynth_index.models.toyzoo.tokenizer import clip_tokenizer
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
@@ -240,8 +240,8 @@ def bench_generation_arch(arch: str, n: int | None = None, batch: int | None = N
     """Batched vs one-at-a-time generation of the same ``n`` images (one Row)."""
     import torch
 
-    from resynth_index.generators.base import GenerationRequest, GenerationSettings
-    from resynth_index.generators.diffusers_backend import generate_images
+    from resynth_index.models.generators.diffusers import generate_images
+    from resynth_index.models.generators.protocol import GenerationRequest, GenerationSettings
 
     size, steps, guidance, default_n, default_batch = ARCHS[arch]
     n = n or default_n

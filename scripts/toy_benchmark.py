@@ -73,8 +73,8 @@ def captions(count: int) -> list[str]:
 
 def build_dataset(out: Path, n_captions: int, echo=print) -> Path:
     """Write the toy dataset in the paper's layout under ``out``; returns the dataset root."""
-    from resynth_index.generators.base import GenerationRequest
     from resynth_index.lab import Lab
+    from resynth_index.models.generators.protocol import GenerationRequest
 
     root = out / "dataset"
     images = root / "Dataset" / "100people" / "images"

@@ -43,8 +43,8 @@ def toy_lab(toy_lab_template: Path, tmp_path: Path) -> Path:
 @pytest.fixture
 def make_toy_image(toy_lab: Path, tmp_path: Path):
     """Make an image with one of the lab's toy generators, at a seed resyntheses never use."""
-    from resynth_index.generators.base import GenerationRequest
     from resynth_index.lab import Lab
+    from resynth_index.models.generators.protocol import GenerationRequest
 
     def make(generator: str, caption: str, seed: int = 1000, name: str | None = None) -> Path:
         with Lab.open(toy_lab) as lab:

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from resynth_index.attribution import (
+from resynth_index.pipeline.attribution import (
     UNKNOWN,
     aggregate,
     attribute,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from resynth_index.blobs import BlobStore
 from resynth_index.errors import StoreError
+from resynth_index.store.blobs import BlobStore
 
 
 def _sha(data: bytes) -> str:

@@ -16,16 +16,16 @@ from hypothesis import strategies as st
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from resynth_index.captioners import TransformersCaptioner
-from resynth_index.captions import (
+from resynth_index.errors import ModelLoadError, RsxError
+from resynth_index.media.captions import (
     Caption,
     caption_hash,
     normalise_caption,
     resolve_caption,
     sidecar_text,
 )
-from resynth_index.errors import ModelLoadError, RsxError
-from resynth_index.metadata import embedded_metadata, embedded_prompt
+from resynth_index.media.metadata import embedded_metadata, embedded_prompt
+from resynth_index.models.captioners import TransformersCaptioner
 
 A1111 = (
     "a castle on a hill,\nat sunset, (detailed:1.2)\n"
@@ -435,7 +435,7 @@ def test_empty_model_caption_is_an_error(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def toy_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from resynth_index.toyzoo.captioner import save_toy_captioner
+    from resynth_index.models.toyzoo.captioner import save_toy_captioner
 
     return save_toy_captioner(tmp_path_factory.mktemp("toy-captioner"), seed=0)
 
@@ -473,7 +473,7 @@ def test_toy_seed_changes_weights_and_fingerprint(
 ) -> None:
     import torch
 
-    from resynth_index.toyzoo.captioner import build_toy_captioner, save_toy_captioner
+    from resynth_index.models.toyzoo.captioner import build_toy_captioner, save_toy_captioner
 
     first, _ = build_toy_captioner(0)
     second, _ = build_toy_captioner(0)

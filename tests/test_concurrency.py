@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from hostile_files import file_sha, good_images, index_problems, rsx, store_state
 
-from resynth_index.vectors import VectorIndex, _read_header
+from resynth_index.store.vectors import VectorIndex, _read_header
 
 CAPTION = "two ships in a storm"
 FP = "c" * 64

@@ -1,8 +1,8 @@
 """Crashes: an ``rsx ingest`` killed with SIGKILL at any point loses nothing that committed.
 
-``RSX_CRASH_AT=POINT:N`` (resynth_index/faults.py) makes the process kill itself the N-th time it
-reaches a crash point: a blob half-written (blob-write), a blob without its row (image-row), rows
-without embeddings (embedding), an index file half-saved (index-save). After each kill
+``RSX_CRASH_AT=POINT:N`` (resynth_index/store/faults.py) makes the process kill itself the N-th
+time it reaches a crash point: a blob half-written (blob-write), a blob without its row (image-row),
+rows without embeddings (embedding), an index file half-saved (index-save). After each kill
 ``rsx check`` is clean or ``rsx check --repair`` makes it clean, and re-running the same ingest
 ends with every file stored exactly once, embedded once, and an index that agrees with the
 database. The same re-run without any repair must get there too (ingest is resumable).
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from hostile_files import file_sha, good_images, index_problems, rsx, rsx_process, store_state
 
-from resynth_index.faults import CRASH_ENV
+from resynth_index.store.faults import CRASH_ENV
 
 FILES = 6
 BATCH = "2"  # three batches, so the per-batch points recur
@@ -78,7 +78,7 @@ def test_ingest_killed_then_checked_and_rerun(toy_lab, tmp_path, point, nth):
 
 
 def test_crash_points_are_inert_without_the_variable(monkeypatch):
-    from resynth_index import faults
+    from resynth_index.store import faults
 
     monkeypatch.delenv(CRASH_ENV, raising=False)
     for point in faults.POINTS:

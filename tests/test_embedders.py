@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from resynth_index.embedders import (
+from resynth_index.errors import ModelLoadError, RsxError
+from resynth_index.models.embedders import (
     EmbedderSpec,
     OpenClipEmbedder,
     embedder_fingerprint,
     load_embedder,
 )
-from resynth_index.errors import ModelLoadError, RsxError
-from resynth_index.toyzoo.clip import (
+from resynth_index.models.toyzoo.clip import (
     TOY_CLIP_CONFIG,
     TOY_EMBEDDER_LAYER_COUNT,
     build_toy_clip,

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from resynth_index import evaluation
 from resynth_index.cli import cli
-from resynth_index.eval_data import EvalData
-from resynth_index.evaluation import METHODS, EvalConfig, run_protocol
+from resynth_index.evaluation import protocol as evaluation
+from resynth_index.evaluation.data import EvalData
+from resynth_index.evaluation.protocol import METHODS, EvalConfig, run_protocol
 
 
 def _unit(x):
@@ -143,8 +143,8 @@ CAPTIONS = ["a portrait of a sailor", "a bowl of pears", "a red bicycle", "a sno
 @pytest.fixture
 def tiny_eval_lab(toy_lab, tmp_path):
     """The toy lab with 4 captioned references per toy generator (seeds resyntheses never use)."""
-    from resynth_index.generators.base import GenerationRequest
     from resynth_index.lab import Lab
+    from resynth_index.models.generators.protocol import GenerationRequest
 
     folder = tmp_path / "refs"
     folder.mkdir()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from resynth_index import fewshot
+from resynth_index.evaluation import fewshot
 
 
 def _blobs(n_classes=4, per_class=12, dim=16, spread=0.3, seed=0):

@@ -15,7 +15,7 @@ def rsx(lab: Path, *args: str):
 
 
 def test_a_pipeline_saved_by_a_plain_diffusers_script_is_a_candidate(toy_lab, tmp_path):
-    from resynth_index.toyzoo.pipelines import build_toy_pipeline
+    from resynth_index.models.toyzoo.pipelines import build_toy_pipeline
 
     folder = tmp_path / "plain-sd"
     build_toy_pipeline(77).save_pretrained(folder)  # what a lab's own download script would do
@@ -44,8 +44,8 @@ def test_a_pipeline_saved_by_a_plain_diffusers_script_is_a_candidate(toy_lab, tm
     assert plain["settings"]["generation"]["steps"] == 4
 
     # an image made by that same pipeline is attributed to it
-    from resynth_index.generators.base import GenerationRequest, GenerationSettings
-    from resynth_index.generators.diffusers_backend import DiffusersGenerator
+    from resynth_index.models.generators.diffusers import DiffusersGenerator
+    from resynth_index.models.generators.protocol import GenerationRequest, GenerationSettings
 
     settings = GenerationSettings(
         steps=4, guidance=3.0, width=64, height=64, scheduler="DDIMScheduler"

@@ -10,15 +10,19 @@ import numpy as np
 import pytest
 
 from resynth_index.errors import ModelLoadError, RsxError
-from resynth_index.generators import (
+from resynth_index.models.generators import (
     DiffusersGenerator,
     GenerationRequest,
     GenerationSettings,
     ImportedGenerator,
     weights_fingerprint,
 )
-from resynth_index.generators.diffusers_backend import generate_images
-from resynth_index.toyzoo.pipelines import TOY_SETTINGS, build_toy_pipeline, save_toy_pipeline
+from resynth_index.models.generators.diffusers import generate_images
+from resynth_index.models.toyzoo.pipelines import (
+    TOY_SETTINGS,
+    build_toy_pipeline,
+    save_toy_pipeline,
+)
 
 REQUESTS = [
     GenerationRequest("a red apple on a wooden table", 11),
@@ -195,7 +199,7 @@ def test_imported_generator_cannot_generate():
 def test_clip_tokenizer_matches_open_clip():
     from open_clip.tokenizer import SimpleTokenizer
 
-    from resynth_index.toyzoo.tokenizer import clip_tokenizer
+    from resynth_index.models.toyzoo.tokenizer import clip_tokenizer
 
     tokenizer = clip_tokenizer()
     assert len(tokenizer) == 49408
@@ -207,7 +211,7 @@ def test_clip_tokenizer_matches_open_clip():
 
 
 def test_toy_seeds_have_distinct_weights_and_colours(toy_pipe, other_dir):
-    from resynth_index.fingerprints import hash_state_dict
+    from resynth_index.models.fingerprints import hash_state_dict
 
     other = DiffusersGenerator("toy2", other_dir, TOY_SETTINGS)
     assert hash_state_dict(toy_pipe.unet.state_dict()) != hash_state_dict(

@@ -49,7 +49,7 @@ def make_unreadable(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         path.read_bytes()
     except PermissionError:
         return
-    import resynth_index.images as images_module
+    import resynth_index.media.images as images_module
 
     def guarded_open(file, *args, **kwargs):
         if Path(file) == path:

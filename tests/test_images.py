@@ -13,14 +13,14 @@ import pytest
 from PIL import Image
 
 from resynth_index.errors import ImageError
-from resynth_index.fingerprints import hash_bytes
-from resynth_index.images import (
+from resynth_index.media.images import (
     IMAGE_SUFFIXES,
     LoadedImage,
     load_image_bytes,
     load_image_file,
     normalise,
 )
+from resynth_index.models.fingerprints import hash_bytes
 
 
 def _encode(image: Image.Image, fmt: str, **params) -> bytes:
@@ -292,7 +292,7 @@ def test_permission_denied_is_reported_even_as_root(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Root reads chmod-000 files, so the denial itself is simulated at the open() call."""
-    import resynth_index.images as images_module
+    import resynth_index.media.images as images_module
 
     path = _write(tmp_path, "locked.png", _encode(_noise(4, 4), "PNG"))
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from resynth_index import metrics
+from resynth_index.evaluation import metrics
 
 Y_TRUE = [0, 0, 0, 1, 2, 2]
 Y_PRED = [0, 0, 1, 1, 2, 0]

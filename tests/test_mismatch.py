@@ -17,21 +17,21 @@ from hostile_files import good_images, index_problems, rsx, store_state, with_im
 
 from resynth_index.config import LabSettings
 from resynth_index.lab import Lab
-from resynth_index.vectors import VectorIndex, _read_header
+from resynth_index.store.vectors import VectorIndex, _read_header
 
 CAPTION = "an empty street after rain"
 
 
 def replace_weights(lab: Path) -> None:
     """The lab's toy-clip folder now holds the toy model of another seed."""
-    from resynth_index.toyzoo.clip import save_toy_clip
+    from resynth_index.models.toyzoo.clip import save_toy_clip
 
     save_toy_clip(lab / "models" / "toy-clip", seed=1)
 
 
 def point_elsewhere(lab: Path) -> None:
     """settings.json names another model folder (same architecture, other weights)."""
-    from resynth_index.toyzoo.clip import save_toy_clip
+    from resynth_index.models.toyzoo.clip import save_toy_clip
 
     save_toy_clip(lab / "models" / "other-clip", seed=2)
     settings = LabSettings.load(lab)

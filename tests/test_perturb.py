@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resynth_index import perturb
 from resynth_index.errors import RsxError
+from resynth_index.evaluation import perturb
 
 
 def _image(width=64, height=48, seed=0) -> Image.Image:

@@ -81,7 +81,7 @@ def test_bad_input_is_one_line(toy_lab, tmp_path):
 
 
 def test_each_batch_is_stored_before_the_next_and_batching_changes_no_pixel(toy_lab):
-    from resynth_index.resynthesis import resynthesize, runnable_generators
+    from resynth_index.pipeline.resynthesis import resynthesize, runnable_generators
 
     captions = {f"h{i}": f"caption number {i}" for i in range(5)}
     with Lab.open(toy_lab) as lab:
@@ -108,9 +108,9 @@ def test_each_batch_is_stored_before_the_next_and_batching_changes_no_pixel(toy_
                     )
                 ).all()
             )
-        from resynth_index.fingerprints import hash_bytes
-        from resynth_index.generators.base import GenerationRequest
-        from resynth_index.intake import encode_png
+        from resynth_index.models.fingerprints import hash_bytes
+        from resynth_index.models.generators.protocol import GenerationRequest
+        from resynth_index.pipeline.intake import encode_png
 
         alone = real_generate([GenerationRequest(captions["h3"], 0)], batch_size=1)[0]
         assert hash_bytes(encode_png(alone)) == batched["h3"]
@@ -132,7 +132,7 @@ def _noise_images(folder: Path, n: int, size: int = 48) -> list[Path]:
 def test_pipelined_ingest_embeds_like_the_embedder_and_skips_on_rerun(toy_lab, tmp_path):
     from PIL import Image
 
-    from resynth_index.ingest import expand_paths, ingest
+    from resynth_index.pipeline.ingest import expand_paths, ingest
 
     paths = _noise_images(tmp_path / "in", 7)
     (tmp_path / "in" / "zz-broken.png").write_bytes(b"not an image")
@@ -157,7 +157,7 @@ def test_pipelined_ingest_embeds_like_the_embedder_and_skips_on_rerun(toy_lab, t
 def test_a_loader_error_reaches_the_caller_and_stops_the_thread(toy_lab, tmp_path, monkeypatch):
     import threading
 
-    from resynth_index import ingest as ingest_module
+    from resynth_index.pipeline import ingest as ingest_module
 
     paths = _noise_images(tmp_path / "in", 4)
 

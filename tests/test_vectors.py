@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from resynth_index.errors import StoreError
-from resynth_index.vectors import MAGIC, MissingVectorsError, VectorIndex
+from resynth_index.store.vectors import MAGIC, MissingVectorsError, VectorIndex
 
 FP = "f" * 64
 DIM = 8
@@ -390,7 +390,8 @@ def test_check_reports_each_problem_without_repairing(tmp_path):
 
 def test_import_does_not_load_faiss():
     code = (
-        "import sys, resynth_index.vectors; print('faiss' in sys.modules, 'numpy' in sys.modules)"
+        "import sys, resynth_index.store.vectors; "
+        "print('faiss' in sys.modules, 'numpy' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     assert out.stdout.split() == ["False", "False"]

@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from resynth_index.devices import resolve_device
 from resynth_index.errors import ModelLoadError, RsxError
-from resynth_index.fingerprints import combine, hash_json, hash_state_dict
+from resynth_index.models.devices import resolve_device
+from resynth_index.models.fingerprints import combine, hash_json, hash_state_dict
 
 if TYPE_CHECKING:
     import torch

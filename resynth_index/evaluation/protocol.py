@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from resynth_index import metrics
 from resynth_index.errors import RsxError
-from resynth_index.fewshot import (
+from resynth_index.evaluation import metrics
+from resynth_index.evaluation.fewshot import (
     FEWSHOT_METHODS,
     SKLEARN_METHODS,
     class_mean_similarity,
@@ -35,7 +35,7 @@ from resynth_index.fewshot import (
 )
 
 if TYPE_CHECKING:
-    from resynth_index.eval_data import EvalData
+    from resynth_index.evaluation.data import EvalData
     from resynth_index.lab import Lab
 
 METHODS = ("resynthesis", *FEWSHOT_METHODS, "hybrid")
@@ -375,8 +375,8 @@ def evaluate(
     lab: Lab, config: EvalConfig, echo: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
     """Load the lab's labelled data, post-process the queries, run the protocol."""
-    from resynth_index.eval_data import load_eval_data, perturbed_features
-    from resynth_index.perturb import parse_operators
+    from resynth_index.evaluation.data import load_eval_data, perturbed_features
+    from resynth_index.evaluation.perturb import parse_operators
 
     config.validate()
     ops = parse_operators(",".join(config.perturb))

@@ -17,22 +17,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from resynth_index.attribution import attribute, similarity_to_distance
-from resynth_index.captions import resolve_caption
 from resynth_index.errors import RsxError
-from resynth_index.images import LoadedImage, load_image_file
-from resynth_index.intake import embedding_vectors, ensure_embeddings, store_images
-from resynth_index.metadata import embedded_metadata
-from resynth_index.resynthesis import generate_missing, plan_resyntheses, record_pending
+from resynth_index.media.captions import resolve_caption
+from resynth_index.media.images import LoadedImage, load_image_file
+from resynth_index.media.metadata import embedded_metadata
+from resynth_index.pipeline.attribution import attribute, similarity_to_distance
+from resynth_index.pipeline.intake import embedding_vectors, ensure_embeddings, store_images
+from resynth_index.pipeline.resynthesis import generate_missing, plan_resyntheses, record_pending
 from resynth_index.store import repository
 from resynth_index.store.models import GeneratorRow, QueryRow, utcnow
-from resynth_index.vectors import MissingVectorsError
+from resynth_index.store.vectors import MissingVectorsError
 
 if TYPE_CHECKING:
     import PIL.Image
 
-    from resynth_index.captioners import Captioner
     from resynth_index.lab import Lab
+    from resynth_index.models.captioners import Captioner
 
 
 @dataclass

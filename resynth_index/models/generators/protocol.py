@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from resynth_index.errors import RsxError
-from resynth_index.fingerprints import hash_json
+from resynth_index.models.fingerprints import hash_json
 
 if TYPE_CHECKING:
     import PIL.Image

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from resynth_index.errors import RsxError
-from resynth_index.evaluation import CLEAN, result_for
-from resynth_index.fewshot import INSTALL_HINT
+from resynth_index.evaluation.fewshot import INSTALL_HINT
+from resynth_index.evaluation.protocol import CLEAN, result_for
 
 METRIC_LABELS = {
     "accuracy": "accuracy",

@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 
-from resynth_index.captions import caption_hash
 from resynth_index.errors import RsxError
-from resynth_index.fingerprints import hash_bytes
-from resynth_index.images import LoadedImage
-from resynth_index.intake import encode_png, store_images, write_embeddings
+from resynth_index.media.captions import caption_hash
+from resynth_index.media.images import LoadedImage
+from resynth_index.media.text import normalise_caption
+from resynth_index.models.fingerprints import hash_bytes
+from resynth_index.pipeline.intake import encode_png, store_images, write_embeddings
 from resynth_index.store import repository
 from resynth_index.store.models import (
     CaptionRow,
@@ -36,7 +37,6 @@ from resynth_index.store.models import (
     QueryRow,
     ResynthesisRow,
 )
-from resynth_index.text import normalise_caption
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -128,7 +128,7 @@ def generate_missing(
     batch of pictures is alive at a time. Returns the image ids generated. The plan is updated
     in place: generated images join ``stored`` and ``missing`` is emptied.
     """
-    from resynth_index.generators.base import GenerationRequest
+    from resynth_index.models.generators.protocol import GenerationRequest
 
     batch_size = batch_size or lab.settings.generation_batch_size
     if batch_size < 1:

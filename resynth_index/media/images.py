@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from resynth_index.errors import ImageError
-from resynth_index.fingerprints import hash_bytes
+from resynth_index.models.fingerprints import hash_bytes
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from resynth_index.errors import ModelLoadError, RsxError
-from resynth_index.fingerprints import combine, hash_file, hash_json
-from resynth_index.generators.base import GenerationRequest, GenerationSettings
+from resynth_index.models.fingerprints import combine, hash_file, hash_json
+from resynth_index.models.generators.protocol import GenerationRequest, GenerationSettings
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -229,7 +229,7 @@ class DiffusersGenerator:
         """Load the pipeline onto the settings' device and dtype (once); return it."""
         if self._pipe is not None:
             return self._pipe
-        from resynth_index.devices import resolve_device
+        from resynth_index.models.devices import resolve_device
 
         if not self.path.exists():
             raise ModelLoadError(f"{self.path}: no such generator file or folder")

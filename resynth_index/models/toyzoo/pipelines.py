@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from resynth_index.generators.base import GenerationSettings
+from resynth_index.models.generators.protocol import GenerationSettings
 
 if TYPE_CHECKING:
     import diffusers
@@ -100,7 +100,7 @@ def build_toy_pipeline(
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from resynth_index.toyzoo.tokenizer import clip_tokenizer
+    from resynth_index.models.toyzoo.tokenizer import clip_tokenizer
 
     components = _seeded_components(seed if base_seed is None else base_seed)
     if base_seed is not None and perturbation:

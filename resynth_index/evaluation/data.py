@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sqlalchemy import select
 
-from resynth_index.attribution import aggregate, similarity_to_distance
 from resynth_index.errors import RsxError
-from resynth_index.intake import ensure_embeddings, load_stored_image
-from resynth_index.resynthesis import generate_missing, plan_resyntheses
+from resynth_index.pipeline.attribution import aggregate, similarity_to_distance
+from resynth_index.pipeline.intake import ensure_embeddings, load_stored_image
+from resynth_index.pipeline.resynthesis import generate_missing, plan_resyntheses
 from resynth_index.store.models import CaptionRow, EmbeddingRow, ReferenceRow
 from resynth_index.store.repository import blob_to_vector
 
@@ -159,7 +159,7 @@ def perturbed_features(
     lab: Lab, image_ids: Sequence[int], ops: Sequence[str], seed: int
 ) -> dict[str, np.ndarray]:
     """op -> (n, d) embeddings of the post-processed images (parameters drawn per image)."""
-    from resynth_index.perturb import apply, image_rng
+    from resynth_index.evaluation.perturb import apply, image_rng
 
     batch = lab.settings.embedding_batch_size
     parts: dict[str, list[np.ndarray]] = {op: [] for op in ops}

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from resynth_index.durable import fsync_directory
 from resynth_index.errors import StoreError
-from resynth_index.faults import crash_point
+from resynth_index.store.durable import fsync_directory
+from resynth_index.store.faults import crash_point
 
 if TYPE_CHECKING:
     import numpy

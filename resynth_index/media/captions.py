@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from resynth_index.errors import RsxError
-from resynth_index.metadata import embedded_prompt
-from resynth_index.text import normalise_caption
+from resynth_index.media.metadata import embedded_prompt
+from resynth_index.media.text import normalise_caption
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
-    from resynth_index.captioners import Captioner
+    from resynth_index.models.captioners import Captioner
 
 __all__ = ["Caption", "caption_hash", "normalise_caption", "resolve_caption", "sidecar_text"]
 

@@ -6,8 +6,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from resynth_index.errors import RsxError
-from resynth_index.fingerprints import hash_json
-from resynth_index.generators.base import GenerationRequest, GenerationSettings
+from resynth_index.models.fingerprints import hash_json
+from resynth_index.models.generators.protocol import GenerationRequest, GenerationSettings
 
 if TYPE_CHECKING:
     import PIL.Image

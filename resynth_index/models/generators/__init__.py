@@ -3,13 +3,13 @@
 Re-exports only; nothing here imports torch or diffusers until a model is loaded.
 """
 
-from resynth_index.generators.base import (
+from resynth_index.models.generators.diffusers import DiffusersGenerator, weights_fingerprint
+from resynth_index.models.generators.imported import ImportedGenerator
+from resynth_index.models.generators.protocol import (
     GenerationRequest,
     GenerationSettings,
     Generator,
 )
-from resynth_index.generators.diffusers_backend import DiffusersGenerator, weights_fingerprint
-from resynth_index.generators.imported import ImportedGenerator
 
 __all__ = [
     "DiffusersGenerator",

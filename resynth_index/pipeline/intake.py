@@ -16,9 +16,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from resynth_index.errors import StoreError
-from resynth_index.faults import crash_point
-from resynth_index.images import LoadedImage, load_image_bytes
+from resynth_index.media.images import LoadedImage, load_image_bytes
 from resynth_index.store import repository
+from resynth_index.store.faults import crash_point
 from resynth_index.store.models import EmbeddingRow, ImageRow
 
 if TYPE_CHECKING:

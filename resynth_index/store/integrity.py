@@ -84,7 +84,7 @@ def _check_embeddings(lab: Lab, report: CheckReport, repair: bool) -> None:
         report.problems.append(f"{len(missing)} image(s) have no embedding from the lab's embedder")
         if repair:
             from resynth_index.errors import RsxError
-            from resynth_index.intake import ensure_embeddings
+            from resynth_index.pipeline.intake import ensure_embeddings
 
             done = 0
             for image_id in missing:
@@ -98,7 +98,7 @@ def _check_embeddings(lab: Lab, report: CheckReport, repair: bool) -> None:
 
 
 def _check_index(lab: Lab, report: CheckReport, repair: bool) -> None:
-    from resynth_index.vectors import VectorIndex
+    from resynth_index.store.vectors import VectorIndex
 
     with lab.session() as session:
         count, max_id = repository.embedding_stats(session, lab.fingerprint)

@@ -15,9 +15,9 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-from resynth_index.durable import fsync_directory
 from resynth_index.errors import StoreError
-from resynth_index.faults import crash_point
+from resynth_index.store.durable import fsync_directory
+from resynth_index.store.faults import crash_point
 
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _TEMP_PREFIX = ".tmp-"

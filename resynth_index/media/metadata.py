@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     pass
 
 
-from resynth_index.text import normalise_caption
+from resynth_index.media.text import normalise_caption
 
 METADATA_MAX_CHARS = 2_000
 _METADATA_MAX_ENTRIES = 256

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from resynth_index.errors import ModelLoadError, RsxError
-from resynth_index.fingerprints import combine, hash_json, hash_state_dict
-from resynth_index.text import normalise_caption
+from resynth_index.media.text import normalise_caption
+from resynth_index.models.fingerprints import combine, hash_json, hash_state_dict
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -39,7 +39,7 @@ class TransformersCaptioner:
     """
 
     def __init__(self, path: str | Path, device: str = "auto", max_new_tokens: int = 40) -> None:
-        from resynth_index.devices import resolve_device
+        from resynth_index.models.devices import resolve_device
 
         folder = Path(path)
         _check_model_folder(folder)
@@ -75,7 +75,7 @@ class TransformersCaptioner:
         """One normalised caption per image, in order (greedy decoding, one batch)."""
         import torch
 
-        from resynth_index.images import normalise
+        from resynth_index.media.images import normalise
 
         if not images:
             return []

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sqlalchemy import select
 
-from resynth_index.captions import caption_hash, normalise_caption, sidecar_text
 from resynth_index.errors import RsxError
-from resynth_index.images import IMAGE_SUFFIXES, LoadedImage, load_image_file
-from resynth_index.intake import store_images, write_embeddings
-from resynth_index.metadata import embedded_prompt
+from resynth_index.media.captions import caption_hash, normalise_caption, sidecar_text
+from resynth_index.media.images import IMAGE_SUFFIXES, LoadedImage, load_image_file
+from resynth_index.media.metadata import embedded_prompt
+from resynth_index.pipeline.intake import store_images, write_embeddings
 from resynth_index.store import repository
 from resynth_index.store.models import EmbeddingRow, GeneratorRow, ImageRow
 
