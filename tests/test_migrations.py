@@ -65,9 +65,68 @@ def test_upgrade_keeps_rows_and_downgrade_upgrade_round_trips(tmp_path: Path) ->
     assert vector == bytes.fromhex("0000803f00000000")
 
     migrate.downgrade(engine, "-1")
-    assert migrate.current_revision(engine) == FIRST
+    assert migrate.current_revision(engine) == "0002_audit"
+    assert _counts(db) == before
     migrate.upgrade(engine)
     assert _counts(db) == before
+    engine.dispose()
+
+
+def _max_ids_after_deleting_the_last(db: Path) -> tuple[int, int]:
+    """Delete the newest embedding, add another: (deleted id, id the new row received)."""
+    with sqlite3.connect(db) as connection:
+        connection.execute("PRAGMA foreign_keys=ON")
+        (last,) = connection.execute("SELECT max(id) FROM embeddings").fetchone()
+        connection.execute("DELETE FROM embeddings WHERE id = ?", (last,))
+        connection.execute(
+            "INSERT INTO embeddings (image_id, embedder_fingerprint, dim, vector, created_at)"
+            f" VALUES (2, '{'b' * 64}', 2, x'0000803f00000000', '{NOW}')"
+        )
+        (new,) = connection.execute("SELECT max(id) FROM embeddings").fetchone()
+    return last, new
+
+
+def test_ids_are_never_reused_after_a_delete(tmp_path: Path) -> None:
+    """The index watermark assumes an embedding id, once given, is never given again."""
+    db = tmp_path / "lab.sqlite"
+    engine = make_engine(sqlite_url(db))
+    migrate.upgrade(engine, FIRST)
+    _fill_first_revision(db)  # ids written before AUTOINCREMENT existed
+    migrate.upgrade(engine)
+    deleted, new = _max_ids_after_deleting_the_last(db)
+    assert (deleted, new) == (1, 2)
+    with sqlite3.connect(db) as connection:
+        tables = {
+            name
+            for (name,) in connection.execute(
+                "SELECT name FROM sqlite_master WHERE sql LIKE '%AUTOINCREMENT%'"
+            )
+        }
+        assert connection.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert tables == {
+        "generators",
+        "images",
+        "resyntheses",
+        "references",
+        "embeddings",
+        "queries",
+        "pending_resyntheses",
+    }
+    engine.dispose()
+
+
+def test_a_fresh_lab_never_reuses_ids(tmp_path: Path) -> None:
+    db = tmp_path / "lab.sqlite"
+    engine = make_engine(sqlite_url(db))
+    migrate.upgrade(engine)
+    _fill_first_revision(db)
+    with sqlite3.connect(db) as connection:  # a second embedding, then delete the newest
+        connection.execute(
+            "INSERT INTO embeddings (image_id, embedder_fingerprint, dim, vector, created_at)"
+            f" VALUES (2, '{'b' * 64}', 2, x'0000803f00000000', '{NOW}')"
+        )
+    deleted, new = _max_ids_after_deleting_the_last(db)
+    assert (deleted, new) == (2, 3)
     engine.dispose()
 
 

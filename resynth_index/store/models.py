@@ -1,5 +1,8 @@
 """The lab's tables (SQLAlchemy 2.0 typed models). SQLite is the source of truth.
 
+Every table with an integer id uses SQLite's AUTOINCREMENT: an id is never handed out twice, even
+after its row is deleted, because the vector index's watermark and audit ids rely on that.
+
 Every migration in ``migrations/versions`` must leave the database matching these models;
 ``tests/test_migrations.py`` checks that with Alembic's comparison.
 """
@@ -33,6 +36,7 @@ class GeneratorRow(Base):
     """A candidate source generator: one the lab can run (diffusers, toy) or an imported service."""
 
     __tablename__ = "generators"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
@@ -60,6 +64,7 @@ class ImageRow(Base):
     """An image the lab has seen; its bytes live in the blob store under their SHA-256."""
 
     __tablename__ = "images"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sha256: Mapped[str] = mapped_column(String(64), unique=True)
@@ -78,6 +83,7 @@ class ResynthesisRow(Base):
     __table_args__ = (
         UniqueConstraint("generator_id", "caption_hash", "settings_hash", "seed"),
         Index("ix_resyntheses_caption", "caption_hash", "generator_id"),
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -93,7 +99,10 @@ class ReferenceRow(Base):
     """An image whose true generator is known (few-shot references, evaluation queries)."""
 
     __tablename__ = "references"
-    __table_args__ = (UniqueConstraint("image_id", "generator_id"),)
+    __table_args__ = (
+        UniqueConstraint("image_id", "generator_id"),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
@@ -109,6 +118,7 @@ class EmbeddingRow(Base):
     __table_args__ = (
         UniqueConstraint("image_id", "embedder_fingerprint"),
         Index("ix_embeddings_fingerprint_id", "embedder_fingerprint", "id"),
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -123,6 +133,7 @@ class QueryRow(Base):
     """The audit record of one attribution: enough to reproduce and defend the answer."""
 
     __tablename__ = "queries"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -141,7 +152,10 @@ class PendingResynthesisRow(Base):
     """A work order: an imported generator lacks a resynthesis of a caption some query needed."""
 
     __tablename__ = "pending_resyntheses"
-    __table_args__ = (UniqueConstraint("generator_id", "caption_hash"),)
+    __table_args__ = (
+        UniqueConstraint("generator_id", "caption_hash"),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     generator_id: Mapped[int] = mapped_column(ForeignKey("generators.id"))
