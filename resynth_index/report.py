@@ -35,20 +35,33 @@ code{font-size:.8em;color:#555}.verdict{font-size:1.3em;font-weight:bold}
 """
 
 
-def _thumbnail(lab: Lab, sha256: str) -> str:
+# What the page says instead of a thumbnail, by what BlobStore.verify found.
+_BLOB_PROBLEMS = {
+    "missing": "(image missing from the blob store; run rsx check)",
+    "hash mismatch": "(stored image altered: its bytes no longer match their SHA-256;"
+    " run rsx check)",
+}
+
+
+def _thumbnail(lab: Lab, sha256: str) -> tuple[str, str | None]:
+    """(data URL, None) for an intact blob, else ("", what is wrong with it)."""
     problem = lab.blobs.verify(sha256)
     if problem is not None:
-        return ""
-    image = load_image_bytes(lab.blobs.read(sha256), sha256[:12], lab.settings.max_pixels).image
-    image = image.copy()
+        return "", _BLOB_PROBLEMS.get(problem, f"({problem})")
+    try:
+        loaded = load_image_bytes(lab.blobs.read(sha256), sha256[:12], lab.settings.max_pixels)
+    except RsxError as error:
+        return "", f"(stored image unreadable: {error})"
+    image = loaded.image.copy()
     image.thumbnail((THUMBNAIL, THUMBNAIL))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), None
 
 
-def _figure(src: str, caption: str, best: bool = False) -> str:
-    image = f'<img src="{src}" alt="">' if src else "<p>(blob missing)</p>"
+def _figure(thumbnail: tuple[str, str | None], caption: str, best: bool = False) -> str:
+    src, problem = thumbnail
+    image = f'<img src="{src}" alt="">' if src else f"<p>{escape(problem or '')}</p>"
     css = ' class="best"' if best else ""
     return f"<figure{css}>{image}<figcaption>{caption}</figcaption></figure>"
 
