@@ -5,6 +5,9 @@ import math
 import pytest
 
 from resynth_index.pipeline.attribution import (
+    CLOSED_SET_NOTE,
+    INCONCLUSIVE,
+    NO_EVIDENCE,
     UNKNOWN,
     aggregate,
     attribute,
@@ -47,10 +50,38 @@ def test_ranking_margin_and_unranked() -> None:
     assert mean.verdict == "a"
 
 
-def test_threshold_gives_unknown() -> None:
-    assert attribute({"a": [0.4]}, threshold=0.3).verdict == UNKNOWN
-    assert attribute({"a": [0.2]}, threshold=0.3).verdict == "a"
-    assert attribute({"a": []}).verdict == UNKNOWN
+def test_threshold_gives_unknown_with_its_reason() -> None:
+    beyond = attribute({"a": [0.4], "b": [0.5]}, threshold=0.3)
+    assert beyond.verdict == UNKNOWN
+    assert beyond.reason == "beyond threshold 0.3: best a at 0.4"
+    assert beyond.threshold == 0.3
+    within = attribute({"a": [0.2]}, threshold=0.3)
+    assert within.verdict == "a"
+    assert CLOSED_SET_NOTE not in within.reason  # a threshold makes it open-set
+
+
+def test_no_resynthesis_at_all_is_no_evidence_not_unknown() -> None:
+    outcome = attribute({"a": [], "mj": []})
+    assert outcome.verdict == NO_EVIDENCE
+    assert outcome.unranked == ["a", "mj"]
+    assert "a, mj" in outcome.reason
+
+
+def test_a_near_tie_is_inconclusive_and_names_the_tied() -> None:
+    distances = {"alpha": [0.0031], "alpha-ft": [0.0031029], "beta": [0.2]}
+    outcome = attribute(distances, margin_floor=0.001)
+    assert outcome.verdict == INCONCLUSIVE
+    assert outcome.tied == ["alpha", "alpha-ft"]
+    assert "alpha and alpha-ft" in outcome.reason
+    assert attribute(distances, margin_floor=0.0).verdict == "alpha"  # no floor: firm
+    clear = attribute({"alpha": [0.01], "beta": [0.2]}, margin_floor=0.001)
+    assert clear.verdict == "alpha" and clear.tied == []
+
+
+def test_a_closed_set_answer_says_so() -> None:
+    outcome = attribute({"a": [0.1], "b": [0.3]})
+    assert outcome.verdict == "a"
+    assert outcome.reason.endswith(CLOSED_SET_NOTE)
 
 
 def test_ties_break_by_name_for_reproducibility() -> None:

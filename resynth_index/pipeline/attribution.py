@@ -1,9 +1,19 @@
-"""From distances to an answer: aggregation over resyntheses, ranking, scores, margin, 'unknown'.
+"""From distances to an answer: aggregation over resyntheses, ranking, scores, margin, verdict.
 
 The method names the generator whose resynthesis lies closest to the query in embedding space
 (j* = argmin_j d(E(s_j(p(I))), E(I))). With K resyntheses per generator the K distances are
 aggregated (min by default: the closest resynthesis counts, as max-similarity beat the mean in
-published follow-up work). Scores are a softmax over negative aggregated distances.
+published follow-up work). Scores are a softmax over negative aggregated distances: a relative
+score among the candidates asked, not a probability.
+
+The verdict is one of four states, each with a one-line reason:
+- a generator's name: the closest candidate, clear of the others by at least the margin floor;
+- ``inconclusive``: two or more candidates lie within the margin floor of the best (``tied``);
+- ``unknown``: the best distance exceeds the lab's threshold (open set: the source is likely none
+  of the candidates);
+- ``no-evidence``: no candidate has a resynthesis of this caption to compare with.
+Without a threshold the answer is closed-set: the source may be none of the candidates, and the
+reason says so.
 """
 
 from __future__ import annotations
@@ -13,6 +23,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 UNKNOWN = "unknown"
+INCONCLUSIVE = "inconclusive"
+NO_EVIDENCE = "no-evidence"
+VERDICT_STATES = (UNKNOWN, INCONCLUSIVE, NO_EVIDENCE)
+CLOSED_SET_NOTE = "closed set: the source may be none of these candidates"
 
 
 def similarity_to_distance(similarity: float, metric: str = "cosine") -> float:
@@ -56,9 +70,13 @@ class GeneratorScore:
 @dataclass(frozen=True)
 class Attribution:
     ranking: list[GeneratorScore]  # best first
-    verdict: str  # the best generator, or 'unknown'
+    verdict: str  # the best generator, or one of VERDICT_STATES
     margin: float | None  # second-best distance minus best distance
     unranked: list[str] = field(default_factory=list)  # candidates without any resynthesis
+    reason: str = ""  # why this verdict, in one line
+    tied: list[str] = field(default_factory=list)  # within the margin floor of the best
+    threshold: float | None = None  # the threshold applied (None: closed set)
+    margin_floor: float = 0.0  # the margin floor applied
 
 
 def attribute(
@@ -67,12 +85,15 @@ def attribute(
     aggregation: str = "min",
     temperature: float = 0.05,
     threshold: float | None = None,
+    margin_floor: float = 0.0,
 ) -> Attribution:
-    """Rank candidate generators by their aggregated distance to the query.
+    """Rank candidate generators by their aggregated distance to the query and decide.
 
     ``distances`` maps each candidate to the distances of its resyntheses; a candidate with none
     (an imported generator still pending) is left out of the ranking and listed in ``unranked``.
-    The verdict is 'unknown' when nothing can be ranked or the best distance exceeds ``threshold``.
+    The verdict is 'no-evidence' when nothing can be ranked, 'unknown' when the best distance
+    exceeds ``threshold``, 'inconclusive' when another candidate lies within ``margin_floor`` of
+    the best, and the best generator otherwise (see the module docstring).
     """
     ranked = sorted(
         (
@@ -88,9 +109,32 @@ def attribute(
         for (name, d, values), s in zip(ranked, scores, strict=True)
     ]
     unranked = sorted(name for name, values in distances.items() if not values)
+    settings = {"unranked": unranked, "threshold": threshold, "margin_floor": margin_floor}
     if not ranking:
-        return Attribution(ranking=[], verdict=UNKNOWN, margin=None, unranked=unranked)
+        lacking = ", ".join(unranked) or "none given"
+        reason = f"no resynthesis of this caption by any candidate ({lacking})"
+        return Attribution(ranking=[], verdict=NO_EVIDENCE, margin=None, reason=reason, **settings)
     margin = ranking[1].distance - ranking[0].distance if len(ranking) > 1 else None
     best = ranking[0]
-    verdict = UNKNOWN if threshold is not None and best.distance > threshold else best.generator
-    return Attribution(ranking=ranking, verdict=verdict, margin=margin, unranked=unranked)
+    tied = [g.generator for g in ranking if g.distance - best.distance < margin_floor]
+    if threshold is not None and best.distance > threshold:
+        verdict = UNKNOWN
+        reason = f"beyond threshold {threshold:g}: best {best.generator} at {best.distance:.4g}"
+        tied = []
+    elif len(tied) > 1:
+        verdict = INCONCLUSIVE
+        reason = (
+            f"{' and '.join(tied)} lie within the margin floor {margin_floor:g} of each other"
+            f" (margin {margin:.2g})"
+        )
+    else:
+        verdict = best.generator
+        tied = []
+        reason = f"closest: {best.generator} at {best.distance:.4g}"
+        if margin is not None:
+            reason += f", {margin:.4g} ahead of {ranking[1].generator}"
+        if threshold is None:
+            reason += f"; {CLOSED_SET_NOTE}"
+    return Attribution(
+        ranking=ranking, verdict=verdict, margin=margin, reason=reason, tied=tied, **settings
+    )
