@@ -101,7 +101,7 @@ def test_no_generate_uses_only_what_is_stored(toy_lab, make_toy_image):
     [result] = query_json(toy_lab, str(image), "--caption", CAPTION, "--no-generate")
     assert result["generated"] == 0
     assert result["ranking"] == []
-    assert result["verdict"] == "unknown"
+    assert result["verdict"] == "no-evidence"
     assert result["not_generated"] == ["toy-a", "toy-b", "toy-c"]
 
 
