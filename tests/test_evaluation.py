@@ -12,6 +12,7 @@ from resynth_index.cli import cli
 from resynth_index.evaluation import protocol as evaluation
 from resynth_index.evaluation.data import EvalData
 from resynth_index.evaluation.protocol import METHODS, EvalConfig, run_protocol
+from resynth_index.evaluation.report import split_lines, terminal_text, write_report
 
 
 def _unit(x):
@@ -113,6 +114,83 @@ def test_perturbed_condition_and_open_set_are_reported():
     assert all(len(u) == 2 for u in entry["unknown_generators"])
 
 
+def test_one_repeat_reports_the_mean_alone_and_no_std(tmp_path):
+    pytest.importorskip("matplotlib")
+    data = synthetic_data()
+    summary = run_protocol(
+        data, _config(methods=("resynthesis", "knn"), repeats=1), {"none": data.features}
+    )
+    entry = evaluation.result_for(summary, "none", "knn", 3)
+    assert entry["accuracy"]["mean"] is not None and entry["accuracy"]["std"] is None
+    assert all(entry[k]["std"] is None for k in ("balanced_accuracy", "top3", "auroc"))
+    assert all(stat["std"] is None for stat in entry["per_generator"].values())
+    assert json.loads(json.dumps(summary))["results"][0]["accuracy"]["std"] is None
+    mean = f"{entry['accuracy']['mean'] * 100:.1f}"
+    text = terminal_text(summary)
+    assert "±" not in text and "one repeat, so no spread" in text
+    knn_row = next(line for line in text.splitlines() if line.startswith("knn "))
+    assert knn_row.split()[-1] == mean
+    report = write_report(summary, tmp_path / "report")[0].read_text()
+    assert "±" not in report and "one repeat, so no spread" in report
+    assert "- 1-shot: 28 test queries per repeat (32 references, 4 used for training)" in report
+    knn_cells = next(line for line in report.splitlines() if line.startswith("| knn |"))
+    assert knn_cells.strip("| ").split(" | ")[-1] == mean  # the clean accuracy table comes first
+
+
+def test_several_repeats_report_mean_and_std():
+    data = synthetic_data()
+    summary = run_protocol(data, _config(methods=("resynthesis",)), {"none": data.features})
+    entry = evaluation.result_for(summary, "none", "resynthesis", 1)
+    assert entry["accuracy"]["std"] is not None
+    text = terminal_text(summary)
+    assert "mean±std over 2 repeats" in text
+    assert f"{entry['accuracy']['mean'] * 100:.1f}±{entry['accuracy']['std'] * 100:.1f}" in text
+
+
+def _tested_per_repeat(summary, shots, method="resynthesis"):
+    """Known queries actually scored per repeat: the confusion matrix sums over repeats."""
+    entry = evaluation.result_for(summary, "none", method, shots)
+    return np.sum(entry["confusion"]) / summary["repeats"]
+
+
+def test_query_count_is_what_each_repeat_tested():
+    data = synthetic_data(n_classes=5, per_class=3)  # 15 references
+    summary = run_protocol(
+        data, _config(shots=(1,), methods=("resynthesis",)), {"none": data.features}
+    )
+    assert summary["reference_count"] == 15
+    assert summary["splits"] == [
+        {
+            "shots": 1,
+            "training_references": [5, 5],
+            "test_queries": [10, 10],
+            "unknown_test_queries": [0, 0],
+        }
+    ]
+    assert _tested_per_repeat(summary, 1) == 10
+    expected = "10 test queries per repeat (15 references, 5 used for training)"
+    assert split_lines(summary) == [expected]
+    assert terminal_text(summary).splitlines()[0] == expected
+
+
+def test_query_count_per_shot_count_and_with_held_out_generators():
+    data = synthetic_data(n_classes=4, per_class=6)  # 24 references
+    config = _config(shots=(1, 3), methods=("resynthesis",), holdout_unknown=1)
+    summary = run_protocol(data, config, {"none": data.features})
+    by_shots = {s["shots"]: s for s in summary["splits"]}
+    # 3 known generators train; the held-out one's 6 references are all tested as unknown
+    assert by_shots[1]["test_queries"] == [21, 21] and by_shots[3]["test_queries"] == [15, 15]
+    assert by_shots[1]["unknown_test_queries"] == [6, 6]
+    assert _tested_per_repeat(summary, 1) == 21 - 6 and _tested_per_repeat(summary, 3) == 15 - 6
+    assert split_lines(summary) == [
+        "1-shot: 21 test queries per repeat (24 references, 3 used for training;"
+        " 6 of them from held-out generators, in the open-set numbers only)",
+        "3-shot: 15 test queries per repeat (24 references, 9 used for training;"
+        " 6 of them from held-out generators, in the open-set numbers only)",
+    ]
+    assert terminal_text(summary).splitlines()[:2] == split_lines(summary)
+
+
 def test_shot_counts_that_leave_no_test_query_are_skipped_with_a_note():
     data = synthetic_data(per_class=4)
     summary = run_protocol(
@@ -184,7 +262,13 @@ def test_rsx_eval_end_to_end(tiny_eval_lab, tmp_path):
     assert "accuracy_vs_shots.png" in report and "## Queries post-processed: grey" in report
     for name in ["results.json", "accuracy_vs_shots.png", "robustness.png", "confusion_hybrid.png"]:
         assert (out / name).stat().st_size > 0
-    assert json.loads((out / "results.json").read_text())["queries"] == 12
+    results = json.loads((out / "results.json").read_text())
+    assert results["reference_count"] == 12
+    assert [(s["shots"], s["test_queries"]) for s in results["splits"]] == [
+        (1, [9, 9]),
+        (2, [6, 6]),
+    ]
+    assert "1-shot: 9 test queries per repeat (12 references, 3 used for training)" in result.stdout
 
     as_json = runner.invoke(cli, [*base, "--json", "--holdout-unknown", "1"])
     assert as_json.exit_code == 0, as_json.output
@@ -193,9 +277,10 @@ def test_rsx_eval_end_to_end(tiny_eval_lab, tmp_path):
     assert "open_set" in evaluation.result_for(summary, "none", "resynthesis", 2)
 
 
-def test_rsx_eval_without_scikit_learn_says_how_to_install(toy_lab, monkeypatch):
+@pytest.mark.parametrize("method", ["clip-svm", "resynthesis"])  # the metrics need it too
+def test_rsx_eval_without_scikit_learn_says_how_to_install(toy_lab, monkeypatch, method):
     monkeypatch.setitem(__import__("sys").modules, "sklearn", None)
-    result = CliRunner().invoke(cli, ["--lab", str(toy_lab), "eval", "--methods", "clip-svm"])
+    result = CliRunner().invoke(cli, ["--lab", str(toy_lab), "eval", "--methods", method])
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "pip install 'resynth-index[eval]'" in lines[0]

@@ -27,10 +27,16 @@ KNN_K = 5
 
 
 def require_sklearn() -> None:
+    """Fail with one line saying how to install scikit-learn when it is missing.
+
+    ``rsx eval`` needs it for every run: the metrics come from ``sklearn.metrics``.
+    """
     try:
         import sklearn  # noqa: F401
     except ImportError:
-        raise RsxError(f"the few-shot baselines need scikit-learn: {INSTALL_HINT}") from None
+        raise RsxError(
+            f"rsx eval needs scikit-learn (metrics, few-shot baselines): {INSTALL_HINT}"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- draws

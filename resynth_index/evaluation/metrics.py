@@ -1,108 +1,155 @@
-"""Evaluation metrics, written with numpy only (scikit-learn is not needed to score a run).
+"""Evaluation metrics: scikit-learn's where it has them, numpy for the open-set parts.
 
 Labels are integer class indices ``0..C-1``; ``scores`` is an ``(n, C)`` array where a higher value
 means "more likely this class" (softmax scores, decision values, similarities). Open-set
 metrics take an *unknownness* per query: higher means "more likely made by none of the
 candidates" (the best distance for resynthesis, minus the best score for a classifier).
+
+scikit-learn (the ``[eval]`` extra) is imported inside the functions that use it, so importing
+this module stays cheap. What is written here by hand, and why:
+
+- empty inputs give NaN (scikit-learn raises on them);
+- ROC-AUC with only positives or only negatives is NaN (scikit-learn warns or raises, by version);
+- the macro one-vs-rest ROC-AUC averages scikit-learn's binary AUC over the classes that have
+  both positives and negatives among the queries. ``roc_auc_score(multi_class="ovr")`` cannot
+  be used: it refuses scores that are not probabilities (SVM margins, hybrid z-scores) and a
+  class absent from ``y_true``, which a test split with held-out generators can produce;
+- top-k breaks ties between equal scores towards the lower class index, as ``argmax`` does, so
+  top-1 always equals accuracy; with two classes it does not go through scikit-learn, whose
+  binary case thresholds one score instead of ranking the classes;
+- the sample standard deviation over repeats, the open-set threshold and the open-set accuracy
+  (scikit-learn has no "unknown" answer) and the row-wise softmax.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
+from resynth_index.errors import RsxError
+from resynth_index.evaluation.fewshot import INSTALL_HINT
+
+
+def _sklearn_metrics():
+    """``sklearn.metrics``, or a one-line error saying how to install it."""
+    try:
+        from sklearn import metrics as sklearn_metrics
+    except ImportError:
+        raise RsxError(f"the evaluation metrics need scikit-learn: {INSTALL_HINT}") from None
+    return sklearn_metrics
+
 
 def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    """Share of queries predicted right; NaN without queries."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if y_true.size == 0:
         return math.nan
-    return float(np.mean(y_true == y_pred))
-
-
-def per_class_accuracy(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
-    """Recall of each class; NaN for a class with no query."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    out = np.full(n_classes, np.nan)
-    for c in range(n_classes):
-        mask = y_true == c
-        if mask.any():
-            out[c] = float(np.mean(y_pred[mask] == c))
-    return out
-
-
-def balanced_accuracy(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> float:
-    """Mean of the per-class recalls over the classes that have queries."""
-    recalls = per_class_accuracy(y_true, y_pred, n_classes)
-    present = recalls[~np.isnan(recalls)]
-    return float(present.mean()) if present.size else math.nan
-
-
-def top_k_accuracy(y_true: Sequence[int], scores: np.ndarray, k: int = 3) -> float:
-    """Share of queries whose true class is among the k best-scored (ties broken by class order)."""
-    y_true = np.asarray(y_true)
-    scores = np.asarray(scores, dtype=float)
-    if y_true.size == 0:
-        return math.nan
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return float(np.mean(np.any(order == y_true[:, None], axis=1)))
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties sharing their average rank (as in the Mann-Whitney U statistic)."""
-    order = np.argsort(values, kind="mergesort")
-    sorted_values = values[order]
-    ranks = np.empty(len(values), dtype=float)
-    start = 0
-    while start < len(values):
-        end = start
-        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
-            end += 1
-        ranks[order[start : end + 1]] = (start + end) / 2.0 + 1.0
-        start = end + 1
-    return ranks
-
-
-def roc_auc(is_positive: Sequence[bool], score: Sequence[float]) -> float:
-    """Area under the ROC curve: P(score of a positive > score of a negative), ties count half."""
-    is_positive = np.asarray(is_positive, dtype=bool)
-    score = np.asarray(score, dtype=float)
-    n_pos = int(is_positive.sum())
-    n_neg = int(is_positive.size - n_pos)
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    ranks = _average_ranks(score)
-    u = ranks[is_positive].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
-
-
-def macro_ovr_auc(y_true: Sequence[int], scores: np.ndarray) -> float:
-    """Mean one-vs-rest ROC-AUC over the classes that have both positives and negatives."""
-    y_true = np.asarray(y_true)
-    scores = np.asarray(scores, dtype=float)
-    values = [
-        roc_auc(y_true == c, scores[:, c])
-        for c in range(scores.shape[1])
-        if 0 < np.sum(y_true == c) < y_true.size
-    ]
-    return float(np.mean(values)) if values else math.nan
+    return float(_sklearn_metrics().accuracy_score(y_true, y_pred))
 
 
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
-    """Counts: row = true class, column = predicted class."""
-    matrix = np.zeros((n_classes, n_classes), dtype=int)
-    np.add.at(matrix, (np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)), 1)
-    return matrix
+    """Counts: row = true class, column = predicted class (``n_classes`` x ``n_classes``)."""
+    y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
+    if y_true.size == 0:
+        return np.zeros((n_classes, n_classes), dtype=int)
+    matrix = _sklearn_metrics().confusion_matrix(y_true, y_pred, labels=np.arange(n_classes))
+    return matrix.astype(int)
+
+
+def per_class_accuracy(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
+    """Recall of each class (diagonal over row sums of the confusion matrix); NaN for a class
+    with no query."""
+    matrix = confusion_matrix(y_true, y_pred, n_classes)
+    totals = matrix.sum(axis=1)
+    out = np.full(n_classes, np.nan)
+    present = totals > 0
+    out[present] = np.diag(matrix)[present] / totals[present]
+    return out
+
+
+def balanced_accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    """Mean of the per-class recalls over the classes that have queries; NaN without queries.
+
+    A predicted class that no query has does not count as a class (scikit-learn warns about it;
+    the warning is silenced because the protocol expects it).
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if y_true.size == 0:
+        return math.nan
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(_sklearn_metrics().balanced_accuracy_score(y_true, y_pred))
+
+
+def top_k_accuracy(y_true: Sequence[int], scores: np.ndarray, k: int = 3) -> float:
+    """Share of queries whose true class is among the k best-scored (ties: lower class first)."""
+    y_true = np.asarray(y_true, dtype=int)
+    scores = np.asarray(scores, dtype=float)
+    if y_true.size == 0:
+        return math.nan
+    n_classes = scores.shape[1]
+    if k >= n_classes:
+        return 1.0  # every class is in the top k
+    if n_classes == 2:  # k == 1: scikit-learn's binary case would threshold one column
+        return accuracy(y_true, scores.argmax(axis=1))
+    # scikit-learn ranks tied scores with the later column first; reversing the columns (and
+    # the labels with them) makes it the earlier class, as argmax does.
+    return float(
+        _sklearn_metrics().top_k_accuracy_score(
+            n_classes - 1 - y_true, scores[:, ::-1], k=k, labels=np.arange(n_classes)
+        )
+    )
+
+
+def roc_auc(is_positive: Sequence[bool], score: Sequence[float]) -> float:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties count half.
+
+    NaN when there are no positives or no negatives.
+    """
+    is_positive = np.asarray(is_positive, dtype=bool)
+    score = np.asarray(score, dtype=float)
+    n_pos = int(is_positive.sum())
+    if n_pos == 0 or n_pos == is_positive.size:
+        return math.nan
+    return float(_sklearn_metrics().roc_auc_score(is_positive, score))
+
+
+def macro_ovr_auc(y_true: Sequence[int], scores: np.ndarray) -> float:
+    """Mean one-vs-rest ROC-AUC over the classes that have both positives and negatives.
+
+    Each class's AUC ranks all queries by that class's score. Scores need not be probabilities.
+    NaN when no class qualifies.
+    """
+    y_true = np.asarray(y_true, dtype=int)
+    scores = np.asarray(scores, dtype=float)
+    onehot = y_true[:, None] == np.arange(scores.shape[1])[None, :]
+    positives = onehot.sum(axis=0)
+    valid = np.flatnonzero((positives > 0) & (positives < y_true.size))
+    if valid.size == 0:
+        return math.nan
+    if valid.size == 1:
+        return roc_auc(onehot[:, valid[0]], scores[:, valid[0]])
+    # a multilabel indicator target: scikit-learn takes each column's binary AUC and averages
+    return float(
+        _sklearn_metrics().roc_auc_score(
+            onehot[:, valid].astype(int), scores[:, valid], average="macro"
+        )
+    )
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1; 0 for a single value), NaNs ignored."""
+    """Mean and sample standard deviation (ddof=1), NaNs ignored.
+
+    The standard deviation of a single value is NaN: one repeat has no spread to report.
+    """
     array = np.asarray(values, dtype=float)
     array = array[~np.isnan(array)]
     if array.size == 0:
         return math.nan, math.nan
-    std = float(array.std(ddof=1)) if array.size > 1 else 0.0
+    std = float(array.std(ddof=1)) if array.size > 1 else math.nan
     return float(array.mean()), std
 
 

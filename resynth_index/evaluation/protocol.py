@@ -26,7 +26,6 @@ from resynth_index.errors import RsxError
 from resynth_index.evaluation import metrics
 from resynth_index.evaluation.fewshot import (
     FEWSHOT_METHODS,
-    SKLEARN_METHODS,
     class_mean_similarity,
     draw_shots,
     fit_predict_scores,
@@ -195,7 +194,7 @@ def _metrics_for(
     confusion[np.ix_(known, known)] = metrics.confusion_matrix(y, pred, len(known))
     record: dict[str, Any] = {
         "accuracy": metrics.accuracy(y, pred),
-        "balanced_accuracy": metrics.balanced_accuracy(y, pred, len(known)),
+        "balanced_accuracy": metrics.balanced_accuracy(y, pred),
         "top3": metrics.top_k_accuracy(y, scores, 3),
         "auroc": metrics.macro_ovr_auc(y, scores),
         "per_generator": per_generator,
@@ -227,8 +226,7 @@ def run_protocol(
     ``queries`` maps each condition ("none" first, then operators) to the (n, d) query features.
     """
     config.validate()
-    if any(m in SKLEARN_METHODS for m in config.methods):
-        require_sklearn()
+    require_sklearn()  # the metrics, whatever the methods
     n_classes = data.n_classes
     if config.holdout_unknown and n_classes - config.holdout_unknown < 2:
         raise RsxError(
@@ -253,6 +251,7 @@ def run_protocol(
         )
     distances = {cond: data.resynthesis_distances(q) for cond, q in queries.items()}
     runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    splits: dict[int, list[dict[str, int]]] = {}
     for shots in usable:
         for repeat in range(config.repeats):
             rng = np.random.default_rng([config.seed, shots, repeat])
@@ -263,6 +262,13 @@ def run_protocol(
             )
             known = np.setdiff1d(np.arange(n_classes), unknown)
             train, test = draw_shots(data.labels, shots, rng, classes=known)
+            splits.setdefault(shots, []).append(
+                {
+                    "training": int(len(train)),
+                    "test": int(len(test)),
+                    "unknown": int(np.isin(data.labels[test], unknown).sum()),
+                }
+            )
             if progress and repeat == 0:
                 progress(f"evaluating {shots}-shot, {config.repeats} repeat(s)")
             for method in config.methods:
@@ -273,10 +279,27 @@ def run_protocol(
                     record = _metrics_for(data, outcome, test, known)
                     record["unknown_generators"] = [data.generators[i] for i in unknown]
                     runs.setdefault((cond, method, shots), []).append(record)
-    return _summarise(data, config, usable, list(queries), runs, notes)
+    return _summarise(data, config, usable, list(queries), runs, splits, notes)
 
 
-def _summarise(data, config, usable, conditions, runs, notes) -> dict[str, Any]:
+def _split_sizes(splits: dict[int, list[dict[str, int]]]) -> list[dict[str, Any]]:
+    """Per shot count, what each repeat trained on and tested (lists, one value per repeat).
+
+    ``test_queries`` counts every query scored in the repeat: the references not drawn for
+    training, including those of held-out generators (``unknown_test_queries`` of them).
+    """
+    return [
+        {
+            "shots": shots,
+            "training_references": [r["training"] for r in rows],
+            "test_queries": [r["test"] for r in rows],
+            "unknown_test_queries": [r["unknown"] for r in rows],
+        }
+        for shots, rows in splits.items()
+    ]
+
+
+def _summarise(data, config, usable, conditions, runs, splits, notes) -> dict[str, Any]:
     results = []
     for (cond, method, shots), records in runs.items():
         entry: dict[str, Any] = {"condition": cond, "method": method, "shots": shots}
@@ -308,7 +331,8 @@ def _summarise(data, config, usable, conditions, runs, notes) -> dict[str, Any]:
     summary = {
         "generators": data.generators,
         "references": data.counts(),
-        "queries": int(len(data.labels)),
+        "reference_count": int(len(data.labels)),
+        "splits": _split_sizes(splits),
         "distance": data.distance,
         "aggregation": data.aggregation,
         "shots": usable,
@@ -380,8 +404,7 @@ def evaluate(
 
     config.validate()
     ops = parse_operators(",".join(config.perturb))
-    if any(m in SKLEARN_METHODS for m in config.methods):
-        require_sklearn()
+    require_sklearn()  # before any loading: the metrics need it, whatever the methods
     data = load_eval_data(lab, config.generators, config.resyntheses, config.generate, echo=echo)
     queries = {CLEAN: data.features}
     if ops:

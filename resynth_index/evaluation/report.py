@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 from resynth_index.errors import RsxError
 from resynth_index.evaluation.fewshot import INSTALL_HINT
@@ -30,10 +29,45 @@ def require_matplotlib() -> None:
 
 
 def _cell(stat: dict | None) -> str:
-    """'mean±std' in percent, or '-' when there is no value."""
+    """'mean±std' in percent; the mean alone when there is no spread (one repeat); '-' when
+    there is no value."""
     if not stat or stat.get("mean") is None:
         return "-"
-    return f"{stat['mean'] * 100:.1f}±{(stat.get('std') or 0.0) * 100:.1f}"
+    if stat.get("std") is None:
+        return f"{stat['mean'] * 100:.1f}"
+    return f"{stat['mean'] * 100:.1f}±{stat['std'] * 100:.1f}"
+
+
+def _span(values: list[int]) -> str:
+    """One count, or 'lowest-highest' when the repeats differ."""
+    low, high = min(values), max(values)
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def split_lines(summary: dict) -> list[str]:
+    """What each repeat tested, one line per shot count, e.g. '10 test queries per repeat (15
+    references, 5 used for training)'; with several shot counts each line starts 'N-shot: '."""
+    splits = summary["splits"]
+    parts = []
+    for split in splits:
+        text = (
+            f"{_span(split['test_queries'])} test queries per repeat"
+            f" ({summary['reference_count']} references,"
+            f" {_span(split['training_references'])} used for training"
+        )
+        if summary["holdout_unknown"]:
+            unknown = _span(split["unknown_test_queries"])
+            text += f"; {unknown} of them from held-out generators, in the open-set numbers only"
+        text += ")"
+        parts.append(text if len(splits) == 1 else f"{split['shots']}-shot: {text}")
+    return parts
+
+
+def spread_text(summary: dict) -> str:
+    """How to read the numbers: mean±std over repeats, or one repeat's value."""
+    if summary["repeats"] == 1:
+        return "one repeat, so no spread"
+    return f"mean±std over {summary['repeats']} repeats"
 
 
 def metric_rows(summary: dict, cond: str, key: str = "accuracy") -> list[list[str]]:
@@ -100,8 +134,9 @@ def terminal_text(summary: dict) -> str:
     """The accuracy table (mean±std % over repeats) per condition, plus open-set numbers."""
     header = ["method", *[f"{s}-shot" for s in summary["shots"]]]
     parts = [
-        f"{summary['queries']} queries, {len(summary['generators'])} generators, "
-        f"{summary['repeats']} repeat(s), seed {summary['seed']}; accuracy % (mean±std)"
+        *split_lines(summary),
+        f"{len(summary['generators'])} generators, seed {summary['seed']};"
+        f" accuracy % ({spread_text(summary)})",
     ]
     for note in summary["notes"]:
         parts.append(f"note: {note}")
@@ -154,11 +189,11 @@ def _markdown(summary: dict, plot_names: list[str]) -> list[str]:
         f"- generators ({len(summary['generators'])}): "
         + ", ".join(f"{g} ({n})" for g, n in summary["references"].items())
         + " — references per generator in brackets",
-        f"- {summary['queries']} queries; shots {summary['shots']}; {summary['repeats']} "
-        f"repeat(s), seed {summary['seed']}; resynthesis: {summary['distance']} distance, "
-        f"{summary['aggregation']} over resyntheses",
+        *[f"- {line}" for line in split_lines(summary)],
+        f"- shots {summary['shots']}; {summary['repeats']} repeat(s), seed {summary['seed']};"
+        f" resynthesis: {summary['distance']} distance, {summary['aggregation']} over resyntheses",
         "- every method is scored on the same test split (all references not drawn for"
-        " training); numbers are mean±std over repeats, in %",
+        f" training); numbers are in % ({spread_text(summary)})",
     ]
     lines += [f"- note: {n}" for n in summary["notes"]]
     if "accuracy_vs_shots.png" in plot_names:
@@ -279,7 +314,3 @@ def _plots(summary: dict, out: Path) -> list[Path]:
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
     return written
-
-
-def json_text(summary: dict[str, Any]) -> str:
-    return json.dumps(summary, sort_keys=True)
