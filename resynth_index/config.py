@@ -29,6 +29,9 @@ SETTINGS_VERSION = 1
 
 DISTANCES = ("cosine", "euclidean")
 AGGREGATIONS = ("min", "mean")
+#: Concrete embedder precisions (models.embedders.PRECISIONS less "auto", which is resolved at
+#: ``rsx init``); "" in a settings file means "not recorded": a lab made before it was.
+EMBEDDER_PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 def default_lab_dir() -> Path:
@@ -59,6 +62,9 @@ class LabSettings:
     embedder_label: str = ""  # how the user named it at init ("toy", an arch + file, ...)
     embedder_fingerprint: str = ""
     embedder_dim: int = 0
+    # the precision the embedder was created with, resolved once at init (fp16 on CUDA under
+    # "auto") and used wherever the lab opens: it is part of the fingerprint. Older labs: "".
+    embedder_precision: str = ""
     device: str = "auto"
     distance: str = "cosine"
     aggregation: str = "min"
@@ -73,6 +79,12 @@ class LabSettings:
     version: int = SETTINGS_VERSION
 
     def validate(self) -> None:
+        """Refuse settings no lab can run with (StoreError, one line)."""
+        if self.embedder_precision and self.embedder_precision not in EMBEDDER_PRECISIONS:
+            raise StoreError(
+                f"embedder_precision must be one of {', '.join(EMBEDDER_PRECISIONS)}, "
+                f"not {self.embedder_precision!r}"
+            )
         if self.distance not in DISTANCES:
             choices = ", ".join(DISTANCES)
             raise StoreError(f"distance must be one of {choices}, not {self.distance!r}")

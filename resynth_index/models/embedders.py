@@ -106,6 +106,7 @@ class Embedder(Protocol):
 
     fingerprint: str
     dim: int
+    precision: str  # concrete: fp32, fp16 or bf16
 
     def embed(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray: ...
 
@@ -144,7 +145,7 @@ class OpenClipEmbedder:
     def __init__(self, spec: EmbedderSpec, device: str = "auto", precision: str = "auto") -> None:
         self.spec = spec
         self.device = resolve_device(device)
-        self.precision = _resolve_precision(precision, self.device)
+        self.precision = resolve_precision(precision, self.device)
         model, preprocess, model_config = _load_open_clip(spec, self.device, self.precision)
         self.model = model
         self.preprocess = preprocess
@@ -207,9 +208,14 @@ class OpenClipEmbedder:
         return np.concatenate(chunks, axis=0)
 
 
-def load_embedder(spec: EmbedderSpec, device: str = "auto") -> Embedder:
-    """The embedder for ``spec`` on ``device`` ("auto" picks CUDA, then MPS, then CPU)."""
-    return OpenClipEmbedder(spec, device=device)
+def load_embedder(spec: EmbedderSpec, device: str = "auto", precision: str = "auto") -> Embedder:
+    """The embedder for ``spec`` on ``device`` ("auto" picks CUDA, then MPS, then CPU).
+
+    ``precision`` is part of the fingerprint; "auto" is fp16 on CUDA and fp32 elsewhere
+    (``resolve_precision``), so a lab records the concrete precision it was created with and
+    passes that, never "auto", when it opens (fp16 also runs on a CPU, only slower).
+    """
+    return OpenClipEmbedder(spec, device=device, precision=precision)
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -225,7 +231,9 @@ def _as_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _resolve_precision(precision: str, device: str) -> str:
+def resolve_precision(precision: str, device: str) -> str:
+    """The concrete precision for ``device`` (a concrete torch device): "auto" is fp16 on CUDA,
+    fp32 elsewhere. RsxError for an unknown name."""
     if precision not in PRECISIONS:
         raise RsxError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if precision == "auto":

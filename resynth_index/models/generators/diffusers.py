@@ -3,19 +3,27 @@
 Nothing is downloaded: pipelines load with ``local_files_only=True`` and never run remote code.
 The fingerprint hashes the weight and config FILES (see ``weights_fingerprint``), so a generator's
 identity is known without loading it; loading happens on the first ``generate`` or ``load``.
+``check_pipeline`` validates a folder's structure (model_index.json, the pipeline class, every
+component's folder and config) without loading weights; ``rsx generator add`` runs it.
 """
 
 from __future__ import annotations
 
-import os
+import inspect
+import json
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from resynth_index.errors import ModelLoadError, RsxError
+from resynth_index.media.folders import walk_files
 from resynth_index.models.fingerprints import combine, hash_file, hash_json
-from resynth_index.models.generators.protocol import GenerationRequest, GenerationSettings
+from resynth_index.models.generators.protocol import (
+    GenerationRequest,
+    GenerationSettings,
+    concrete_dtype,
+)
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -24,28 +32,47 @@ if TYPE_CHECKING:
 #: Files in a pipeline folder that decide its output: weights, configs, tokenizer vocabularies.
 FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+#: Config files a pipeline component folder can hold (models, schedulers, processors, tokenizers).
+COMPONENT_CONFIGS = (
+    "config.json",
+    "scheduler_config.json",
+    "preprocessor_config.json",
+    "tokenizer_config.json",
+    "tokenizer.json",
+)
+#: Weight files a model component loads from (variants and shards end the same way).
+COMPONENT_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+#: Components rsx never loads (resyntheses must not be censored), so they may be absent.
+_SKIPPED_COMPONENTS = frozenset({"safety_checker"})
+_WEIGHTLESS_CLASS_WORDS = ("Tokenizer", "Scheduler", "Processor", "FeatureExtractor")
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 _file_digests: dict[tuple[str, int, int], str] = {}
 
 
 def _cached_hash_file(path: Path) -> str:
     """hash_file, remembered per (path, size, mtime) for this process: big weights hash once."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _file_digests:
-        _file_digests[key] = hash_file(path)
+    try:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in _file_digests:
+            _file_digests[key] = hash_file(path)
+    except OSError as error:  # a dangling or looping link, a file that cannot be read
+        raise ModelLoadError(f"{path}: cannot read: {_one_line(error)}") from error
     return _file_digests[key]
 
 
 def _folder_files(folder: Path) -> list[Path]:
-    """Output-deciding files under ``folder`` (hidden files and folders skipped), sorted."""
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            if not name.startswith(".") and name.endswith(FINGERPRINT_SUFFIXES):
-                found.append(Path(root) / name)
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+    """Output-deciding files under ``folder`` (hidden files and folders skipped), sorted.
+
+    Links are followed, each real directory once (``media.folders.walk_files``): a link cycle
+    is walked once, and a component linked in from elsewhere is hashed like a copy of it.
+    """
+    try:
+        files = walk_files(folder, skip_hidden=True)
+    except OSError as error:
+        raise ModelLoadError(f"{folder}: cannot list: {_one_line(error)}") from error
+    return [path for path in files if path.name.endswith(FINGERPRINT_SUFFIXES)]
 
 
 def weights_fingerprint(path: str | Path, config: str | Path | None = None) -> str:
@@ -100,8 +127,6 @@ def _check_single_file(path: Path, config: str | Path | None) -> None:
 
 def _model_index(folder: Path) -> dict[str, Any]:
     """A pipeline folder's model_index.json (its class and components)."""
-    import json
-
     try:
         data = json.loads((folder / "model_index.json").read_text("utf-8"))
     except (OSError, ValueError) as error:
@@ -120,12 +145,160 @@ def _one_line(error: BaseException) -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """``torch`` dtype for a settings dtype: "auto" is float16 on CUDA, float32 elsewhere."""
+    """``torch`` dtype for a settings dtype on a concrete device (``protocol.concrete_dtype``)."""
     import torch
 
-    if dtype == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    return getattr(torch, concrete_dtype(dtype, device))
+
+
+# ------------------------------------------------------------------ validating without loading
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{path} is unreadable: {_one_line(error)}") from error
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} is not a JSON object")
+    return data
+
+
+def _components(index: dict[str, Any], where: Path) -> dict[str, tuple[str, str] | None]:
+    """model_index.json's components: name -> (library, class), or None for an absent one.
+
+    Keys starting with "_" are metadata and plain values (e.g. ``requires_safety_checker``)
+    are pipeline options; every two-item list is a component.
+    """
+    found: dict[str, tuple[str, str] | None] = {}
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list):
+            continue
+        if len(value) != 2:
+            raise ModelLoadError(f"{where}: component {name!r} is not [library, class]")
+        library, class_name = value
+        if library is None and class_name is None:
+            found[name] = None
+        elif isinstance(library, str) and isinstance(class_name, str):
+            found[name] = (library, class_name)
+        else:
+            raise ModelLoadError(f"{where}: component {name!r} is not [library, class]")
+    return found
+
+
+def _pipeline_class(class_name: Any, where: Path) -> Any:
+    """The diffusers pipeline class a model_index.json names, looked up without loading it."""
+    import diffusers
+
+    if not isinstance(class_name, str) or not class_name:
+        raise ModelLoadError(f"{where} names no pipeline class (_class_name)")
+    try:
+        cls = getattr(diffusers, class_name, None)
+    except Exception as error:  # diffusers' lazy import of that pipeline's module failed
+        raise ModelLoadError(
+            f"{where}: pipeline class {class_name!r} cannot be imported: {_one_line(error)}"
+        ) from error
+    if not isinstance(cls, type) or not issubclass(cls, diffusers.DiffusionPipeline):
+        raise ModelLoadError(
+            f"{where}: {class_name!r} is not a pipeline class of the installed diffusers "
+            f"{diffusers.__version__}"
+        )
+    if "prompt" not in inspect.signature(cls.__call__).parameters:
+        raise ModelLoadError(f"{where}: {class_name} is not a text-to-image pipeline")
+    return cls
+
+
+def _required_components(cls: Any) -> list[str]:
+    """The components ``cls.__init__`` needs: parameters without a default, less optional ones."""
+    optional = set(getattr(cls, "_optional_components", None) or ())
+    required = []
+    for parameter in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        if parameter.default is parameter.empty and parameter.name not in optional:
+            required.append(parameter.name)
+    return required
+
+
+def _check_component(folder: Path, name: str, class_name: str, needs_weights: bool) -> None:
+    """A component's folder exists, holds a config, every config parses, weights if needed."""
+    component = folder / name
+    if not component.is_dir():
+        raise ModelLoadError(f"{folder}: component {name!r} has no folder {name}/")
+    configs = [component / c for c in COMPONENT_CONFIGS if (component / c).is_file()]
+    if not configs:
+        raise ModelLoadError(f"{component} holds no config ({', '.join(COMPONENT_CONFIGS)})")
+    for config in configs:
+        _read_json_object(config)
+    weightless = any(word in class_name for word in _WEIGHTLESS_CLASS_WORDS)
+    if needs_weights and not weightless and (component / "config.json").is_file():
+        try:
+            names = [p.name for p in component.iterdir()]
+        except OSError as error:
+            raise ModelLoadError(f"{component}: cannot list: {_one_line(error)}") from error
+        if not any(n.endswith(COMPONENT_WEIGHT_SUFFIXES) for n in names):
+            raise ModelLoadError(f"{component} holds no weights (*.safetensors or *.bin)")
+
+
+def check_pipeline_folder(folder: str | Path, *, needs_weights: bool = True) -> str:
+    """Validate a diffusers pipeline folder without loading any weights; its class name.
+
+    model_index.json must parse as an object naming a text-to-image pipeline class the
+    installed diffusers knows; every component that pipeline requires must be listed; every
+    listed component (but the safety checker, never loaded) needs its folder and a config that
+    parses, and a model component its weight files (``needs_weights``; a ``--config`` folder
+    for a single-file checkpoint holds configs only). Raises ModelLoadError, one line.
+    """
+    folder = Path(folder).expanduser()
+    _check_pipeline_folder(folder)
+    where = folder / "model_index.json"
+    index = _read_json_object(where)
+    cls = _pipeline_class(index.get("_class_name"), where)
+    components = _components(index, where)
+    missing = [name for name in _required_components(cls) if name not in components]
+    if missing:
+        raise ModelLoadError(
+            f"{where}: {cls.__name__} needs component(s) {', '.join(missing)}, not listed"
+        )
+    for name, entry in sorted(components.items()):
+        if entry is not None and name not in _SKIPPED_COMPONENTS:
+            _check_component(folder, name, entry[1], needs_weights)
+    return cls.__name__
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """A .safetensors file starts with an 8-byte length and that many bytes of JSON header."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            size = int.from_bytes(head, "little") if len(head) == 8 else -1
+            total = path.stat().st_size
+            if not 2 <= size <= min(_MAX_SAFETENSORS_HEADER, total - 8):
+                raise ModelLoadError(f"{path} is not a safetensors file (bad header length)")
+            header = json.loads(handle.read(size).decode("utf-8"))
+    except OSError as error:
+        raise ModelLoadError(f"{path}: cannot read: {_one_line(error)}") from error
+    except ValueError as error:
+        raise ModelLoadError(f"{path} is not a safetensors file: {_one_line(error)}") from error
+    if not isinstance(header, dict) or not any(k != "__metadata__" for k in header):
+        raise ModelLoadError(f"{path} is not a safetensors file (no tensors in its header)")
+
+
+def check_single_file(path: str | Path, config: str | Path | None) -> str:
+    """Validate a single-file checkpoint and its ``--config`` folder without loading weights.
+
+    The --config folder passes ``check_pipeline_folder`` (configs only), its class can load
+    single files, and a .safetensors checkpoint has a readable header. Returns the class name.
+    """
+    import diffusers
+
+    path = Path(path).expanduser()
+    _check_single_file(path, config)
+    assert config is not None
+    class_name = check_pipeline_folder(config, needs_weights=False)
+    if not hasattr(getattr(diffusers, class_name), "from_single_file"):
+        raise ModelLoadError(f"{config}: {class_name} cannot load single-file checkpoints")
+    if path.suffix.lower() == ".safetensors":
+        _check_safetensors_header(path)
+    return class_name
 
 
 def scheduler_class(name: str) -> Any:
@@ -215,6 +388,23 @@ class DiffusersGenerator:
 
     def __repr__(self) -> str:
         return f"DiffusersGenerator({self.name!r}, {str(self.path)!r})"
+
+    def validate(self, check_load: bool = False) -> None:
+        """Refuse (ModelLoadError, one line) what cannot load, before it is registered.
+
+        Checks the files without loading weights (``check_pipeline_folder`` or
+        ``check_single_file``); ``check_load`` then loads the pipeline once onto the settings'
+        device and lets it go.
+        """
+        if self.path.is_dir():
+            check_pipeline_folder(self.path)
+        else:
+            check_single_file(self.path, self.config)
+        if check_load:
+            try:
+                self.load()
+            finally:
+                self._pipe = None
 
     @property
     def loaded(self) -> bool:

@@ -1,13 +1,17 @@
 """The generator protocol: generation settings, requests, and what every candidate generator offers.
 
-A resynthesis is keyed by (generator weights, output-affecting settings, caption, seed); the
-settings' ``output_hash`` and the generator's ``fingerprint`` are what make that key.
+A resynthesis is keyed by (generator, caption, settings, seed). The settings part is
+``GenerationSettings.cache_hash(device)``: the settings that change pixels, with ``dtype`` resolved
+for the device the generator runs on ("auto" is float16 on CUDA and float32 elsewhere, and those
+draw different pictures). ``output_hash`` hashes the settings as registered (dtype as written); it
+is part of the generator's ``fingerprint``, which must not depend on the machine a lab opens on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from resynth_index.errors import RsxError
@@ -21,13 +25,39 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 #: Settings that do not change the pixels a generator makes (left out of ``output_hash``).
 _NOT_OUTPUT = frozenset({"device"})
 
+#: How float32 is spelt inside ``cache_hash``. Before dtype was resolved, keys hashed the literal
+#: "auto", which meant float32 on every machine without CUDA; spelling float32 that way keeps the
+#: keys of resyntheses a CPU lab stored then (explicit float16 and bfloat16 keys are unchanged too).
+_FLOAT32_KEY = "auto"
+
+
+def concrete_dtype(dtype: str, device: str) -> str:
+    """The dtype a generator really runs in: "auto" is float16 on CUDA, float32 elsewhere.
+
+    ``device`` is a concrete torch device name ("cpu", "cuda", "cuda:1", "mps").
+    """
+    if dtype not in DTYPES:
+        raise RsxError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if dtype != "auto":
+        return dtype
+    return "float16" if device.startswith("cuda") else "float32"
+
+
+@lru_cache(maxsize=1)
+def _auto_device() -> str:
+    """The device "auto" picks on this machine (resolved once per process)."""
+    from resynth_index.models.devices import resolve_device
+
+    return resolve_device("auto")
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
     """How a generator is run. Everything but ``device`` can change the generated pixels.
 
     ``scheduler`` None keeps the pipeline's own scheduler, else names a diffusers scheduler class
-    (e.g. "DDIMScheduler"). ``dtype`` "auto" means float16 on CUDA and float32 elsewhere.
+    (e.g. "DDIMScheduler"). ``dtype`` "auto" means float16 on CUDA and float32 elsewhere, so the
+    pixels of "auto" depend on the device: cache keys use ``cache_hash(device)``.
     """
 
     steps: int = 25
@@ -70,12 +100,47 @@ class GenerationSettings:
         return cls(**data)
 
     def output_hash(self) -> str:
-        """Digest of the settings that change the picture (all but ``device``).
+        """Digest of the settings as registered, all but ``device`` (``dtype`` as written).
 
-        dtype is included: float16 changes pixels. This is the settings part of the resynthesis
-        cache key.
+        Part of a generator's fingerprint: it names the registration and is the same on every
+        machine. It is NOT the resynthesis cache key: "auto" draws different pictures on
+        different devices; see ``cache_hash``.
         """
         return hash_json({k: v for k, v in self.to_dict().items() if k not in _NOT_OUTPUT})
+
+    def run_device(self, fallback: str = "auto") -> str:
+        """The device choice this generator runs on: its own ``device``, else ``fallback``.
+
+        ``fallback`` is the lab's device choice; the result may still be "auto".
+        """
+        return self.device if self.device != "auto" else fallback
+
+    def resolved_dtype(self, device: str = "auto") -> str:
+        """The concrete dtype when run on ``device`` (a device choice; "auto" is resolved here).
+
+        A device named explicitly is taken as given (no availability check: that is the
+        loader's job), so looking stored resyntheses up never needs the device itself.
+        """
+        if self.dtype != "auto":
+            return self.dtype
+        return concrete_dtype(self.dtype, _auto_device() if device == "auto" else device)
+
+    def resolved(self, device: str = "auto") -> GenerationSettings:
+        """A copy with ``dtype`` made concrete for ``device``."""
+        return replace(self, dtype=self.resolved_dtype(device))
+
+    def cache_hash(self, device: str = "auto") -> str:
+        """The settings part of the resynthesis cache key when run on ``device``.
+
+        Every field that changes the pixels (all but ``device``), with ``dtype`` resolved: the
+        same settings on a CPU (float32) and on CUDA (float16 under "auto") give different keys,
+        and "auto" on a CPU equals explicit float32. float32 is spelt ``"auto"`` in the hashed
+        record, so keys stored before dtype was resolved keep meaning float32.
+        """
+        dtype = self.resolved_dtype(device)
+        record = {k: v for k, v in self.to_dict().items() if k not in _NOT_OUTPUT}
+        record["dtype"] = _FLOAT32_KEY if dtype == "float32" else dtype
+        return hash_json(record)
 
 
 @dataclass(frozen=True)
