@@ -3,28 +3,35 @@
 PNG text chunks (read by a small chunk walker, so text after the image data is found too), EXIF
 ImageDescription / UserComment and XMP description. No pixels are decoded, compressed text is
 inflated with a size cap, and nothing found is trusted beyond being evidence.
+
+Every parser here reads hostile text (a chunk may hold a megabyte chosen to hurt), so each runs in
+time linear in its input: the only regular expressions are ones that cannot backtrack beyond one
+line or one run of a character class, the A1111 settings line is read by a one-pass scanner, XMP
+by a defused XML parser that refuses DTDs and entities, and the ComfyUI graph walk looks at each
+node a bounded number of times. Compressed text shares one inflation budget per file.
 """
 
 from __future__ import annotations
 
-import html
 import io
 import json
 import re
 import warnings
 import zlib
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    pass
-
-
 from resynth_index.media.text import normalise_caption
+
+if TYPE_CHECKING:
+    from xml.etree.ElementTree import Element
 
 METADATA_MAX_CHARS = 2_000
 _METADATA_MAX_ENTRIES = 256
 _TEXT_CHUNK_MAX_BYTES = 1 << 20  # one inflated zTXt/iTXt chunk
+_TEXT_INFLATE_BUDGET = 4 << 20  # all inflated zTXt/iTXt chunks of one file together
 _XMP_MAX_BYTES = 1 << 20
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _SAFE_FORMATS = ("JPEG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "PNG")
@@ -52,9 +59,30 @@ _PLACEHOLDER_TEXTS = frozenset(
     }
 )
 
-_STEPS_LINE = re.compile(r"Steps: *\d")
-_NEGATIVE_LINE = "Negative prompt:"
-_SETTING = re.compile(r'\s*([A-Za-z][\w \-/.()]*?):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+# A1111 "parameters" text: the prompt, maybe a "Negative prompt:" line, then a settings line
+# ("Steps: 20, Sampler: Euler a, ..."). Lines are cut where str.splitlines() cuts them: at one of
+# these characters. A marked line is found by a pattern that starts with a line break (or by a
+# match at the very start of the text), then the line's indent, then the marker: each line is
+# tried once and no pattern can backtrack past its own line, so finding them is linear.
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+_LINE_BREAK = re.compile(f"[{_LINE_BREAKS}]")
+_INDENT = f"[^\\S{_LINE_BREAKS}]*"
+_SETTINGS_MARK = r"Steps: *\d"
+_A1111_MARK = r"(?:Negative prompt:|Steps: *\d)"
+_SETTINGS_FIRST = re.compile(_INDENT + _SETTINGS_MARK)
+_SETTINGS_NEXT = re.compile(f"[{_LINE_BREAKS}]" + _INDENT + _SETTINGS_MARK)
+_A1111_FIRST = re.compile(_INDENT + _A1111_MARK)
+_A1111_NEXT = re.compile(f"[{_LINE_BREAKS}]" + _INDENT + _A1111_MARK)
+# Runs of one character class, only ever matched at a given position: they cannot backtrack, so
+# each costs time linear in the run it consumes.
+_SPACE_RUN = re.compile(r"\s*")
+_KEY_RUN = re.compile(r"[\w \-/.()]*")  # the characters of an A1111 settings key
+_ASCII_LETTER = re.compile(r"[A-Za-z]")  # the first character of a key
+# The rest of a quoted value up to its closing quote, in the "unrolled loop" form: a run of plain
+# characters, then (backslash, any character, run of plain characters) pairs. Every character can
+# be taken by one part only, so a failed match gives back each character once: linear.
+_QUOTED_REST = re.compile(r'[^\\"]*(?:\\.[^\\"]*)*"')
+_SETTINGS_MAX_STEPS = 4096  # keys (and text that only looked like one) read from one line
 _MODEL_INPUT_KEYS = ("ckpt_name", "unet_name", "lora_name", "vae_name", "clip_name", "model_name")
 
 _EXIF_IFD = 0x8769
@@ -67,6 +95,11 @@ _EXIF_TAGS = {
 }
 _EXIF_USER_COMMENT = 0x9286
 _TIFF_XMP = 700
+
+_XMP_START = "<x:xmpmeta"
+_XMP_END = "</x:xmpmeta>"
+_DC_DESCRIPTION = "{http://purl.org/dc/elements/1.1/}description"
+_RDF_LI = "{http://www.w3.org/1999/02/22-rdf-syntax-ns#}li"
 
 
 # --------------------------------------------------------------------------- embedded metadata
@@ -100,8 +133,9 @@ def embedded_prompt(data: bytes) -> tuple[str, str] | None:
     """
     evidence = _collect(data)
     for text, key in _prompt_candidates(evidence):
-        if _usable(text):
-            return normalise_caption(text), key
+        caption = normalise_caption(text)
+        if caption and caption.lower() not in _PLACEHOLDER_TEXTS:
+            return caption, key
     return None
 
 
@@ -142,11 +176,12 @@ def embedded_metadata(data: bytes) -> dict[str, str]:
     return found
 
 
-def _prompt_candidates(evidence: _Evidence) -> list[tuple[str, str]]:
-    candidates: list[tuple[str, str]] = []
+def _prompt_candidates(evidence: _Evidence) -> Iterator[tuple[str, str]]:
+    """``(text, key)`` of each place a prompt may be, in priority order, each worked out only
+    when the ones before it gave nothing usable."""
     parameters = evidence.png_value("parameters")
     if parameters:
-        candidates.append((_a1111_prompt(parameters[0]), f"png:{parameters[1]}"))
+        yield _a1111_prompt(parameters[0]), f"png:{parameters[1]}"
     prompt = evidence.png_value("prompt")
     if prompt:
         text = prompt[0]
@@ -154,28 +189,22 @@ def _prompt_candidates(evidence: _Evidence) -> list[tuple[str, str]]:
             graph = _parse_json_object(text)
             if graph is not None:  # JSON: only a text found inside the graph will do
                 text = _comfy_prompt(graph) if isinstance(graph, dict) else ""
-        candidates.append((text or "", f"png:{prompt[1]}"))
+        yield text or "", f"png:{prompt[1]}"
     for key in _PNG_DESCRIPTION_KEYS:
         value = evidence.png_value(key)
         if value:
-            candidates.append((value[0], f"png:{value[1]}"))
+            yield value[0], f"png:{value[1]}"
     if "ImageDescription" in evidence.exif:
-        candidates.append((evidence.exif["ImageDescription"], "exif:ImageDescription"))
+        yield evidence.exif["ImageDescription"], "exif:ImageDescription"
     if "UserComment" in evidence.exif:
         comment = evidence.exif["UserComment"]
         if _looks_like_a1111(comment):
             comment = _a1111_prompt(comment)
-        candidates.append((comment, "exif:UserComment"))
+        yield comment, "exif:UserComment"
     if evidence.xmp:
         description = _xmp_fields(evidence.xmp).get("description")
         if description:
-            candidates.append((description, "xmp:description"))
-    return candidates
-
-
-def _usable(text: str) -> bool:
-    clean = normalise_caption(text)
-    return bool(clean) and clean.lower() not in _PLACEHOLDER_TEXTS
+            yield description, "xmp:description"
 
 
 def _collect(data: bytes) -> _Evidence:
@@ -193,7 +222,13 @@ def _collect(data: bytes) -> _Evidence:
 
 
 def _collect_png(data: bytes, evidence: _Evidence) -> None:
-    """Walk the PNG chunks (all of them, also text after the image data) without decoding pixels."""
+    """Walk the PNG chunks (all of them, also text after the image data) without decoding pixels.
+
+    Compressed text shares one inflation budget and only the first eXIf chunk (the only one the
+    PNG specification allows) is read, so a file of many small bombs costs no more than one.
+    """
+    inflater = _Inflater()
+    exif_seen = False
     position = len(_PNG_SIGNATURE)
     while position + 8 <= len(data):
         length = int.from_bytes(data[position : position + 4], "big")
@@ -203,7 +238,7 @@ def _collect_png(data: bytes, evidence: _Evidence) -> None:
         if len(body) < length or kind == b"IEND":
             break
         if kind in (b"tEXt", b"zTXt", b"iTXt"):
-            parsed = _png_text_chunk(kind, body)
+            parsed = _png_text_chunk(kind, body, inflater)
             if parsed is None:
                 continue
             key, value = parsed
@@ -211,11 +246,12 @@ def _collect_png(data: bytes, evidence: _Evidence) -> None:
                 evidence.xmp = evidence.xmp or value
             elif len(evidence.png_text) < _METADATA_MAX_ENTRIES:
                 evidence.png_text.append((key, value))
-        elif kind == b"eXIf":
+        elif kind == b"eXIf" and not exif_seen:
+            exif_seen = True
             _collect_exif_bytes(body, evidence)
 
 
-def _png_text_chunk(kind: bytes, body: bytes) -> tuple[str, str] | None:
+def _png_text_chunk(kind: bytes, body: bytes, inflater: _Inflater) -> tuple[str, str] | None:
     key_raw, sep, rest = body.partition(b"\x00")
     if not sep or not key_raw:
         return None
@@ -223,7 +259,7 @@ def _png_text_chunk(kind: bytes, body: bytes) -> tuple[str, str] | None:
     if kind == b"tEXt":
         return key, rest.decode("latin-1")
     if kind == b"zTXt":
-        text = _inflate(rest[1:]) if rest[:1] == b"\x00" else None
+        text = inflater.inflate(rest[1:]) if rest[:1] == b"\x00" else None
         return None if text is None else (key, text.decode("latin-1"))
     # iTXt: compression flag, method, language\0, translated keyword\0, UTF-8 text
     if len(rest) < 2:
@@ -232,22 +268,35 @@ def _png_text_chunk(kind: bytes, body: bytes) -> tuple[str, str] | None:
     parts = rest[2:].split(b"\x00", 2)
     if len(parts) != 3:
         return None
-    payload = parts[2]
+    payload: bytes | None = parts[2]
     if flag == 1:
-        payload = _inflate(payload) if method == 0 else None
-        if payload is None:
-            return None
+        payload = inflater.inflate(parts[2]) if method == 0 else None
+    if payload is None:
+        return None
     return key, payload.decode("utf-8", errors="replace")
 
 
-def _inflate(compressed: bytes) -> bytes | None:
-    """zlib-inflate at most _TEXT_CHUNK_MAX_BYTES; anything larger (a text bomb) is dropped."""
-    try:
-        inflater = zlib.decompressobj()
-        out = inflater.decompress(compressed, _TEXT_CHUNK_MAX_BYTES)
-    except zlib.error:
-        return None
-    return None if inflater.unconsumed_tail else out
+class _Inflater:
+    """Inflates the compressed text chunks of one file within a shared budget of output bytes."""
+
+    def __init__(self) -> None:
+        self.left = _TEXT_INFLATE_BUDGET
+
+    def inflate(self, compressed: bytes) -> bytes | None:
+        """zlib-inflate at most _TEXT_CHUNK_MAX_BYTES and what is left of the budget; text that
+        would be larger (a text bomb) is dropped, and what was inflated still counts. A stream
+        that turns out corrupt counts as the most it could have cost."""
+        limit = min(_TEXT_CHUNK_MAX_BYTES, self.left)
+        if limit <= 0:
+            return None
+        try:
+            stream = zlib.decompressobj()
+            out = stream.decompress(compressed, limit)
+        except zlib.error:
+            self.left -= limit
+            return None
+        self.left -= len(out)
+        return None if stream.unconsumed_tail else out
 
 
 def _collect_with_pillow(data: bytes, evidence: _Evidence) -> None:
@@ -343,78 +392,211 @@ def _to_text(value: Any) -> str:
 
 
 def _find_raw_xmp(data: bytes) -> str | None:
-    """An uncompressed XMP packet anywhere in the file, for formats Pillow does not expose it in."""
-    start = data.find(b"<x:xmpmeta")
+    """An uncompressed XMP packet anywhere in the file, for formats Pillow does not expose it in.
+
+    Two substring searches, the second bounded to 1 MiB after the start: linear in the file.
+    """
+    start = data.find(_XMP_START.encode())
     if start < 0:
         return None
-    end = data.find(b"</x:xmpmeta>", start, start + _XMP_MAX_BYTES)
+    end = data.find(_XMP_END.encode(), start, start + _XMP_MAX_BYTES)
     if end < 0:
         return None
-    return data[start : end + len(b"</x:xmpmeta>")].decode("utf-8", errors="replace")
+    return data[start : end + len(_XMP_END)].decode("utf-8", errors="replace")
 
 
 def _xmp_fields(xmp: str) -> dict[str, str]:
     """dc:description (the x-default language, else the first) and CreatorTool from an XMP packet.
 
-    Regular expressions rather than an XML parser: the packet is hostile input and only two
-    fields are wanted, so no entity expansion or DTD handling can be triggered.
+    The packet is parsed with defusedxml, which refuses any DTD, entity declaration or external
+    reference (entity bombs, external entities): such a packet, or one that is not XML at all,
+    gives no fields. Parsing is linear in the packet, which is cut to 1 MiB first.
     """
-    xmp = xmp[:_XMP_MAX_BYTES]
+    root = _parse_xmp(xmp[:_XMP_MAX_BYTES])
+    if root is None:
+        return {}
     fields: dict[str, str] = {}
-    block = re.search(r"<dc:description\b[^>]*>(.*?)</dc:description>", xmp, re.S)
-    if block:
-        items = re.findall(r"<rdf:li\b([^>]*)>(.*?)</rdf:li>", block.group(1), re.S)
-        chosen = next((text for attrs, text in items if "x-default" in attrs), None)
-        if chosen is None and items:
-            chosen = items[0][1]
-        if chosen is None:
-            chosen = re.sub(r"<[^>]*>", " ", block.group(1))
-        fields["description"] = html.unescape(chosen)
-    else:
-        attribute = re.search(r'\bdc:description\s*=\s*"([^"]*)"', xmp)
-        if attribute:
-            fields["description"] = html.unescape(attribute.group(1))
-    tool = re.search(r"<(\w+:)?CreatorTool\b[^>]*>(.*?)</(\w+:)?CreatorTool>", xmp, re.S)
-    if tool:
-        fields["CreatorTool"] = html.unescape(tool.group(2))
-    else:
-        attribute = re.search(r'\b(\w+:)?CreatorTool\s*=\s*"([^"]*)"', xmp)
-        if attribute:
-            fields["CreatorTool"] = html.unescape(attribute.group(2))
+    description = _xmp_description(root)
+    if description is not None:
+        fields["description"] = description
+    tool = _xmp_creator_tool(root)
+    if tool is not None:
+        fields["CreatorTool"] = tool
     return {key: value.strip() for key, value in fields.items() if value.strip()}
 
 
+def _parse_xmp(xmp: str) -> Element | None:
+    """The root element of an XMP packet, or ``None`` when it is hostile or not XML.
+
+    Where the text holds an ``x:xmpmeta`` element only that element is parsed, so the
+    ``<?xpacket?>`` wrapper or stray bytes around it do not matter; a DTD before it refuses the
+    packet. The parse is one pass of expat, and defusedxml refuses any DTD or entity it meets.
+    """
+    from xml.etree.ElementTree import ParseError
+
+    from defusedxml import DefusedXmlException
+    from defusedxml.ElementTree import fromstring
+
+    start = xmp.find(_XMP_START)
+    end = xmp.find(_XMP_END, max(start, 0))
+    if start >= 0 and end >= 0:
+        if xmp.find("<!DOCTYPE", 0, start) >= 0 or xmp.find("<!ENTITY", 0, start) >= 0:
+            return None
+        xmp = xmp[start : end + len(_XMP_END)]
+    try:
+        return fromstring(xmp, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+    except (DefusedXmlException, ParseError, ValueError, LookupError, RecursionError):
+        return None
+
+
+def _local_name(name: Any) -> str:
+    """``CreatorTool`` for ``{http://ns.adobe.com/xap/1.0/}CreatorTool`` (and for itself)."""
+    return name.rpartition("}")[2] if isinstance(name, str) else ""
+
+
+def _xmp_description(root: Element) -> str | None:
+    """Text of the first dc:description element, else of a dc:description attribute."""
+    element = next(root.iter(_DC_DESCRIPTION), None)
+    if element is not None:
+        items = list(element.iter(_RDF_LI))
+        chosen = next(
+            (item for item in items if any("x-default" in v for v in item.attrib.values())),
+            items[0] if items else None,
+        )
+        if chosen is not None:
+            return "".join(chosen.itertext())
+        return " ".join(element.itertext())
+    for node in root.iter():
+        value = node.attrib.get(_DC_DESCRIPTION)
+        if value is not None:
+            return value
+    return None
+
+
+def _xmp_creator_tool(root: Element) -> str | None:
+    """Text of the first CreatorTool element (any namespace), else of a CreatorTool attribute."""
+    for node in root.iter():
+        if _local_name(node.tag) == "CreatorTool":
+            return "".join(node.itertext())
+    for node in root.iter():
+        for name, value in node.attrib.items():
+            if _local_name(name) == "CreatorTool":
+                return value
+    return None
+
+
+def _marked_lines(
+    text: str, first: re.Pattern[str], following: re.Pattern[str], literals: tuple[str, ...]
+) -> Iterator[int]:
+    """Start offsets of the lines (as str.splitlines() cuts them) that begin with a marker.
+
+    ``first`` matches the marker on the first line, ``following`` a line break then the marker;
+    a text that holds none of ``literals`` is skipped with one substring search.
+    """
+    if not any(literal in text for literal in literals):
+        return
+    if first.match(text):
+        yield 0
+    for match in following.finditer(text):
+        yield match.start() + 1
+
+
+def _a1111_lines(text: str) -> Iterator[int]:
+    """Start offsets of "Negative prompt:" lines and settings lines."""
+    return _marked_lines(text, _A1111_FIRST, _A1111_NEXT, ("Negative prompt:", "Steps:"))
+
+
 def _looks_like_a1111(text: str) -> bool:
-    return any(
-        line.lstrip().startswith(_NEGATIVE_LINE) or _STEPS_LINE.match(line.lstrip())
-        for line in text.splitlines()
-    )
+    """Whether a text has a "Negative prompt:" line or a settings line."""
+    return next(_a1111_lines(text), None) is not None
 
 
 def _a1111_prompt(text: str) -> str:
     """The prompt of an Automatic1111 ``parameters`` text: every line before the negative prompt
-    or the settings line (the whole text when neither is present)."""
-    lines = text.splitlines()
-    for index, line in enumerate(lines):
-        stripped = line.lstrip()
-        if stripped.startswith(_NEGATIVE_LINE) or _STEPS_LINE.match(stripped):
-            return "\n".join(lines[:index])
-    return text
+    or the settings line, joined by newlines (the whole text when neither is present)."""
+    marked = next(_a1111_lines(text), None)
+    if marked is None:
+        return text
+    return "\n".join(text[:marked].splitlines())
 
 
 def _a1111_settings(text: str) -> dict[str, str]:
     """``Key: value`` pairs of the last settings line ("Steps: 20, Sampler: Euler a, Model: x")."""
-    settings_lines = [line for line in text.splitlines() if _STEPS_LINE.match(line.lstrip())]
-    if not settings_lines:
+    lines = _marked_lines(text, _SETTINGS_FIRST, _SETTINGS_NEXT, ("Steps:",))
+    last = deque(lines, maxlen=1)
+    if not last:
         return {}
+    line_break = _LINE_BREAK.search(text, last[0])
+    return _settings_pairs(text[last[0] : line_break.start() if line_break else len(text)])
+
+
+def _settings_pairs(line: str) -> dict[str, str]:
+    """The ``Key: value`` pairs of one settings line, read in one left-to-right pass.
+
+    A key starts with an ASCII letter and runs over word characters, spaces and ``-/.()`` up to a
+    colon; a value is a double-quoted string (backslash escapes a character; the quotes are
+    dropped) that ends the item, or else everything up to the next comma. Text that is no key is
+    skipped. The first value of a repeated key wins.
+
+    Every character is looked at a bounded number of times, by str methods and single-class
+    matches that cannot backtrack; and the scan stops after _SETTINGS_MAX_STEPS items (a real line
+    has a few dozen), so a hostile megabyte-long line costs milliseconds.
+    """
     settings: dict[str, str] = {}
-    for match in _SETTING.finditer(settings_lines[-1]):
-        key, value = match.group(1).strip(), match.group(2).strip()
+    position, end = 0, len(line)
+    for _ in range(_SETTINGS_MAX_STEPS):
+        letter = _ASCII_LETTER.search(line, position)  # no key starts before the next letter
+        if letter is None:
+            break
+        start = letter.start()
+        colon = _run_end(_KEY_RUN, line, start)
+        if colon == end or line[colon] != ":":
+            position = colon  # a key starting anywhere in this run would stop here too
+            continue
+        value, position = _setting_value(line, colon + 1)
+        key, value = line[start:colon].strip(), value.strip()
         if len(value) >= 2 and value[0] == value[-1] == '"':
             value = value[1:-1]
         if key and value:
             settings.setdefault(key, value)
     return settings
+
+
+def _setting_value(line: str, position: int) -> tuple[str, int]:
+    """The raw value that starts at ``position`` (after a key's colon) and where the next key may
+    start: a quoted string when it is followed by a comma or the end, else the text to the comma."""
+    start = _run_end(_SPACE_RUN, line, position)
+    if line.startswith('"', start):
+        close = _closing_quote(line, start + 1)
+        if close >= 0 and (close + 1 == len(line) or line[close + 1] == ","):
+            return line[start : close + 1], close + 2
+    comma = line.find(",", start)
+    if comma < 0:
+        return line[start:], len(line)
+    return line[start:comma], comma + 1
+
+
+def _run_end(run: re.Pattern[str], line: str, position: int) -> int:
+    """Where a run of one character class that starts at ``position`` ends."""
+    match = run.match(line, position)
+    return match.end() if match else position
+
+
+def _closing_quote(line: str, position: int) -> int:
+    """Index of the double quote that closes a string whose body starts at ``position``, or -1.
+
+    A backslash escapes the character after it, so a quote is escaped when an odd number of
+    backslashes stands right before it. A value's opening quote follows a colon or whitespace, so
+    no scan runs past the next value's start: scans never overlap and together stay linear.
+    """
+    quote = line.find('"', position)
+    if quote < 0:
+        return -1
+    body = line[position:quote]
+    if (len(body) - len(body.rstrip("\\"))) % 2 == 0:
+        return quote
+    rest = _QUOTED_REST.match(line, quote + 1)  # the first quote was escaped: skip escapes in C
+    return rest.end() - 1 if rest else -1
 
 
 def _parse_json_object(text: str) -> Any:
@@ -425,45 +607,53 @@ def _parse_json_object(text: str) -> Any:
 
 
 def _node_order(node_id: str) -> tuple[int, int, str]:
-    return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
+    """Sort key for graph node ids: decimal ids in numeric order, then the others by name.
+
+    Numeric order comes from (length without leading zeros, digits), never from ``int()``: an id
+    of thousands of digits would be slow to convert or refused by Python's digit limit.
+    """
+    if node_id.isascii() and node_id.isdigit():
+        digits = node_id.lstrip("0")
+        return (0, len(digits), digits)
+    return (1, 0, node_id)
 
 
 def _node_key(item: tuple[str, Any]) -> tuple[int, int, str]:
     return _node_order(item[0])
 
 
+def _node_reference(value: Any) -> str | None:
+    """The node id a ComfyUI input links to (``["6", 0]`` links to node "6"), or ``None``."""
+    if isinstance(value, list) and value and isinstance(value[0], (str, int)):
+        return str(value[0])
+    return None
+
+
 def _comfy_prompt(graph: dict[str, Any]) -> str:
     """The positive prompt text of a ComfyUI API graph, or "" when none can be found.
 
     First the CLIPTextEncode node wired to a sampler's ``positive`` input; otherwise the first
-    CLIPTextEncode node (by id) that no sampler uses as its ``negative`` input.
+    CLIPTextEncode node (by id) that no sampler uses as its ``negative`` input. Each node's text
+    is looked up once however many samplers link to it, so the walk is linear in the graph.
     """
     nodes = {str(key): node for key, node in graph.items() if isinstance(node, dict)}
+    texts: dict[str, str | None] = {}
 
-    def inputs_of(node: dict[str, Any]) -> dict[str, Any]:
-        inputs = node.get("inputs")
-        return inputs if isinstance(inputs, dict) else {}
-
-    def encoded_text(node_id: Any) -> str | None:
-        node = nodes.get(str(node_id))
-        if node is None or "CLIPTextEncode" not in str(node.get("class_type", "")):
-            return None
-        for key in ("text", "text_g", "text_l"):
-            value = inputs_of(node).get(key)
-            if isinstance(value, str) and value.strip():
-                return value
-        return None
+    def encoded_text(node_id: str) -> str | None:
+        if node_id not in texts:
+            texts[node_id] = _encoder_text(nodes.get(node_id))
+        return texts[node_id]
 
     order = sorted(nodes, key=_node_order)
     negatives: set[str] = set()
     for node_id in order:
-        inputs = inputs_of(nodes[node_id])
-        negative = inputs.get("negative")
-        if isinstance(negative, list) and negative:
-            negatives.add(str(negative[0]))
-        positive = inputs.get("positive")
-        if isinstance(positive, list) and positive:
-            text = encoded_text(positive[0])
+        inputs = _inputs_of(nodes[node_id])
+        negative = _node_reference(inputs.get("negative"))
+        if negative is not None:
+            negatives.add(negative)
+        positive = _node_reference(inputs.get("positive"))
+        if positive is not None:
+            text = encoded_text(positive)
             if text:
                 return text
     for node_id in order:
@@ -472,6 +662,25 @@ def _comfy_prompt(graph: dict[str, Any]) -> str:
             if text:
                 return text
     return ""
+
+
+def _inputs_of(node: dict[str, Any]) -> dict[str, Any]:
+    inputs = node.get("inputs")
+    return inputs if isinstance(inputs, dict) else {}
+
+
+def _encoder_text(node: Any) -> str | None:
+    """The non-blank ``text`` (or ``text_g``, ``text_l``) of a CLIPTextEncode node, else None."""
+    if not isinstance(node, dict):
+        return None
+    class_type = node.get("class_type")
+    if not isinstance(class_type, str) or "CLIPTextEncode" not in class_type:
+        return None
+    for key in ("text", "text_g", "text_l"):
+        value = _inputs_of(node).get(key)
+        if isinstance(value, str) and value.strip():
+            return value
+    return None
 
 
 def _comfy_models(graph: dict[str, Any]) -> dict[str, str]:
