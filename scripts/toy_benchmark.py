@@ -11,11 +11,13 @@
    whatever G's original it stands next to: the ingest stores it once).
 2. ``rsx init`` a toy lab, ``rsx ingest --layout resynthesis-dataset`` (the generators arrive as
    imported ones, as for the real dataset), ``rsx eval`` without and with post-processing, each
-   writing its report under OUT.
+   writing its report under OUT. With ``--conformal`` both evaluations also measure prediction
+   sets (overall and per generator) and the calibration of the displayed score.
 
 Usage:
     python scripts/toy_benchmark.py --out /tmp/rsx-toy-benchmark
     python scripts/toy_benchmark.py --out DIR --captions 12 --shots 1,5 --repeats 2 --perturb jpeg
+    python scripts/toy_benchmark.py --out DIR --conformal 0.9,0.95
 """
 
 from __future__ import annotations
@@ -122,6 +124,15 @@ def main() -> None:
     parser.add_argument("--shots", default="1,5,10,20")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--perturb", default="all", help="Operators for the perturbed run")
+    parser.add_argument("--conformal", help="Also measure prediction sets, e.g. 0.9,0.95")
+    parser.add_argument("--conformal-splits", type=int, default=500, help="Calibration splits")
+    parser.add_argument(
+        "--calibration-share",
+        type=float,
+        default=0.8,
+        help="Share of each generator's references that calibrates (0.8 of 25 gives the 19"
+        " per generator that 95 %% per-generator coverage needs)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = args.out
@@ -137,6 +148,10 @@ def main() -> None:
     rsx(lab, "ingest", str(dataset), "--layout", "resynthesis-dataset")
     ingested = time.perf_counter()
     common = ["eval", "--shots", args.shots, "--repeats", str(args.repeats)]
+    if args.conformal:
+        common += ["--conformal", args.conformal, "--per-generator"]
+        common += ["--conformal-splits", str(args.conformal_splits)]
+        common += ["--calibration-share", str(args.calibration_share)]
     rsx(lab, *common, "--out", str(out / "report-clean"))
     rsx(lab, *common, "--perturb", args.perturb, "--out", str(out / "report-perturbed"))
     done = time.perf_counter()

@@ -9,7 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from resynth_index.cli import cli
+from resynth_index.errors import RsxError
 from resynth_index.evaluation import protocol as evaluation
+from resynth_index.evaluation.conformal_eval import MARGINAL, PER_GENERATOR
 from resynth_index.evaluation.data import EvalData
 from resynth_index.evaluation.protocol import METHODS, EvalConfig, run_protocol
 from resynth_index.evaluation.report import split_lines, terminal_text, write_report
@@ -214,6 +216,47 @@ def test_hybrid_weight_comes_from_leave_one_out():
     )
 
 
+def test_conformal_sets_are_reported_in_json_terminal_and_markdown(tmp_path):
+    pytest.importorskip("matplotlib")
+    data = synthetic_data(per_class=12)
+    noisy = _unit(data.features + np.random.default_rng(1).normal(size=data.features.shape))
+    config = _config(
+        shots=(1,),
+        methods=("resynthesis",),
+        conformal=(0.8, 0.9),
+        per_generator=True,
+        conformal_splits=20,
+        calibration_share=0.75,
+    )
+    summary = run_protocol(data, config, {"none": data.features, "noise": noisy})
+    section = json.loads(json.dumps(summary))["conformal"]
+    assert section["calibration_references"] == {g: 9 for g in data.generators}
+    assert {(r["condition"], r["target"], r["calibration"]) for r in section["results"]} == {
+        (c, t, k) for c in ("none", "noise") for t in (0.8, 0.9) for k in (MARGINAL, PER_GENERATOR)
+    }
+    for row in section["results"]:
+        assert 0 <= row["coverage"]["mean"] <= 1 and row["coverage"]["std"] is not None
+        assert set(row["per_generator"]) == set(data.generators)
+    assert [r["condition"] for r in section["conditions"]] == ["none", "noise"]
+    text = terminal_text(summary)
+    assert "conformal prediction sets (resynthesis)" in text
+    assert "per-generator coverage % on clean queries" in text and "ECE fitted T" in text
+    assert "guarantee does not hold" in text  # post-processed queries are shown, not hidden
+    report = write_report(summary, tmp_path / "report")[0].read_text()
+    assert "## Conformal prediction sets (resynthesis)" in report
+    assert "### Per-generator coverage %, queries post-processed: noise" in report
+
+
+def test_conformal_options_are_checked_before_anything_runs():
+    with pytest.raises(RsxError, match="--per-generator goes with --conformal"):
+        _config(per_generator=True).validate()
+    with pytest.raises(RsxError, match="--calibration-share"):
+        _config(conformal=(0.9,), calibration_share=1.0).validate()
+    data = synthetic_data()  # 8 references per generator: 4 calibrate
+    with pytest.raises(RsxError, match="needs 9 calibration references per generator"):
+        run_protocol(data, _config(conformal=(0.9,), per_generator=True), {"none": data.features})
+
+
 # ----------------------------------------------------------------------------- end to end
 CAPTIONS = ["a portrait of a sailor", "a bowl of pears", "a red bicycle", "a snowy cabin"]
 
@@ -284,6 +327,34 @@ def test_rsx_eval_without_scikit_learn_says_how_to_install(toy_lab, monkeypatch,
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "pip install 'resynth-index[eval]'" in lines[0]
+
+
+@pytest.mark.slow
+def test_rsx_eval_conformal_end_to_end(tiny_eval_lab):
+    pytest.importorskip("sklearn")
+    base = ["--lab", str(tiny_eval_lab), "eval", "--methods", "resynthesis", "--shots", "1"]
+    conformal = ["--conformal", "0.5,0.75", "--per-generator", "--calibration-share", "0.75"]
+    runner = CliRunner()
+    result = runner.invoke(
+        cli, [*base, "--generate", *conformal, "--conformal-splits", "20", "--perturb", "jpeg"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "conformal prediction sets (resynthesis)" in result.stdout
+    as_json = runner.invoke(cli, [*base, *conformal, "--conformal-splits", "20", "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    section = json.loads(as_json.stdout)["conformal"]
+    assert section["splits"] == 20 and section["coverages"] == [0.5, 0.75]
+    assert section["calibration_references"] == {"toy-a": 3, "toy-b": 3, "toy-c": 3}
+    assert len(section["results"]) == 4  # 2 targets x (marginal, per-generator), clean only
+    for row in section["results"]:
+        for stat in [row["coverage"], *row["per_generator"].values()]:
+            assert 0 <= stat["mean"] <= 1
+        assert 0 <= row["set_size"]["mean"] <= 3
+    for row in section["conditions"]:
+        assert 0 <= row["ece_fixed"] <= 1 and 0 <= row["ece_fitted"] <= 1
+    too_many = runner.invoke(cli, [*base, "--conformal", "0.95"])
+    assert too_many.exit_code == 1
+    assert "0.95 needs at least 19 calibration references" in too_many.output
 
 
 def test_rsx_eval_rejects_an_unknown_method(toy_lab):

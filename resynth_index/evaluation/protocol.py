@@ -24,6 +24,13 @@ import numpy as np
 
 from resynth_index.errors import RsxError
 from resynth_index.evaluation import metrics
+from resynth_index.evaluation.conformal_eval import (
+    DEFAULT_CALIBRATION_SHARE,
+    DEFAULT_SPLITS,
+    ConformalSettings,
+    check_enough,
+    evaluate_conformal,
+)
 from resynth_index.evaluation.fewshot import (
     FEWSHOT_METHODS,
     class_mean_similarity,
@@ -56,6 +63,19 @@ class EvalConfig:
     generators: tuple[str, ...] | None = None
     resyntheses: int | None = None
     generate: bool = False
+    conformal: tuple[float, ...] = ()  # target coverages of prediction sets; () = not measured
+    per_generator: bool = False  # also Mondrian (per-generator) calibration and its coverage
+    conformal_splits: int = DEFAULT_SPLITS
+    calibration_share: float = DEFAULT_CALIBRATION_SHARE
+
+    def conformal_settings(self) -> ConformalSettings:
+        return ConformalSettings(
+            coverages=self.conformal,
+            splits=self.conformal_splits,
+            calibration_share=self.calibration_share,
+            per_generator=self.per_generator,
+            seed=self.seed,
+        )
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -69,6 +89,10 @@ class EvalConfig:
             raise RsxError("--repeats must be at least 1")
         if self.holdout_unknown < 0:
             raise RsxError("--holdout-unknown must not be negative")
+        if self.per_generator and not self.conformal:
+            raise RsxError("--per-generator goes with --conformal, e.g. --conformal 0.9,0.95")
+        if self.conformal:
+            self.conformal_settings().validate()
 
 
 def parse_list(text: str | None) -> list[str]:
@@ -234,6 +258,8 @@ def run_protocol(
             f" (the lab has {n_classes} with references)"
         )
     counts = data.counts()
+    if config.conformal:  # refuse too few references before the long part
+        check_enough(counts, config.conformal_settings())
     fewest = min(counts.values())
     usable = [s for s in config.shots if s < fewest]
     notes = list(data.notes)
@@ -279,7 +305,14 @@ def run_protocol(
                     record = _metrics_for(data, outcome, test, known)
                     record["unknown_generators"] = [data.generators[i] for i in unknown]
                     runs.setdefault((cond, method, shots), []).append(record)
-    return _summarise(data, config, usable, list(queries), runs, splits, notes)
+    summary = _summarise(data, config, usable, list(queries), runs, splits, notes)
+    if config.conformal:  # closed set: every generator is a candidate, whatever the holdout
+        section = evaluate_conformal(
+            data.generators, data.labels, distances, config.conformal_settings(),
+            data.temperature, clean=CLEAN,
+        )  # fmt: skip
+        summary["conformal"] = _clean(section)
+    return summary
 
 
 def _split_sizes(splits: dict[int, list[dict[str, int]]]) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from resynth_index.errors import RsxError
+from resynth_index.evaluation.conformal_eval import PER_GENERATOR
 from resynth_index.evaluation.fewshot import INSTALL_HINT
 from resynth_index.evaluation.protocol import CLEAN, result_for
 
@@ -158,7 +159,158 @@ def terminal_text(summary: dict) -> str:
             f"\nmean accuracy % over the {len(ops)} post-processings ({', '.join(ops)})\n"
             + _text_table(header, mean_over_operators_rows(summary))
         )
+    if summary.get("conformal"):
+        parts += _conformal_terminal(summary)
     return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- conformal
+def _count(stat: dict | None) -> str:
+    """A set size, 'mean±std' (no percent)."""
+    if not stat or stat.get("mean") is None:
+        return "-"
+    if stat.get("std") is None:
+        return f"{stat['mean']:.2f}"
+    return f"{stat['mean']:.2f}±{stat['std']:.2f}"
+
+
+def _share(value: float | None) -> str:
+    """A share in percent, one decimal; '-' when there is none."""
+    return "-" if value is None else f"{value * 100:.1f}"
+
+
+def conformal_intro(section: dict) -> list[str]:
+    """How the prediction sets were measured, in a few lines."""
+    calibrating = sum(section["calibration_references"].values())
+    testing = sum(section["test_queries"].values())
+    return [
+        f"{section['splits']} random calibration/test splits (seed {section['seed']}): per"
+        f" generator a share {section['calibration_share']:g} of its references calibrates"
+        f" ({calibrating} references), the rest are test queries ({testing} per split);"
+        " % mean±std over splits",
+        f"nonconformity: {section['score']}",
+        "coverage: share of test queries whose set holds their true generator;"
+        " 'vs target': coverage minus the target, in points",
+    ]
+
+
+def conformal_rows(section: dict) -> list[list[str]]:
+    """[condition, calibration, target, coverage, vs target, set size, singletons, empty]."""
+    rows = []
+    for row in section["results"]:
+        coverage = row["coverage"]["mean"]
+        gap = "-" if coverage is None else f"{(coverage - row['target']) * 100:+.1f}"
+        rows.append(
+            [
+                row["condition"],
+                row["calibration"],
+                f"{row['target'] * 100:g}",
+                _cell(row["coverage"]),
+                gap,
+                _count(row["set_size"]),
+                _cell(row["singletons"]),
+                _cell(row["empty"]),
+            ]
+        )
+    return rows
+
+
+CONFORMAL_HEADER = [
+    "condition", "calibration", "target %", "coverage %", "vs target", "set size",
+    "singletons %", "empty %",
+]  # fmt: skip
+
+
+def conformal_generator_rows(section: dict, generators: list[str], cond: str) -> list[list[str]]:
+    """Per-generator coverage % under one condition: [calibration, target, one per generator]."""
+    return [
+        [
+            row["calibration"],
+            f"{row['target'] * 100:g}",
+            *[_cell(row["per_generator"][g]) for g in generators],
+        ]
+        for row in section["results"]
+        if row["condition"] == cond
+    ]
+
+
+def score_calibration_rows(section: dict) -> list[list[str]]:
+    """[condition, accuracy, ECE with the fixed temperature, ECE with the fitted one]."""
+    return [
+        [
+            row["condition"],
+            _cell(row["accuracy"]),
+            _share(row["ece_fixed"]),
+            _share(row["ece_fitted"]),
+        ]
+        for row in section["conditions"]
+    ]
+
+
+def score_calibration_title(section: dict) -> str:
+    fitted = section["temperature"]["fitted"]["mean"]
+    return (
+        "calibration of the displayed score softmax(-d/T): expected calibration error %"
+        " (10 bins, test queries of every split pooled) with the fixed"
+        f" T = {section['temperature']['fixed']:g} and with T fitted on each split's calibration"
+        f" references (mean T = {fitted:.3g})"
+    )
+
+
+SHIFT_NOTE = (
+    "post-processed queries are not exchangeable with the clean calibration references: the"
+    " guarantee does not hold for them, and 'vs target' shows by how much coverage falls"
+)
+
+
+def _conformal_terminal(summary: dict) -> list[str]:
+    section = summary["conformal"]
+    parts = ["\nconformal prediction sets (resynthesis)", *conformal_intro(section)]
+    parts.append(_text_table(CONFORMAL_HEADER, conformal_rows(section)))
+    if len(summary["conditions"]) > 1:
+        parts.append(SHIFT_NOTE)
+    if section["per_generator"]:
+        parts.append(
+            f"\nper-generator coverage % on clean queries ({PER_GENERATOR}: one threshold per"
+            " generator)\n"
+            + _text_table(
+                ["calibration", "target %", *summary["generators"]],
+                conformal_generator_rows(section, summary["generators"], CLEAN),
+            )
+        )
+    parts.append(
+        f"\n{score_calibration_title(section)}\n"
+        + _text_table(
+            ["condition", "accuracy %", "ECE fixed T", "ECE fitted T"],
+            score_calibration_rows(section),
+        )
+    )
+    return parts
+
+
+def _conformal_markdown(summary: dict) -> list[str]:
+    section = summary["conformal"]
+    lines = ["", "## Conformal prediction sets (resynthesis)", ""]
+    lines += [f"- {line}" for line in conformal_intro(section)]
+    if len(summary["conditions"]) > 1:
+        lines.append(f"- {SHIFT_NOTE}")
+    lines += ["", _markdown_table(CONFORMAL_HEADER, conformal_rows(section))]
+    if section["per_generator"]:
+        header = ["calibration", "target %", *summary["generators"]]
+        for cond in summary["conditions"]:
+            title = "clean queries" if cond == CLEAN else f"queries post-processed: {cond}"
+            rows = conformal_generator_rows(section, summary["generators"], cond)
+            lines += ["", f"### Per-generator coverage %, {title}", ""]
+            lines.append(_markdown_table(header, rows))
+    lines += ["", "### Calibration of the displayed score", "", score_calibration_title(section)]
+    lines += [
+        "",
+        _markdown_table(
+            ["condition", "accuracy %", "ECE fixed T %", "ECE fitted T %"],
+            score_calibration_rows(section),
+        ),
+    ]
+    return lines
 
 
 def _slug(text: str) -> str:
@@ -231,6 +383,8 @@ def _markdown(summary: dict, plot_names: list[str]) -> list[str]:
                 "",
                 _markdown_table(header, open_set_rows(summary, cond)),
             ]
+    if summary.get("conformal"):
+        lines += _conformal_markdown(summary)
     top = max(summary["shots"])
     lines += ["", f"## Per-generator accuracy (clean, {top}-shot)", ""]
     per_rows = []
