@@ -6,36 +6,43 @@ query, check. Models load lazily, on first use, so commands that only read the s
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from resynth_index.config import DATABASE_FILE, SETTINGS_FILE, LabSettings
 from resynth_index.errors import RsxError, StoreError
-from resynth_index.store import migrate, repository
+from resynth_index.store import embeddings, migrate, repository
 from resynth_index.store.blobs import BlobStore
 from resynth_index.store.engine import make_engine, make_sessionmaker, sqlite_url
-from resynth_index.store.models import GeneratorRow, utcnow
+from resynth_index.store.models import GeneratorRow
 
 if TYPE_CHECKING:
-    from resynth_index.models.embedders import Embedder
-    from resynth_index.models.generators.protocol import GenerationSettings, Generator
-    from resynth_index.store.vectors import VectorIndex
+    import numpy as np
 
-GENERATOR_KINDS = ("diffusers", "toy", "imported")
-IMPORTED_SETTINGS_HASH = "imported"
+    from resynth_index.models.embedders import Embedder, EmbedderSpec
+    from resynth_index.models.generators.protocol import GenerationSettings, Generator
+    from resynth_index.store.integrity import CheckReport
+    from resynth_index.store.vectors import VectorIndex
 
 
 class Lab:
     """A lab directory opened for work. Create with :meth:`create`, open with :meth:`open`."""
 
-    def __init__(self, root: Path, settings: LabSettings, device: str | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        settings: LabSettings,
+        device: str | None = None,
+        *,
+        embedder: Embedder | None = None,
+    ) -> None:
+        """A lab over ``root`` (see ``create`` and ``open``). ``embedder``, when given, is an
+        embedder already loaded (e.g. shared by another lab); it must be the lab's own."""
         self.root = root
         self.settings = settings
         self.device = device or settings.device
@@ -43,43 +50,82 @@ class Lab:
         self._sessions = make_sessionmaker(self.engine)
         self.blobs = BlobStore(root / "blobs")
         self._generators: dict[str, Generator] = {}
+        self._embedder: Embedder | None = None
+        if embedder is not None:
+            self._check_embedder(embedder, "the embedder given")
+            self._embedder = embedder
 
     # ----------------------------------------------------------------- opening and creating
     @classmethod
     def create(
-        cls, root: Path, *, embedder: str = "toy", layer: int | None = None, device: str = "auto"
+        cls,
+        root: Path,
+        *,
+        embedder: str = "toy",
+        layer: int | None = None,
+        device: str = "auto",
+        precision: str = "auto",
     ) -> Lab:
-        """Make a new lab with its embedder (``toy``, ``local-dir:PATH`` or ``ARCH@WEIGHTS``)."""
+        """Make a new lab with its embedder (``toy``, ``local-dir:PATH`` or ``ARCH@WEIGHTS``).
+
+        ``precision`` "auto" is resolved here, for this machine's device (fp16 on CUDA, fp32
+        elsewhere), and recorded: the lab opens with it on any machine.
+        """
         from resynth_index.models.embedders import load_embedder
 
         root = Path(root)
         if (root / SETTINGS_FILE).exists():
             raise StoreError(f"{root} is already an rsx lab")
         spec = _embedder_spec(root, embedder, layer)
-        model = load_embedder(_inside(root, spec), device=device)  # a bad embedder leaves no lab
+        # a bad embedder leaves no lab
+        model = load_embedder(_inside(root, spec), device=device, precision=precision)
+        return cls.create_with_embedder(root, spec, model, label=embedder, device=device)
+
+    @classmethod
+    def create_with_embedder(
+        cls,
+        root: Path,
+        spec: EmbedderSpec,
+        model: Embedder,
+        *,
+        label: str | None = None,
+        device: str = "auto",
+    ) -> Lab:
+        """Make a new lab around an embedder already loaded from ``spec`` (``create`` parses the
+        user's --embedder text and loads it; a library caller holding a model comes here).
+        ``label`` is how the embedder was named (default ``ARCH@WEIGHTS``)."""
+        root = Path(root)
+        if (root / SETTINGS_FILE).exists():
+            raise StoreError(f"{root} is already an rsx lab")
         for sub in ("blobs", "index", "models"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         settings = LabSettings(
             embedder=spec.to_dict(),
-            embedder_label=embedder,
+            embedder_label=label or f"{spec.arch}@{spec.weights}",
             embedder_fingerprint=model.fingerprint,
             embedder_dim=model.dim,
+            embedder_precision=model.precision,
             device=device,
         )
-        lab = cls(root, settings, device=device)
+        lab = cls(root, settings, device=device, embedder=model)
         migrate.upgrade(lab.engine)
         settings.save(root)  # written last: a lab without settings.json is not a lab yet
-        lab.__dict__["embedder"] = model
         return lab
 
     @classmethod
-    def open(cls, root: Path, *, device: str | None = None) -> Lab:
-        """Open an existing lab, upgrading its schema when it is older than this code."""
+    def open(
+        cls, root: Path, *, device: str | None = None, embedder: Embedder | None = None
+    ) -> Lab:
+        """Open an existing lab, upgrading its schema when it is older than this code.
+
+        ``embedder``: the lab's embedder already loaded (by another lab on the same model, say),
+        so it is not loaded again; refused when its fingerprint is not the lab's.
+        """
         root = Path(root)
         if not root.is_dir():
             raise StoreError(f"no lab at {root}; create one with 'rsx init'")
         settings = LabSettings.load(root)
-        lab = cls(root, settings, device=device)
+        lab = cls(root, settings, device=device, embedder=embedder)
         migrate.ensure_current(lab.engine)
         return lab
 
@@ -99,21 +145,41 @@ class Lab:
             yield session
 
     # ----------------------------------------------------------------- models and index
-    @cached_property
+    @property
     def embedder(self) -> Embedder:
-        """The lab's embedder; refused if its fingerprint is not the one the lab was made with."""
+        """The lab's embedder, loaded on first use (see ``_load_embedder``)."""
+        if self._embedder is None:
+            self._embedder = self._load_embedder()
+        return self._embedder
+
+    def _load_embedder(self) -> Embedder:
+        """The lab's embedder; refused if its fingerprint is not the one the lab was made with.
+
+        It runs in the precision recorded at init, whatever this machine's device. A lab made
+        before that was recorded used "auto" (fp16 on CUDA, fp32 elsewhere): the other of the
+        two is tried when this machine's choice does not match.
+        """
         from resynth_index.models.embedders import EmbedderSpec, load_embedder
 
         spec = _inside(self.root, EmbedderSpec.from_dict(self.settings.embedder))
-        model = load_embedder(spec, device=self.device)
+        recorded = self.settings.embedder_precision
+        model = load_embedder(spec, device=self.device, precision=recorded or "auto")
+        if not recorded and model.fingerprint != self.settings.embedder_fingerprint:
+            other = "fp16" if model.precision == "fp32" else "fp32"
+            retry = load_embedder(spec, device=self.device, precision=other)
+            if retry.fingerprint == self.settings.embedder_fingerprint:
+                model = retry
+        self._check_embedder(model, f"the embedder at {spec.weights}")
+        return model
+
+    def _check_embedder(self, model: Embedder, what: str) -> None:
         if model.fingerprint != self.settings.embedder_fingerprint:
             raise StoreError(
-                f"the embedder at {spec.weights} is not the one this lab was built with "
+                f"{what} is not the one this lab was built with "
                 f"(fingerprint {model.fingerprint[:12]}, "
                 f"lab {self.settings.embedder_fingerprint[:12]});"
                 " vectors from different embedders cannot be compared"
             )
-        return model
 
     @property
     def fingerprint(self) -> str:
@@ -129,7 +195,7 @@ class Lab:
         from resynth_index.store.vectors import VectorIndex
 
         with self.session() as session:
-            count, max_id = repository.embedding_stats(session, self.fingerprint)
+            count, max_id = embeddings.embedding_stats(session, self.fingerprint)
         return VectorIndex.open(
             self.index_path,
             self.fingerprint,
@@ -139,10 +205,10 @@ class Lab:
             db_max_id=max_id,
         )
 
-    def embedding_source(self, after_id: int):
+    def embedding_source(self, after_id: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every stored embedding of the lab's embedder with id > after_id, in batches."""
         with self._sessions() as session:
-            yield from repository.iter_embeddings(session, self.fingerprint, after_id)
+            yield from embeddings.iter_embeddings(session, self.fingerprint, after_id)
 
     def sync_index(self) -> None:
         """Add embeddings stored since the index was last brought up to date, then save it."""
@@ -154,6 +220,17 @@ class Lab:
         if added:
             index.save()
 
+    def check(self, repair: bool = False) -> CheckReport:
+        """``rsx check``: compare the database with the blobs and the index; with ``repair``
+        rebuild what is derived (embeddings, the index) and remove debris no writer owns."""
+        from resynth_index.pipeline.intake import ensure_embeddings
+        from resynth_index.store.integrity import check_lab
+
+        def embed(image_id: int) -> None:
+            ensure_embeddings(self, {image_id: None})
+
+        return check_lab(self, repair=repair, embed=embed)
+
     # ----------------------------------------------------------------- generators
     def add_generator(
         self,
@@ -164,9 +241,19 @@ class Lab:
         settings: GenerationSettings | None = None,
         resyntheses: int | None = None,
         config: str | Path | None = None,
+        check_load: bool = False,
     ) -> GeneratorRow:
-        """Register a candidate generator. Nothing already stored is recomputed."""
-        from resynth_index.models.generators.protocol import GenerationSettings
+        """Register a candidate generator. Nothing already stored is recomputed.
+
+        A runnable one is validated first (its files, without loading weights; with
+        ``check_load`` also one real load): a refused generator leaves nothing registered.
+        """
+        from resynth_index.models.generators.diffusers import DiffusersGenerator
+        from resynth_index.models.generators.factory import (
+            GENERATOR_KINDS,
+            build_generator,
+            settings_record,
+        )
 
         _check_name(name)
         if kind not in GENERATOR_KINDS:
@@ -179,35 +266,25 @@ class Lab:
         resyntheses = resyntheses or self.settings.default_resyntheses
         if resyntheses < 1:
             raise RsxError("--resyntheses must be at least 1")
-        record: dict[str, Any] = {"resyntheses": resyntheses}
-        if kind == "imported":
-            from resynth_index.models.generators.imported import ImportedGenerator
-
-            fingerprint = ImportedGenerator(name).fingerprint
-            stored_source = None
-        else:
-            from resynth_index.models.generators.diffusers import DiffusersGenerator
-
-            settings = settings or GenerationSettings()
-            record["generation"] = settings.to_dict()
-            if config is not None:
-                record["config"] = str(Path(config).resolve())
+        stored_source = None
+        if kind != "imported":
+            if source is None:
+                raise RsxError(f"a {kind} generator needs its model files")
             stored_source = self._portable_path(Path(source))
-            model = DiffusersGenerator(
-                name, self._absolute(stored_source), settings, config=record.get("config")
-            )
-            fingerprint = model.fingerprint  # hashes the weight files; fails early on a bad path
-        row = GeneratorRow(
-            name=name,
-            kind=kind,
-            source=stored_source,
-            settings_json=json.dumps(record, sort_keys=True),
-            fingerprint=fingerprint,
-            added_at=utcnow(),
-        )
+        record = settings_record(kind, resyntheses, settings, config)
+        model = build_generator(name, kind, self._absolute(stored_source), record)
+        fingerprint = model.fingerprint  # hashes the weight files; fails early on a bad path
+        if isinstance(model, DiffusersGenerator):
+            model.validate(check_load=check_load)
         with self.session() as session:
-            session.add(row)
-        return row
+            return repository.add_generator(
+                session,
+                name=name,
+                kind=kind,
+                source=stored_source,
+                settings_json=record,
+                fingerprint=fingerprint,
+            )
 
     def add_toy_generator(
         self,
@@ -219,50 +296,42 @@ class Lab:
         resyntheses: int | None = None,
     ) -> GeneratorRow:
         """Build a toy pipeline from ``seed``, save it inside the lab, register it."""
-        from resynth_index.models.toyzoo.pipelines import TOY_SETTINGS, save_toy_pipeline
+        from resynth_index.models.toyzoo.pipelines import TOY_SETTINGS, ensure_toy_pipeline
 
         _check_name(name)
-        folder = self.root / "models" / f"toy-{name}"
-        if not (folder / "model_index.json").exists():
-            save_toy_pipeline(folder, seed, base_seed=base_seed, perturbation=perturbation)
+        folder = ensure_toy_pipeline(
+            self.root / "models" / f"toy-{name}",
+            seed,
+            base_seed=base_seed,
+            perturbation=perturbation,
+        )
         return self.add_generator(
             name, "toy", source=folder, settings=TOY_SETTINGS, resyntheses=resyntheses
         )
 
     def generators(self, include_retired: bool = False) -> list[GeneratorRow]:
+        """The registered generators by name (the active ones unless ``include_retired``)."""
         with self.session() as session:
-            query = select(GeneratorRow).order_by(GeneratorRow.name)
-            if not include_retired:
-                query = query.where(GeneratorRow.retired_at.is_(None))
-            return list(session.scalars(query))
+            return repository.list_generators(session, include_retired=include_retired)
 
     def retire_generator(self, name: str) -> None:
+        """Stop offering a generator as a candidate; what it made stays in the lab."""
         with self.session() as session:
             row = repository.generator_by_name(session, name)
             if row is None:
                 raise RsxError(f"no generator named {name!r} in this lab")
             if row.retired_at is not None:
                 raise RsxError(f"generator {name!r} is already retired")
-            row.retired_at = utcnow()
+            repository.retire_generator(session, row)
 
     def generator_model(self, row: GeneratorRow) -> Generator:
         """The runnable (or imported) generator behind a registered row, loaded once."""
+        from resynth_index.models.generators.factory import build_generator
+
         if row.name not in self._generators:
-            record = json.loads(row.settings_json)
-            if row.kind == "imported":
-                from resynth_index.models.generators.imported import ImportedGenerator
-
-                model: Generator = ImportedGenerator(row.name)
-            else:
-                from resynth_index.models.generators.diffusers import DiffusersGenerator
-                from resynth_index.models.generators.protocol import GenerationSettings
-
-                settings = GenerationSettings.from_dict(record["generation"])
-                if self.device != "auto" and settings.device == "auto":
-                    settings = settings.__class__(**{**settings.to_dict(), "device": self.device})
-                model = DiffusersGenerator(
-                    row.name, self._absolute(row.source), settings, config=record.get("config")
-                )
+            model = build_generator(
+                row.name, row.kind, self._absolute(row.source), row.settings_json, self.device
+            )
             if model.fingerprint != row.fingerprint:
                 raise StoreError(
                     f"generator {row.name!r} no longer matches what was registered (fingerprint "
@@ -271,19 +340,6 @@ class Lab:
                 )
             self._generators[row.name] = model
         return self._generators[row.name]
-
-    @staticmethod
-    def resyntheses_per_caption(row: GeneratorRow) -> int:
-        return int(json.loads(row.settings_json).get("resyntheses", 1))
-
-    @staticmethod
-    def settings_hash(row: GeneratorRow) -> str:
-        if row.kind == "imported":
-            return IMPORTED_SETTINGS_HASH
-        from resynth_index.models.generators.protocol import GenerationSettings
-
-        record = json.loads(row.settings_json)
-        return GenerationSettings.from_dict(record["generation"]).output_hash()
 
     # ----------------------------------------------------------------- paths
     def _portable_path(self, path: Path) -> str:
@@ -294,9 +350,10 @@ class Lab:
         except ValueError:
             return str(resolved)
 
-    def _absolute(self, stored: str | None) -> Path:
+    def _absolute(self, stored: str | None) -> Path | None:
+        """A stored path made absolute (lab-relative ones against the lab); None stays None."""
         if stored is None:
-            raise StoreError("this generator has no model files")
+            return None
         path = Path(stored)
         return path if path.is_absolute() else self.root / path
 
@@ -309,7 +366,7 @@ def _check_name(name: str) -> None:
         )
 
 
-def _inside(root: Path, spec):
+def _inside(root: Path, spec: EmbedderSpec) -> EmbedderSpec:
     """The spec with a lab-relative local-dir folder made absolute."""
     from resynth_index.models.embedders import EmbedderSpec
 
@@ -320,15 +377,14 @@ def _inside(root: Path, spec):
     return spec
 
 
-def _embedder_spec(root: Path, embedder: str, layer: int | None):
+def _embedder_spec(root: Path, embedder: str, layer: int | None) -> EmbedderSpec:
     """Turn the user's --embedder text into an EmbedderSpec (building the toy model if asked)."""
     from resynth_index.models.embedders import EmbedderSpec
 
     if embedder == "toy":
-        from resynth_index.models.toyzoo.clip import save_toy_clip
+        from resynth_index.models.toyzoo.clip import install_toy_clip
 
-        save_toy_clip(root / "models" / "toy-clip")
-        return EmbedderSpec(arch="", weights="local-dir:models/toy-clip", layer=layer)
+        return install_toy_clip(root, layer)
     if embedder.startswith("local-dir:"):
         folder = Path(embedder.removeprefix("local-dir:")).expanduser().resolve()
         return EmbedderSpec(arch="", weights=f"local-dir:{folder}", layer=layer)

@@ -22,49 +22,20 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sqlite3
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-
-QUERY_CAPTION = "a lighthouse on a cliff at dusk"
-
-
-@dataclass
-class Row:
-    name: str
-    measured: str
-    baseline: str
-    ratio: float
-    target: str
-    met: bool | None
-
-    def cells(self) -> list[str]:
-        met = "-" if self.met is None else ("yes" if self.met else "NO")
-        return [self.name, self.measured, self.baseline, f"{self.ratio:.2f}", self.target, met]
-
-
-def timed(fn, repeat: int = 1) -> float:
-    """Best wall time of ``repeat`` runs of ``fn`` (seconds)."""
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+from bench_common import (  # noqa: E402
+    Row,
+    bench_embedder,
+    bench_help,
+    print_report,
+    print_row,
+    timed,
+)
 
 
 # ------------------------------------------------------------------------------ generation
@@ -96,239 +67,12 @@ def bench_generation_sd15_cuda(n: int, batch: int) -> Row | None:
         return None
     if not torch.cuda.is_available():
         return None
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from gpu_bench import bench_generation_arch
+    from gpu_bench import bench_generation_arch  # the SD1.5 sizes live with the GPU rows
 
     return bench_generation_arch("sd15", n=n, batch=batch, tiny=False)
 
 
-# ------------------------------------------------------------------------------ labs
-def make_lab(root: Path, spec, model, device: str = "cpu"):
-    """A lab for an ``EmbedderSpec`` (the CLI only takes files), built through the library."""
-    from resynth_index.config import LabSettings
-    from resynth_index.lab import Lab
-    from resynth_index.store import migrate
-
-    for sub in ("blobs", "index", "models"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    settings = LabSettings(
-        embedder=spec.to_dict(),
-        embedder_label=f"{spec.arch}@{spec.weights}",
-        embedder_fingerprint=model.fingerprint,
-        embedder_dim=model.dim,
-        device=device,
-    )
-    lab = Lab(root, settings, device=device)
-    migrate.upgrade(lab.engine)
-    settings.save(root)
-    lab.__dict__["embedder"] = model  # already loaded: share it
-    return lab
-
-
-def load_embedder(kind: str, scratch: Path, device: str = "cpu"):
-    from resynth_index.models.embedders import EmbedderSpec, OpenClipEmbedder
-
-    if kind == "toy":
-        from resynth_index.models.toyzoo.clip import save_toy_clip
-
-        folder = save_toy_clip(scratch / "toy-clip")
-        spec = EmbedderSpec(arch="", weights=f"local-dir:{folder}")
-    else:
-        spec = EmbedderSpec(arch=kind, weights="random:0")
-    return spec, OpenClipEmbedder(spec, device=device)
-
-
-def write_images(folder: Path, n: int, size: int) -> list[Path]:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(1)
-    base = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-    paths = []
-    for i in range(n):
-        # smooth-ish content: a noisy base with a per-image shift (PNG-encodes like a photo)
-        picture = np.roll(base, i, axis=1) // 2 + rng.integers(0, 128, (size, size, 3), np.uint8)
-        path = folder / f"{i:05d}.png"
-        Image.fromarray(picture).save(path, compress_level=1)
-        paths.append(path)
-    return paths
-
-
-# ------------------------------------------------------------------------------ ingest
-def bench_ingest(
-    kind: str, spec, model, scratch: Path, n: int, batch: int, size: int, device: str = "cpu"
-) -> Row:
-    from PIL import Image
-
-    from resynth_index.pipeline.ingest import expand_paths, ingest
-
-    paths = write_images(scratch / f"ingest-{kind}", n, size)
-    pictures = [Image.open(p).convert("RGB") for p in paths[: batch * 2]]
-    pixels = model.preprocess_batch(pictures)
-    model.embed_tensors(pixels[:batch])  # warm-up
-    forward = timed(
-        lambda: [model.embed_tensors(pixels[s : s + batch]) for s in range(0, len(pixels), batch)],
-        repeat=2,
-    ) / len(pixels)
-    lab = make_lab(scratch / f"lab-ingest-{kind}", spec, model, device)
-    lab.settings.embedding_batch_size = batch
-    start = time.perf_counter()
-    summary = ingest(lab, expand_paths(paths), batch_size=batch)
-    elapsed = time.perf_counter() - start
-    assert summary.added == n and not summary.failures, summary
-    lab.close()
-    ratio = (n / elapsed) / (1 / forward)
-    return Row(
-        f"ingest {kind}, batch {batch} ({n} x {size}px PNG)",
-        f"{n / elapsed:.1f} img/s",
-        f"{1 / forward:.1f} img/s forward",
-        ratio,
-        ">= 0.80" if kind != "toy" else "(report)",
-        ratio >= 0.8 if kind != "toy" else None,
-    )
-
-
-# ------------------------------------------------------------------------------ warm query
-def fill_vectors(db: Path, fingerprint: str, dim: int, n: int) -> float:
-    """Insert ``n`` random unit vectors as embeddings of no image (FK checks off: bench only)."""
-    start = time.perf_counter()
-    connection = sqlite3.connect(db)
-    connection.execute("PRAGMA foreign_keys=OFF")
-    connection.execute("PRAGMA synchronous=OFF")
-    rng = np.random.default_rng(7)
-    now = "2026-01-01 00:00:00.000000"
-    with connection:
-        for start_id in range(0, n, 50_000):
-            count = min(50_000, n - start_id)
-            block = rng.standard_normal((count, dim), dtype=np.float32)
-            block /= np.linalg.norm(block, axis=1, keepdims=True)
-            block = block.astype("<f4")
-            connection.executemany(
-                "INSERT INTO embeddings (image_id, embedder_fingerprint, dim, vector, created_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (
-                    (-(start_id + i + 1), fingerprint, dim, block[i].tobytes(), now)
-                    for i in range(count)
-                ),
-            )
-    connection.close()
-    return time.perf_counter() - start
-
-
-def bench_query(
-    kind, spec, model, scratch: Path, vectors: int, k: int, queries: int, device: str = "cpu"
-):
-    from PIL import Image
-
-    from resynth_index.lab import Lab
-    from resynth_index.models.generators.protocol import GenerationRequest
-    from resynth_index.pipeline.query import run_queries
-
-    root = scratch / f"lab-query-{kind}"
-    lab = make_lab(root, spec, model, device)
-    filled = fill_vectors(root / "lab.sqlite", model.fingerprint, model.dim, vectors)
-    lab.close()
-    lab = Lab.open(root, device=device)
-    lab.__dict__["embedder"] = model
-    start = time.perf_counter()
-    _ = lab.index  # built from the database (every stored vector), then saved
-    built = time.perf_counter() - start
-    rows = [
-        lab.add_toy_generator(name, seed, resyntheses=k)
-        for name, seed in (("a", 11), ("b", 22), ("c", 33))
-    ]
-    made = lab.generator_model(rows[1]).generate(
-        [GenerationRequest(QUERY_CAPTION, 5000 + i) for i in range(queries + 1)], batch_size=8
-    )
-    folder = scratch / f"queries-{kind}"
-    folder.mkdir()
-    paths = []
-    for i, image in enumerate(made):
-        paths.append(folder / f"q{i}.png")
-        image.save(paths[-1])
-    [first] = run_queries(lab, [paths[0]], caption=QUERY_CAPTION)  # generates 3k, syncs index
-    assert first.generated == 3 * k, first
-    warm = []
-    for path in paths[1:]:
-        start = time.perf_counter()
-        [answer] = run_queries(lab, [path], caption=QUERY_CAPTION, sync_index=False)
-        warm.append(time.perf_counter() - start)
-        assert answer.generated == 0 and answer.reused == 3 * k
-    query_s = statistics.median(warm)
-    picture = Image.open(paths[1]).convert("RGB")
-    model.embed([picture], batch_size=1)
-    forward_s = statistics.median(
-        [timed(lambda: model.embed([picture], batch_size=1)) for _ in range(queries)]
-    )
-    # the lookup alone: the query's candidates gathered by id from the index, scored
-    index = lab.index
-    candidate_ids = np.arange(index.watermark - 3 * k - queries + 1, index.watermark + 1)
-    vector = index.vectors_for(candidate_ids[-1:])[0]
-    index.search(vector, 3 * k, ids=candidate_ids)
-    lookup_s = statistics.median(
-        [timed(lambda: index.search(vector, 3 * k, ids=candidate_ids)) for _ in range(50)]
-    )
-    start = time.perf_counter()
-    lab.sync_index()
-    synced = time.perf_counter() - start
-    total = index.count
-    lab.close()
-    notes = (
-        f"  query lab {kind}: {total:,} vectors; filled in {filled:.1f} s, index built in "
-        f"{built:.1f} s, final sync+save {synced:.2f} s"
-    )
-    return [
-        Row(
-            f"warm query {kind}, {3 * k} candidates, {total:,} vectors",
-            f"{query_s * 1000:.1f} ms",
-            f"{forward_s * 1000:.1f} ms forward",
-            query_s / forward_s,
-            "<= 1.2x",
-            query_s / forward_s <= 1.2,
-        ),
-        Row(
-            f"lookup alone ({3 * k} of {total:,} vectors)",
-            f"{lookup_s * 1000:.3f} ms",
-            "5 ms target",
-            lookup_s / 0.005,
-            "< 5 ms",
-            lookup_s < 0.005,
-        ),
-    ], notes
-
-
-# ------------------------------------------------------------------------------ startup
-def bench_help(repeat: int) -> Row:
-    command = [sys.executable, "-m", "resynth_index", "--help"]
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
-        times.append(time.perf_counter() - start)
-    best = min(times)
-    return Row(
-        "rsx --help wall time",
-        f"{best * 1000:.0f} ms",
-        "300 ms target",
-        best / 0.3,
-        "< 0.3 s",
-        best < 0.3,
-    )
-
-
 # ------------------------------------------------------------------------------ main
-def print_table(rows: list[Row]) -> None:
-    """The rows as a Markdown table."""
-    header = ["row", "measured", "baseline", "ratio", "target", "met"]
-    table = [header, *[r.cells() for r in rows]]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    print()
-    for number, line in enumerate(table):
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |")
-        if number == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, toy embedder only")
@@ -356,39 +100,29 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     try:
         rows.append(bench_generation(n=4 if quick else 16, batch=4, repeat=1 if quick else 2))
-        print(" | ".join(rows[-1].cells()), flush=True)
+        print_row(rows[-1])
         gpu = None if quick else bench_generation_sd15_cuda(n=16, batch=16)
         if gpu is not None:
             rows.append(gpu)
         for kind in embedders:
-            spec, model = load_embedder(kind, scratch)
-            size = 64 if kind == "toy" else 256
-            n = (48 if quick else 512) if kind == "toy" else 256
-            batch = 16 if quick else 32
-            rows.append(bench_ingest(kind, spec, model, scratch, n, batch, size))
-            print(" | ".join(rows[-1].cells()), flush=True)
-            query_vectors = vectors if kind != "toy" or quick else min(vectors, 100_000)
-            found, note = bench_query(
+            found, note = bench_embedder(
                 kind,
-                spec,
-                model,
                 scratch,
-                query_vectors,
+                size=64 if kind == "toy" else 256,
+                n=(48 if quick else 512) if kind == "toy" else 256,
+                batch=16 if quick else 32,
+                vectors=vectors if kind != "toy" or quick else min(vectors, 100_000),
                 k=2 if quick else 8,
                 queries=3 if quick else 10,
             )
             rows.extend(found)
             notes.append(note)
-            for row in found:
-                print(" | ".join(row.cells()), flush=True)
         rows.append(bench_help(3 if quick else 7))
     finally:
         if args.keep is None:
             shutil.rmtree(scratch, ignore_errors=True)
     load = os.getloadavg()
-    print_table(rows)
-    for note in notes:
-        print(note)
+    print_report(rows, notes)
     print(f"load average at end: {load[0]:.2f}")
     return 0
 

@@ -18,7 +18,6 @@ toy zoo's CLIP tokenizer, every weight is drawn at random on the device.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -26,15 +25,10 @@ import time
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-import bench  # noqa: E402
+import bench_common as bench  # noqa: E402
 
 # ------------------------------------------------------------------------- published configs
 # Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5, unet/vae/text_encoder config.json)
@@ -159,19 +153,6 @@ ARCHS = {
 }
 
 
-def _scheduler():
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-
-
 def build_pipeline(arch: str, device: str, tiny: bool):
     """SD1.5 or SDXL pipeline with random weights drawn on ``device`` (fp16 on CUDA)."""
     import torch
@@ -183,6 +164,7 @@ def build_pipeline(arch: str, device: str, tiny: bool):
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    from resynth_index.models.toyzoo.pipelines import ddim_scheduler
     from resynth_index.models.toyzoo.tokenizer import clip_tokenizer
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
@@ -223,14 +205,14 @@ def build_pipeline(arch: str, device: str, tiny: bool):
         pipe = StableDiffusionPipeline(
             **parts,
             tokenizer=tokenizer,
-            scheduler=_scheduler(),
+            scheduler=ddim_scheduler(),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
         )
     else:
         pipe = StableDiffusionXLPipeline(
-            **parts, tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=_scheduler()
+            **parts, tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=ddim_scheduler()
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -301,33 +283,27 @@ def main(argv: list[str] | None = None) -> int:
         for arch in ("sd15", "sdxl"):
             if arch not in skip:
                 rows.append(bench_generation_arch(arch, tiny=tiny))
-                print(" | ".join(rows[-1].cells()), flush=True)
+                bench.print_row(rows[-1])
         kind = "toy" if tiny else "ViT-L-14-336"
         if "embedder" not in skip:
-            spec, model = bench.load_embedder(kind, scratch, device=device)
             size, n, batch = (64, 32, 8) if tiny else (512, 1024, 64)
-            rows.append(bench.bench_ingest(kind, spec, model, scratch, n, batch, size, device))
-            print(" | ".join(rows[-1].cells()), flush=True)
-            found, note = bench.bench_query(
+            found, note = bench.bench_embedder(
                 kind,
-                spec,
-                model,
                 scratch,
-                vectors,
+                size=size,
+                n=n,
+                batch=batch,
+                vectors=vectors,
                 k=2 if tiny else 8,
                 queries=3 if tiny else 20,
                 device=device,
             )
             rows.extend(found)
             notes.append(note)
-            for row in found:
-                print(" | ".join(row.cells()), flush=True)
         rows.append(bench.bench_help(5))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    bench.print_table(rows)
-    for note in notes:
-        print(note)
+    bench.print_report(rows, notes)
     print(f"gpu bench total {time.perf_counter() - began:.0f} s")
     return 0
 

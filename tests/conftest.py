@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+# One compute thread per process, for this process and every `rsx` the tests start (children
+# inherit os.environ). On the 2-core CI machine, shared with other jobs, OpenMP threads that spin
+# while waiting oversubscribe the cores (one profile showed a toy conv2d taking 24 ms). torch
+# reads OMP_NUM_THREADS when it is first imported, which is after this file runs; should a plugin
+# have imported it earlier, it is pinned directly.
+for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_variable] = "1"
+if "torch" in sys.modules:
+    sys.modules["torch"].set_num_threads(1)
 
 TOY_GENERATORS = {"toy-a": 11, "toy-b": 22, "toy-c": 33}
 

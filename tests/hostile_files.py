@@ -226,12 +226,12 @@ def index_problems(lab_dir: Path) -> list[str]:
     from sqlalchemy import select
 
     from resynth_index.lab import Lab
-    from resynth_index.store import repository
+    from resynth_index.store import embeddings
     from resynth_index.store.models import EmbeddingRow
     from resynth_index.store.vectors import VectorIndex
 
     with Lab.open(lab_dir) as lab, lab.session() as session:
-        count, top = repository.embedding_stats(session, lab.fingerprint)
+        count, top = embeddings.embedding_stats(session, lab.fingerprint)
         ids = np.array(
             list(
                 session.scalars(

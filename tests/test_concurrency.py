@@ -5,14 +5,17 @@ every write transaction is short (a batch of rows), so writers queue rather than
 index file is written by whichever process stored embeddings last: saves are serialised by a
 lock and never replace a newer file with an older one (vectors.py), and an index opened with
 counts taken just before another process saved is caught up, not rebuilt. The unit tests below
-pin those two rules down deterministically; the end-to-end test races real processes.
+pin those two rules down deterministically; the end-to-end test races real processes, whose
+overlap flag files force (no timing assumption).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -86,19 +89,110 @@ def test_open_with_counts_taken_before_another_process_saved(tmp_path):
     assert _read_header(path)["watermark"] == 30
 
 
+def test_every_process_of_the_suite_computes_on_one_thread():
+    """tests/conftest.py pins torch (through OMP_NUM_THREADS) here and in every `rsx` a test starts:
+    on 2 shared cores, spinning OpenMP threads oversubscribe them (a toy conv2d took 24 ms)."""
+    import torch
+
+    assert torch.get_num_threads() == 1
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.environ['OMP_NUM_THREADS'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert child.stdout.strip() == "1"
+
+
 # --------------------------------------------------------------------------- real processes
-def _popen(lab: Path, *args: str) -> subprocess.Popen:
+# Each `rsx` runs under this launcher: it logs when it starts and ends (CLOCK_MONOTONIC, one clock
+# for every process on the machine) and, at the N-th time it reaches a crash point
+# (store/faults.py), either touches a flag file or waits until the flag file exists. Patching
+# faults.crash_point before anything imports it reaches every `from ... import crash_point`.
+LAUNCHER = """
+import json, os, sys, time
+from pathlib import Path
+
+import resynth_index.store.faults as faults
+
+log = Path(os.environ["RSX_TEST_EVENTS"])
+
+
+def record(event):
+    with log.open("a") as out:
+        out.write(json.dumps({"event": event, "t": time.monotonic()}) + "\\n")
+
+
+record("start")
+if os.environ.get("RSX_TEST_AT"):
+    point, nth, action, flag = os.environ["RSX_TEST_AT"].split(":", 3)
+    real, reached = faults.crash_point, [0]
+
+    def crash_point(name):
+        real(name)
+        if name != point:
+            return
+        reached[0] += 1
+        if reached[0] != int(nth):
+            return
+        record("reached")
+        if action == "signal":
+            Path(flag).touch()
+        else:
+            deadline = time.monotonic() + 300
+            while not Path(flag).exists():
+                if time.monotonic() > deadline:
+                    sys.exit(f"{flag} never appeared")
+                time.sleep(0.01)
+        record("resumed")
+
+    faults.crash_point = crash_point
+from resynth_index.cli import main
+
+sys.argv[0] = "rsx"
+try:
+    main()
+finally:
+    record("end")
+"""
+
+
+def _launch(lab: Path, events: Path, *args: str, at: str = "") -> subprocess.Popen:
+    """``rsx --lab LAB ARGS`` under LAUNCHER; ``at`` is ``POINT:N:signal|wait:FLAG`` or empty."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RSX_TEST_EVENTS": str(events), "RSX_TEST_AT": at}
     return subprocess.Popen(
-        [sys.executable, "-m", "resynth_index", "--lab", str(lab), *args],
+        [sys.executable, "-c", LAUNCHER, "--lab", str(lab), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
 
 
+def _events(log: Path) -> dict[str, float]:
+    lines = log.read_text().splitlines() if log.exists() else []
+    return {entry["event"]: entry["t"] for entry in map(json.loads, lines)}
+
+
+def _wait_until_reached(processes: dict[Path, subprocess.Popen], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    waiting = dict(processes)
+    while waiting:
+        for log, process in list(waiting.items()):
+            if "reached" in _events(log):
+                del waiting[log]
+            elif process.poll() is not None:
+                out, err = process.communicate()
+                pytest.fail(f"{log.stem} ended before its pause point: {out}{err}")
+        assert time.monotonic() < deadline, f"never paused: {sorted(p.stem for p in waiting)}"
+        time.sleep(0.02)
+
+
 @pytest.mark.slow
-def test_two_ingests_and_queries_at_once(toy_lab, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_two_ingests_and_queries_at_once(toy_lab, tmp_path):
+    """Both ingests are stopped half-way, with batches stored and batches to go, until the first
+    query is about to write its image row; from there on all of them run at once. The overlap is
+    forced by those flag files, not assumed from timings, and checked from each process's log."""
     with_imported = rsx(toy_lab, "generator", "add", "imp", "--imported")
     assert with_imported.exit_code == 0
     [resynthesis] = good_images(tmp_path / "resynthesis", 1, seed=700)
@@ -116,25 +210,53 @@ def test_two_ingests_and_queries_at_once(toy_lab, tmp_path, monkeypatch):
     for path in images[4:]:
         (second / path.name).write_bytes(path.read_bytes())
     queries = good_images(tmp_path / "queries", 2, seed=800)
+    go = tmp_path / "go"
+    logs = tmp_path / "events"
+    logs.mkdir()
 
-    ingests = [
-        _popen(toy_lab, "ingest", str(folder), "--batch-size", "2") for folder in (first, second)
-    ]
-    answers = []
-    for query in queries:  # the query loop runs while both ingests do
-        answers.append(
-            _popen(
-                toy_lab, "query", str(query), "--caption", CAPTION, "--candidates", "imp",
-                "--no-generate", "--json",
-            ).communicate(timeout=300)
+    # Four batches each; each waits at its second batch's embeddings (rows stored, no embeddings
+    # yet, no transaction open) until the first query signals.
+    ingests = {
+        logs / f"ingest-{folder.name}.jsonl": _launch(
+            toy_lab, logs / f"ingest-{folder.name}.jsonl", "ingest", str(folder),
+            "--batch-size", "2", at=f"embedding:2:wait:{go}",
+        )
+        for folder in (first, second)
+    }  # fmt: skip
+    _wait_until_reached(ingests)
+    assert not go.exists()
+
+    answers, query_logs = [], []
+    for number, query in enumerate(queries):  # the query loop, one query after the other
+        log = logs / f"query-{number}.jsonl"
+        process = _launch(
+            toy_lab, log, "query", str(query), "--caption", CAPTION, "--candidates", "imp",
+            "--no-generate", "--json", at=f"image-row:1:signal:{go}" if number == 0 else "",
         )  # fmt: skip
-    outputs = [process.communicate(timeout=300) for process in ingests]
+        try:
+            answers.append(process.communicate(timeout=300))
+        finally:
+            go.touch()  # never leave the ingests waiting, whatever happened to the query
+        query_logs.append(log)
+    outputs = [process.communicate(timeout=300) for process in ingests.values()]
 
-    assert [process.returncode for process in ingests] == [0, 0], outputs
+    assert [p.returncode for p in ingests.values()] == [0, 0], outputs
     everything = "".join(out + err for out, err in outputs + answers)
     assert "locked" not in everything.lower()
     for out, err in answers:
         assert json.loads(out)["verdict"] == "imp", err
+
+    # The overlap: the first query released the ingests while it was under way, and every ingest
+    # had work left then; so the query loop's interval and every ingest's share that moment.
+    loop = [_events(log) for log in query_logs]
+    assert "reached" in loop[0], "the first query never reached its image-row point"
+    released = loop[0]["reached"]
+    loop_start, loop_end = loop[0]["start"], loop[-1]["end"]
+    for log in ingests:
+        ingest = _events(log)
+        assert ingest["start"] < ingest["reached"] < released <= ingest["resumed"] < ingest["end"]
+        assert max(ingest["start"], loop_start) < released < min(ingest["end"], loop_end)
+
     state = store_state(toy_lab)
     expected = {file_sha(p) for p in [*images, resynthesis, *queries]}
     assert state.images == expected and state.blobs == expected

@@ -102,7 +102,7 @@ def test_a_damaged_blob_is_named_with_its_hash_and_not_repairable(lab, tmp_path,
     for args in (["check"], ["check", "--repair"]):
         result = rsx(lab, *args)
         assert result.exit_code == 1
-        expected = "missing" if how == "missing" else "hash mismatch"
+        expected = "missing from the blob store" if how == "missing" else "altered"
         assert f"problem: blob {sha}: {expected}" in result.output
         assert f"cannot repair: blob {sha}" in result.output
     after = store_state(lab)

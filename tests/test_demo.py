@@ -1,8 +1,11 @@
 """The embedded default: the toy demo attributes every toy image to the generator that made it."""
 
+import pytest
 from click.testing import CliRunner
 
 from resynth_index.cli import cli
+
+pytestmark = pytest.mark.slow  # end to end through the CLI: not in the quick loop
 
 
 def test_demo_attributes_every_toy_image_and_reuses_its_lab(tmp_path):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from resynth_index.cli import cli
+
+pytestmark = pytest.mark.slow  # end to end through the CLI: not in the quick loop
 
 
 def rsx(lab: Path, *args: str):

@@ -36,17 +36,6 @@ def pixels(images) -> np.ndarray:
     return np.stack([np.asarray(image.convert("RGB"), dtype=np.int16) for image in images])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a busy 2-core machine spinning OpenMP threads are 5x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def toy_pipe():
     return build_toy_pipeline(1)

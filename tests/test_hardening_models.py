@@ -275,6 +275,7 @@ def test_plain_cells_are_left_alone():
         assert restore_cell(text) == text
 
 
+@pytest.mark.slow  # query, export-prompts, ingest, query: end to end
 def test_exported_formula_caption_round_trips_through_ingest(toy_lab, make_toy_image, tmp_path):
     from sqlalchemy import select
 

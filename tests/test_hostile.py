@@ -28,6 +28,8 @@ from hostile_files import (
 from resynth_index.config import LabSettings
 from resynth_index.lab import Lab
 
+pytestmark = pytest.mark.slow  # end to end through the CLI: not in the quick loop
+
 CAPTION = "a lighthouse at dusk"
 
 

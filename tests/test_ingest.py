@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select
 
@@ -17,6 +18,8 @@ from resynth_index.store.models import (
     ReferenceRow,
     ResynthesisRow,
 )
+
+pytestmark = pytest.mark.slow  # end to end through the CLI: not in the quick loop
 
 
 def rsx(lab: Path, *args: str):
@@ -107,3 +110,95 @@ def test_resynthesis_dataset_layout(toy_lab, make_toy_image, tmp_path):
         assert len(resyntheses) == 4
     again = rsx(toy_lab, "ingest", str(tmp_path / "Dataset"), "--layout", "resynthesis-dataset")
     assert "0 added, 13 skipped" in again.output
+
+
+# --- a resynthesis slot (generator, caption, settings, seed) holds one image -----------------
+
+
+def _resyntheses(lab: Path) -> dict[int, str]:
+    """seed -> image sha256 of every stored resynthesis."""
+    with Lab.open(lab) as opened, opened.session() as session:
+        rows = session.execute(
+            select(ResynthesisRow.seed, ImageRow.sha256).join(
+                ImageRow, ImageRow.id == ResynthesisRow.image_id
+            )
+        ).all()
+    return dict(rows)
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _manifest(path: Path, lines: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def _deliveries(make_toy_image, n: int) -> list[Path]:
+    """n different images (as an imported service would deliver them)."""
+    return [make_toy_image("toy-c", "a cat", seed=2000 + i, name=f"mj-{i}.png") for i in range(n)]
+
+
+def test_a_second_image_for_the_same_seed_fails_and_is_not_counted_added(
+    toy_lab, make_toy_image, tmp_path
+):
+    assert rsx(toy_lab, "generator", "add", "mj", "--imported").exit_code == 0
+    first, second = _deliveries(make_toy_image, 2)
+    line = {"role": "resynthesis", "generator": "mj", "caption": "a cat", "seed": 0}
+    manifest = _manifest(
+        tmp_path / "m.jsonl", [{**line, "path": first.name}, {**line, "path": second.name}]
+    )
+
+    result = rsx(toy_lab, "ingest", str(manifest))
+    assert result.exit_code == 1
+    assert "1 added, 0 skipped (already present), 1 failed" in result.output
+    [failure] = [x for x in result.output.splitlines() if x.startswith("failed:")]
+    assert second.name in failure and "seed 0" in failure and "'mj'" in failure
+    assert _resyntheses(toy_lab) == {0: _sha(first)}
+    assert rsx(toy_lab, "check").exit_code == 0  # the refused image left the store whole
+
+    again = rsx(toy_lab, "ingest", str(manifest))  # refused again, now before its blob is written
+    assert again.exit_code == 1
+    assert "0 added, 1 skipped (already present), 1 failed" in again.output
+    assert _resyntheses(toy_lab) == {0: _sha(first)}
+
+
+def test_a_delivery_conflicting_with_a_stored_one_is_refused_before_its_blob(
+    toy_lab, make_toy_image, tmp_path
+):
+    assert rsx(toy_lab, "generator", "add", "mj", "--imported").exit_code == 0
+    first, second = _deliveries(make_toy_image, 2)
+    args = ["--role", "resynthesis", "--generator", "mj", "--caption", "a cat"]
+    line = {"role": "resynthesis", "generator": "mj", "caption": "a cat", "seed": 3}
+    stored = _manifest(tmp_path / "a.jsonl", [{**line, "path": first.name}])
+    assert rsx(toy_lab, "ingest", str(stored)).exit_code == 0
+    images_before = count(toy_lab, ImageRow)
+
+    conflicting = _manifest(tmp_path / "b.jsonl", [{**line, "path": second.name}])
+    result = rsx(toy_lab, "ingest", str(conflicting))
+    assert result.exit_code == 1
+    assert "0 added, 0 skipped (already present), 1 failed" in result.output
+    assert "seed 3" in result.output
+    assert _resyntheses(toy_lab) == {3: _sha(first)}
+    assert count(toy_lab, ImageRow) == images_before
+    with Lab.open(toy_lab) as lab:
+        assert not lab.blobs.exists(_sha(second))
+    assert rsx(toy_lab, "check").exit_code == 0
+
+    # without a seed, the same image takes the caption's next free seed
+    assert rsx(toy_lab, "ingest", str(second), *args).exit_code == 0
+    assert _resyntheses(toy_lab) == {3: _sha(first), 4: _sha(second)}
+
+
+def test_deliveries_without_seed_take_the_next_free_seeds(toy_lab, make_toy_image):
+    assert rsx(toy_lab, "generator", "add", "mj", "--imported").exit_code == 0
+    images = _deliveries(make_toy_image, 3)
+    args = ["--role", "resynthesis", "--generator", "mj", "--caption", "a cat"]
+    result = rsx(toy_lab, "ingest", *map(str, images[:2]), *args)
+    assert result.exit_code == 0 and "2 added, 0 skipped" in result.output
+    again = rsx(toy_lab, "ingest", *map(str, images), *args)  # the first two are there already
+    assert again.exit_code == 0 and "1 added, 2 skipped" in again.output
+    assert _resyntheses(toy_lab) == {i: _sha(image) for i, image in enumerate(images)}

@@ -19,6 +19,8 @@ from resynth_index.config import LabSettings
 from resynth_index.lab import Lab
 from resynth_index.store.vectors import VectorIndex, _read_header
 
+pytestmark = pytest.mark.slow  # end to end through the CLI: not in the quick loop
+
 CAPTION = "an empty street after rain"
 
 

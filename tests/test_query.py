@@ -6,9 +6,12 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from resynth_index.cli import cli
+
+pytestmark = pytest.mark.slow  # end to end through the CLI: not in the quick loop
 
 CAPTION = "a lighthouse on a cliff at dusk"
 
@@ -149,3 +152,19 @@ def test_audit_record_holds_every_distance(toy_lab, make_toy_image):
         distances = json.loads(row.distances_json)
         assert set(distances) == {"toy-a", "toy-b", "toy-c"}
         assert json.loads(row.fingerprints_json)["embedder"] == lab.fingerprint
+
+
+def test_stored_answer_is_the_json_answer_with_its_query_id(toy_lab, make_toy_image):
+    from sqlalchemy import select
+
+    from resynth_index.lab import Lab
+    from resynth_index.store.models import QueryRow
+
+    images = [make_toy_image(g, CAPTION) for g in ("toy-a", "toy-c")]
+    answers = query_json(toy_lab, *map(str, images), "--caption", CAPTION)
+    with Lab.open(toy_lab) as lab, lab.session() as session:
+        rows = {row.id: json.loads(row.result_json) for row in session.scalars(select(QueryRow))}
+    assert sorted(rows) == sorted(answer["query_id"] for answer in answers)
+    for answer in answers:
+        assert isinstance(answer["query_id"], int)
+        assert rows[answer["query_id"]] == answer

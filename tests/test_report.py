@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from resynth_index.lab import Lab
 from resynth_index.pipeline.query import QueryResult, run_queries
 from resynth_index.report import render_report
+
+pytestmark = pytest.mark.slow  # a query end to end, then the report: not in the quick loop
 
 CAPTION = "a red boat on a calm lake"
 

@@ -1,4 +1,4 @@
-"""The FAISS vector index: exact search on both paths, persistence, catch-up, repair, checks."""
+"""The FAISS vector index: gathering by id, persistence, catch-up, repair, checks."""
 
 from __future__ import annotations
 
@@ -64,101 +64,7 @@ def make_db(seed: int = 0, n: int = 40) -> FakeDB:
     return FakeDB(random_ids(rng, n), exact_vectors(rng, n))
 
 
-def brute_force(query, ids, vectors, k):
-    """Reference top-k: score descending, then id ascending."""
-    scores = query.astype(np.float64) @ vectors.astype(np.float64).T
-    out_scores, out_ids = [], []
-    for row in scores:
-        order = np.lexsort((ids, -row))[:k]
-        out_scores.append(row[order])
-        out_ids.append(ids[order])
-    return np.array(out_scores).reshape(len(query), -1), np.array(out_ids).reshape(len(query), -1)
-
-
-def spy(index: VectorIndex, monkeypatch) -> list[str]:
-    """Record which search path the index takes."""
-    taken: list[str] = []
-    for name in ("_gathered_top_k", "_faiss_top_k"):
-        original = getattr(index, name)
-
-        def wrapper(*args, _original=original, _name=name):
-            taken.append(_name)
-            return _original(*args)
-
-        monkeypatch.setattr(index, name, wrapper)
-    return taken
-
-
-# --- exact search ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("mode", ["whole", "gather", "selector"])
-def test_search_equals_brute_force(tmp_path, monkeypatch, mode):
-    rng = np.random.default_rng({"whole": 1, "gather": 2, "selector": 3}[mode])
-    for case in range(30):
-        n = int(rng.integers(1, 150))
-        ids = random_ids(rng, n)
-        vectors = exact_vectors(rng, n)
-        index = VectorIndex(tmp_path / f"{case}.faiss", FP, DIM)
-        index.add(ids, vectors)
-        if mode == "selector":
-            index.GATHER_MAX, index.GATHER_FRACTION = 0, 10**9
-        taken = spy(index, monkeypatch)
-        queries = exact_vectors(rng, int(rng.integers(1, 4)))
-        k = int(rng.integers(1, n + 5))
-        if mode == "whole":
-            expected = brute_force(queries, ids, vectors, k)
-            got = index.search(queries, k)
-        else:
-            chosen = np.sort(rng.choice(n, size=int(rng.integers(1, n + 1)), replace=False))
-            strangers = np.array([-7, 2**41 + 3], dtype=np.int64)  # not in the index: ignored
-            asked = rng.permutation(np.concatenate([ids[chosen], ids[chosen[:2]], strangers]))
-            expected = brute_force(queries, ids[chosen], vectors[chosen], k)
-            got = index.search(queries, k, ids=asked)
-        np.testing.assert_array_equal(got[1], expected[1])
-        np.testing.assert_allclose(got[0], expected[0], atol=1e-5)
-        assert got[1].shape[1] == min(k, n if mode == "whole" else len(chosen))
-        want = "_gathered_top_k" if mode == "gather" else "_faiss_top_k"
-        assert taken == [want]
-
-
-def test_ties_order_by_id_on_every_path(tmp_path):
-    ids = np.array([90, 5, 70, 12, 33, 64], dtype=np.int64)
-    order = np.argsort(ids)
-    vectors = np.ones((6, DIM), dtype=np.float32)
-    vectors[ids == 33] *= 2  # one clear winner, then five equal scores
-    index = VectorIndex(tmp_path / "t.faiss", FP, DIM)
-    index.add(ids[order], vectors[order])
-    query = np.ones(DIM, dtype=np.float32)
-    expected = [33, 5, 12, 64]
-    assert index.search(query, 4)[1].tolist() == [expected]
-    assert index.search(query, 4, ids=ids)[1].tolist() == [expected]
-    index.GATHER_MAX, index.GATHER_FRACTION = 0, 10**9
-    assert index.search(query, 4, ids=ids)[1].tolist() == [expected]
-
-
-def test_path_choice_follows_candidate_count(tmp_path, monkeypatch):
-    db = make_db(n=200)
-    index = VectorIndex(tmp_path / "p.faiss", FP, DIM)
-    index.add(db.ids, db.vectors)
-    index.GATHER_MAX = 10
-    taken = spy(index, monkeypatch)
-    query = db.vectors[0]
-    index.search(query, 3, ids=db.ids[:5])  # small: gathered
-    index.search(query, 3, ids=db.ids[:100])  # 100 * 64 >= 200: selector
-    index.search(query, 3)  # everything: plain faiss search
-    assert taken == ["_gathered_top_k", "_faiss_top_k", "_faiss_top_k"]
-
-
-def test_search_edge_cases(tmp_path):
-    index = VectorIndex(tmp_path / "e.faiss", FP, DIM)
-    scores, ids = index.search(np.ones(DIM, dtype=np.float32), 5)
-    assert scores.shape == (1, 0) and ids.shape == (1, 0)
-    db = make_db()
-    index.add(db.ids, db.vectors)
-    assert index.search(db.vectors[:2], 3, ids=np.array([-1, -2]))[1].shape == (2, 0)
-    with pytest.raises(ValueError):
-        index.search(np.ones(DIM + 1, dtype=np.float32), 3)
+# --- reading and adding ----------------------------------------------------------------------
 
 
 def test_vectors_for_returns_stored_rows_in_asked_order(tmp_path):
@@ -207,9 +113,7 @@ def test_save_then_open_round_trip(tmp_path):
     loaded = open_index(path, again)
     assert again.calls == [db.max_id]  # nothing rebuilt, only asked for newer rows
     assert_matches(loaded, db)
-    query = db.vectors[:3]
-    for got, want in zip(loaded.search(query, 5), built.search(query, 5), strict=True):
-        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(loaded.vectors_for(db.ids), built.vectors_for(db.ids))
 
 
 def test_open_catches_up_reading_only_new_rows(tmp_path):

@@ -13,14 +13,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-from sqlalchemy import select
 
 from resynth_index.errors import RsxError
 from resynth_index.pipeline.attribution import aggregate, similarity_to_distance
 from resynth_index.pipeline.intake import ensure_embeddings, load_stored_image
 from resynth_index.pipeline.resynthesis import generate_missing, plan_resyntheses
-from resynth_index.store.models import CaptionRow, EmbeddingRow, ReferenceRow
-from resynth_index.store.repository import blob_to_vector
+from resynth_index.store import embeddings, repository
 
 if TYPE_CHECKING:
     from resynth_index.lab import Lab
@@ -80,12 +78,10 @@ def load_eval_data(
     by_id = {row.id: row for row in active.values()}
     notes: list[str] = []
     with lab.session() as session:
-        refs = session.execute(
-            select(ReferenceRow.image_id, ReferenceRow.generator_id, ReferenceRow.caption_hash)
-            .where(ReferenceRow.generator_id.in_(list(by_id)))
-            .order_by(ReferenceRow.id)
-        ).all()
-        caption_texts = dict(session.execute(select(CaptionRow.hash, CaptionRow.text)).all())
+        refs = repository.references_of(session, list(by_id))
+        caption_texts = repository.caption_texts(
+            session, [r.caption_hash for r in refs if r.caption_hash is not None]
+        )
     without_caption = sum(1 for r in refs if r.caption_hash is None)
     if without_caption:
         notes.append(f"{without_caption} reference(s) without a caption left out")
@@ -141,18 +137,8 @@ def load_eval_data(
 
 
 def _vectors(lab: Lab, image_ids: Sequence[int]) -> dict[int, np.ndarray]:
-    wanted = list(set(image_ids))
-    found: dict[int, np.ndarray] = {}
     with lab.session() as session:
-        for start in range(0, len(wanted), 500):
-            rows = session.execute(
-                select(EmbeddingRow.image_id, EmbeddingRow.dim, EmbeddingRow.vector).where(
-                    EmbeddingRow.embedder_fingerprint == lab.fingerprint,
-                    EmbeddingRow.image_id.in_(wanted[start : start + 500]),
-                )
-            )
-            found.update({row.image_id: blob_to_vector(row.vector, row.dim) for row in rows})
-    return found
+        return embeddings.vectors_by_image_id(session, image_ids, lab.fingerprint)
 
 
 def perturbed_features(

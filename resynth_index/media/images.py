@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from resynth_index.errors import ImageError
-from resynth_index.models.fingerprints import hash_bytes
+from resynth_index.hashing import hash_bytes
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -237,8 +237,3 @@ def _wide_grey_to_rgb(image: PILImage.Image):
         scale = 255.0 if peak <= 255 else 65535.0
     grey = np.clip(np.rint(values * (255.0 / scale)), 0, 255).astype(np.uint8)
     return Image.fromarray(grey).convert("RGB")
-
-
-def is_image_name(path: str | Path) -> bool:
-    """True for a file name with one of the recognised image suffixes (case-insensitive)."""
-    return Path(path).suffix.lower() in IMAGE_SUFFIXES

@@ -1,42 +1,21 @@
-"""Content fingerprints: stable SHA-256 digests of settings, files and model weights.
+"""Model fingerprints: stable SHA-256 digests of settings, files and model weights.
 
 A fingerprint must change whenever what it describes changes, and only then: settings are hashed
 as canonical JSON (sorted keys, no whitespace), weights tensor by tensor (name, dtype, shape, bytes)
-so the same weights give the same digest whether they came from a file, a folder or memory.
+so the same weights give the same digest whether they came from a file, a folder or memory. The
+generic digests (bytes, files, canonical JSON) are ``resynth_index.hashing``'s, re-exported here.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-_CHUNK = 1 << 20
+# the generic digests live in the foundation module; they are re-exported here for the backends
+from resynth_index.hashing import canonical_json, combine, hash_bytes, hash_file, hash_json
 
-
-def canonical_json(obj: Any) -> str:
-    """JSON text that is identical for equal objects (sorted keys, compact separators)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
-
-
-def hash_json(obj: Any) -> str:
-    """SHA-256 hex digest of ``obj`` as canonical JSON."""
-    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
-
-
-def hash_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def hash_file(path: str | Path) -> str:
-    """SHA-256 hex digest of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+__all__ = ["canonical_json", "combine", "hash_bytes", "hash_file", "hash_json", "hash_state_dict"]
 
 
 def hash_state_dict(state_dict: Mapping[str, Any]) -> str:
@@ -56,8 +35,3 @@ def _uint8():
     import torch
 
     return torch.uint8
-
-
-def combine(*parts: str) -> str:
-    """One digest from several (order matters)."""
-    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()

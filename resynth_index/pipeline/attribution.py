@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 UNKNOWN = "unknown"
 INCONCLUSIVE = "inconclusive"
@@ -109,7 +110,11 @@ def attribute(
         for (name, d, values), s in zip(ranked, scores, strict=True)
     ]
     unranked = sorted(name for name, values in distances.items() if not values)
-    settings = {"unranked": unranked, "threshold": threshold, "margin_floor": margin_floor}
+    settings: dict[str, Any] = {  # typed: the values differ in type
+        "unranked": unranked,
+        "threshold": threshold,
+        "margin_floor": margin_floor,
+    }
     if not ranking:
         lacking = ", ".join(unranked) or "none given"
         reason = f"no resynthesis of this caption by any candidate ({lacking})"

@@ -3,6 +3,12 @@
 Ingest is idempotent by content hash and resumable: each batch is stored (blobs, rows, then
 embeddings) before the next begins, and what already landed is skipped on a re-run. A bad file
 fails alone with one line naming it.
+
+A resynthesis fills one slot (generator, caption, settings, seed), and a slot holds one image. A
+delivery of another image for a slot already filled is refused (it fails, with a line saying so)
+and never counted as added. A resynthesis of an imported generator given without a seed takes the
+caption's next free seed (0, 1, 2... in the order they arrive), so a service's several images of
+one caption all count; a runnable generator's resynthesis must name its seed.
 """
 
 from __future__ import annotations
@@ -12,26 +18,32 @@ import json
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import select
 
 from resynth_index.errors import RsxError
 from resynth_index.media.captions import caption_hash, normalise_caption, sidecar_text
+from resynth_index.media.folders import walk_files
 from resynth_index.media.images import IMAGE_SUFFIXES, LoadedImage, load_image_file
 from resynth_index.media.metadata import embedded_prompt
+from resynth_index.models.generators import factory
 from resynth_index.pipeline.intake import store_images, write_embeddings
-from resynth_index.store import repository
-from resynth_index.store.models import EmbeddingRow, GeneratorRow, ImageRow
+from resynth_index.pipeline.work_orders import restore_cell
+from resynth_index.store import embeddings, repository
+from resynth_index.store.models import GeneratorRow
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from resynth_index.lab import Lab
+    from resynth_index.models.embedders import Embedder
 
 ROLES = ("query", "resynthesis", "reference")
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson")
+_SEED_TRIES = 8  # next free seed taken by concurrent writers this often in a row: give up
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,7 @@ class IngestSummary:
 
     @property
     def failed(self) -> int:
+        """How many items failed (each has one line in ``failures``)."""
         return len(self.failures)
 
 
@@ -69,17 +82,32 @@ def expand_paths(
     generator: str | None = None,
     caption: str | None = None,
 ) -> Iterator[IngestItem | IngestFailure]:
-    """Images as given, folders walked recursively (sorted), manifests read line by line."""
+    """Images as given, folders walked recursively (sorted), manifests read line by line.
+
+    A folder walk follows links but enters each real directory once (``walk_files``): a link
+    cycle ends, and a folder that cannot be listed is one failure line.
+    """
     for path in paths:
         path = Path(path)
         if path.suffix.lower() in MANIFEST_SUFFIXES and path.is_file():
             yield from read_manifest(path)
         elif path.is_dir() and path.suffix.lower() not in IMAGE_SUFFIXES:
-            for child in sorted(path.rglob("*")):
-                if child.suffix.lower() in IMAGE_SUFFIXES and not child.is_dir():
-                    yield IngestItem(child, role, generator, caption)
+            yield from _folder_items(path, IngestItem(path, role, generator, caption))
         else:  # a file, or something that only looks like one: loading will say what is wrong
             yield IngestItem(path, role, generator, caption)
+
+
+def _folder_items(folder: Path, like: IngestItem) -> list[IngestItem | IngestFailure]:
+    """The images under ``folder`` (sorted), each an item like ``like``; unlistable folders."""
+    found: list[IngestItem | IngestFailure] = []
+
+    def unlistable(where: Path, error: OSError) -> None:
+        found.append(IngestFailure(str(where), f"cannot list folder: {error.strerror or error}"))
+
+    for child in sorted(walk_files(folder, on_error=unlistable)):
+        if child.suffix.lower() in IMAGE_SUFFIXES:
+            found.append(replace(like, path=child))
+    return found
 
 
 def read_manifest(manifest: Path) -> Iterator[IngestItem | IngestFailure]:
@@ -88,8 +116,8 @@ def read_manifest(manifest: Path) -> Iterator[IngestItem | IngestFailure]:
     try:
         if manifest.suffix.lower() == ".csv":
             with open(manifest, newline="", encoding="utf-8") as handle:
-                records = list(csv.DictReader(handle))
-            numbered = enumerate(records, start=2)
+                records = [_restore_cells(record) for record in csv.DictReader(handle)]
+            numbered: Iterable[tuple[int, dict]] = enumerate(records, start=2)
         else:
             lines = manifest.read_text(encoding="utf-8").splitlines()
             numbered = (
@@ -103,6 +131,14 @@ def read_manifest(manifest: Path) -> Iterator[IngestItem | IngestFailure]:
                 yield IngestFailure(where, str(error))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         yield IngestFailure(str(manifest), f"cannot read manifest: {error}")
+
+
+def _restore_cells(record: dict) -> dict:
+    """A CSV row with the formula guard of an exported work order undone (``restore_cell``)."""
+    for key in ("caption", "generator"):
+        if isinstance(record.get(key), str):
+            record[key] = restore_cell(record[key])
+    return record
 
 
 def _json_record(line: str) -> dict:
@@ -209,6 +245,8 @@ def ingest(
     A loader thread reads, hashes, decodes and preprocesses the next batch while this thread
     stores the current one and runs the embedder on it (PIL, hashlib and torch release the GIL).
     Each batch's rows are written in one transaction; the index is synced once at the end.
+    The whole ingest holds the blob store's writers' lock: blobs written ahead of their rows are
+    never taken for debris by ``rsx check --repair``.
     """
     batch_size = batch_size or lab.settings.embedding_batch_size
     if batch_size < 1:
@@ -223,10 +261,11 @@ def ingest(
 
     embedder = lab.embedder  # loaded here, before the loader thread may use it
     batches = _batches(items, batch_size)
-    for loaded in _prefetch(lab, embedder, batches, register_missing_as_imported):
-        _ingest_batch(lab, loaded, summary, fail, register_missing_as_imported, generators)
-        if progress:
-            progress(len(loaded.entries))
+    with lab.blobs.writing():
+        for loaded in _prefetch(lab, embedder, batches, register_missing_as_imported):
+            _ingest_batch(lab, loaded, summary, fail, register_missing_as_imported, generators)
+            if progress:
+                progress(len(loaded.entries))
     lab.sync_index()
     return summary
 
@@ -247,14 +286,14 @@ def _batches(items: Iterable[IngestItem | IngestFailure], size: int) -> Iterator
 
 
 def _prefetch(
-    lab: Lab, embedder, batches: Iterator[list], register_missing: bool
+    lab: Lab, embedder: Embedder, batches: Iterator[list], register_missing: bool
 ) -> Iterator[_Loaded]:
     """Load batches on a background thread, at most ``_QUEUE_DEPTH`` ahead of the consumer."""
     done = object()
     ready: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
     stop = threading.Event()
 
-    def hand_over(value) -> bool:
+    def hand_over(value: object) -> bool:
         while not stop.is_set():
             try:
                 ready.put(value, timeout=0.1)
@@ -287,7 +326,7 @@ def _prefetch(
         thread.join()
 
 
-def _load_batch(lab: Lab, embedder, batch: list, register_missing: bool) -> _Loaded:
+def _load_batch(lab: Lab, embedder: Embedder, batch: list, register_missing: bool) -> _Loaded:
     entries: list[tuple[IngestItem, LoadedImage, Any] | IngestFailure] = []
     for item in batch:
         if isinstance(item, IngestFailure):
@@ -319,21 +358,28 @@ def _embedded_shas(lab: Lab, shas: list[str]) -> set[str]:
     """Which of these images the lab's embedder has embedded (a plain read, no write lock)."""
     if not shas:
         return set()
-    statement = (
-        select(ImageRow.sha256)
-        .join(EmbeddingRow, EmbeddingRow.image_id == ImageRow.id)
-        .where(EmbeddingRow.embedder_fingerprint == lab.fingerprint, ImageRow.sha256.in_(shas))
-    )
-    with lab.engine.connect() as connection:
-        return set(connection.scalars(statement))
+    with lab.session() as session:
+        return embeddings.embedded_sha256s(session, shas, lab.fingerprint)
 
 
 def _reason(item: IngestItem, error: RsxError) -> str:
     return str(error).removeprefix(f"{item.path}: ")
 
 
-def _ingest_batch(lab, loaded: _Loaded, summary, fail, register_missing, generators) -> None:
-    """Store one batch: blobs, then every row in one transaction, then its embeddings."""
+def _ingest_batch(
+    lab: Lab,
+    loaded: _Loaded,
+    summary: IngestSummary,
+    fail: Callable[[IngestFailure], None],
+    register_missing: bool,
+    generators: dict[str, GeneratorRow | None],
+) -> None:
+    """Store one batch: blobs, then every row in one transaction, then its embeddings.
+
+    An item whose role is refused here (its slot taken by another image of this batch or of a
+    concurrent writer) fails; its image row, already written, is embedded like the others so
+    the store stays whole.
+    """
     resolved = []
     for entry in loaded.entries:
         if isinstance(entry, IngestFailure):
@@ -356,26 +402,27 @@ def _ingest_batch(lab, loaded: _Loaded, summary, fail, register_missing, generat
         for (item, image, generator, caption), (image_id, new_image) in zip(
             resolved, stored, strict=True
         ):
+            pictures.setdefault(image_id, image)
             try:
-                new_role = _record_role(lab, session, item, image_id, generator, caption)
-            except RsxError as error:  # raised before anything of this item's role is written
+                new_role = _record_role(lab, session, item, image, image_id, generator, caption)
+            except RsxError as error:  # nothing of this item's role was written
                 fail(IngestFailure(str(item.path), _reason(item, error)))
                 continue
-            pictures.setdefault(image_id, image)
             if new_image or new_role:
                 summary.added += 1
             else:
                 summary.skipped += 1
-        known = repository.embedding_ids(session, list(pictures), lab.fingerprint)
+        known = embeddings.embedding_ids(session, list(pictures), lab.fingerprint)
     missing = [image_id for image_id in pictures if image_id not in known]
     if not missing:
         return
     batch_size = lab.settings.embedding_batch_size
     rows = [loaded.pixel_row.get(pictures[i].sha256) for i in missing]
-    if loaded.pixels is not None and all(row is not None for row in rows):
+    embed_tensors = getattr(lab.embedder, "embed_tensors", None)  # preprocessed on the loader
+    if loaded.pixels is not None and embed_tensors and all(row is not None for row in rows):
         vectors = np.concatenate(
             [
-                lab.embedder.embed_tensors(loaded.pixels[rows[start : start + batch_size]])
+                embed_tensors(loaded.pixels[rows[start : start + batch_size]])
                 for start in range(0, len(rows), batch_size)
             ]
         )
@@ -384,12 +431,18 @@ def _ingest_batch(lab, loaded: _Loaded, summary, fail, register_missing, generat
     write_embeddings(lab, missing, vectors)
 
 
-def _generator(lab, item: IngestItem, summary, register_missing, generators):
+def _generator(
+    lab: Lab,
+    item: IngestItem,
+    summary: IngestSummary,
+    register_missing: bool,
+    generators: dict[str, GeneratorRow | None],
+) -> GeneratorRow | None:
     """The generator row a reference or resynthesis names (registered as imported if asked).
 
     ``generators`` caches rows by name for the whole ingest (one lookup per name).
     """
-    if item.role not in ("resynthesis", "reference"):
+    if item.role not in ("resynthesis", "reference") or item.generator is None:
         return None
     generator = generators.get(item.generator)
     if generator is None:
@@ -404,19 +457,21 @@ def _generator(lab, item: IngestItem, summary, register_missing, generators):
     return generator
 
 
-def _precheck(lab, item: IngestItem, loaded: LoadedImage, register_missing: bool):
+def _precheck(
+    lab: Lab, item: IngestItem, loaded: LoadedImage, register_missing: bool
+) -> tuple[str, str] | None:
     """Refuse, with reads only, what storing would refuse (so no blob is written for it).
 
     Returns the caption (hash, text) the item's role needs, or None.
     """
+    generator = None
     if item.role in ("resynthesis", "reference"):
         if not item.generator:
             raise RsxError(f"{item.path}: a {item.role} needs a generator")
-        if not register_missing:
-            statement = select(GeneratorRow.id).where(GeneratorRow.name == item.generator)
-            with lab.engine.connect() as connection:
-                if connection.scalar(statement) is None:
-                    raise _unknown_generator(item)
+        with lab.session() as session:
+            generator = repository.generator_by_name(session, item.generator)
+        if generator is None and not register_missing:
+            raise _unknown_generator(item)
     text = item.caption
     if text is None and item.role != "query":
         found = sidecar_text(item.path) or embedded_prompt(loaded.data)
@@ -425,7 +480,17 @@ def _precheck(lab, item: IngestItem, loaded: LoadedImage, register_missing: bool
         raise RsxError(f"{item.path}: the caption is blank")
     if item.role == "resynthesis" and text is None:
         raise RsxError(f"{item.path}: a resynthesis needs the caption it was made from")
-    return (caption_hash(text), normalise_caption(text)) if text is not None else None
+    caption = (caption_hash(text), normalise_caption(text)) if text is not None else None
+    if item.role == "resynthesis" and generator is not None and caption is not None:
+        _check_seed_given(item, generator)
+        if item.seed is not None:  # its slot filled by another image already: refused now
+            with lab.session() as session:
+                held = repository.resynthesis_in_slot(
+                    session, seed=item.seed, **_slot(lab, generator, caption[0])
+                )
+            if held is not None and held[1] != loaded.sha256:
+                raise _slot_taken(item, generator, held[1])
+    return caption
 
 
 def _unknown_generator(item: IngestItem) -> RsxError:
@@ -434,47 +499,76 @@ def _unknown_generator(item: IngestItem) -> RsxError:
     )
 
 
-def _record_role(lab, session, item: IngestItem, image_id: int, generator, caption) -> bool:
+def _record_role(
+    lab: Lab,
+    session: Session,
+    item: IngestItem,
+    image: LoadedImage,
+    image_id: int,
+    generator: GeneratorRow | None,
+    caption: tuple[str, str] | None,
+) -> bool:
     """Record the item's role in the batch's transaction; True when that is new.
 
-    The one refusal (a runnable generator's resynthesis without its seed) is raised before this
-    item writes anything, so the rest of the batch is unaffected.
+    A refusal (a runnable generator's resynthesis without its seed, or a slot that holds another
+    image) is raised before this item's role writes anything but its caption, so the rest of the
+    batch is unaffected.
     """
-    settings_hash = None
     if item.role == "resynthesis":
-        settings_hash = lab.settings_hash(generator)
-        if repository.resynthesis_image_for(
-            session,
-            generator_id=generator.id,
-            caption_hash=caption[0],
-            settings_hash=settings_hash,
-            image_id=image_id,
-        ):
-            return False
-        if item.seed is None and generator.kind != "imported":
-            raise RsxError(
-                f"{item.path}: a resynthesis for runnable generator {generator.name!r}"
-                " needs its seed"
-            )
+        assert generator is not None and caption is not None  # made sure of by _precheck
+        slot = _slot(lab, generator, caption[0])
+        if repository.resynthesis_seed_of_image(session, sha256=image.sha256, **slot) is not None:
+            return False  # this very image is that resynthesis already
+        _check_seed_given(item, generator)
+        repository.ensure_caption(session, caption[0], caption[1])
+        for _ in range(_SEED_TRIES):
+            seed = item.seed
+            if seed is None:  # imported: the next ordinal (runnable ones were refused above)
+                seed = repository.next_free_seed(session, **slot)
+            if repository.ensure_resynthesis(session, image_id=image_id, seed=seed, **slot):
+                return True
+            held = repository.resynthesis_in_slot(session, seed=seed, **slot)
+            if held is not None and held[1] == image.sha256:
+                return False  # a concurrent ingest of the same file got there first
+            if item.seed is not None:
+                raise _slot_taken(item, generator, held[1] if held else "unknown")
+        raise RsxError(f"{item.path}: no free seed found; other writers keep taking them")
     if caption is not None:
         repository.ensure_caption(session, caption[0], caption[1])
     if item.role == "reference":
+        assert generator is not None  # made sure of by _generator
         return repository.ensure_reference(
             session,
             image_id=image_id,
             generator_id=generator.id,
             caption_hash=caption[0] if caption else None,
         )
-    if item.role == "resynthesis":
-        seed = item.seed
-        if seed is None:  # imported: the next ordinal (runnable ones were refused above)
-            seed = repository.next_free_seed(session, generator.id, caption[0], settings_hash)
-        return repository.ensure_resynthesis(
-            session,
-            image_id=image_id,
-            generator_id=generator.id,
-            caption_hash=caption[0],
-            seed=seed,
-            settings_hash=settings_hash,
-        )
     return False
+
+
+def _slot(lab: Lab, generator: GeneratorRow, caption: str) -> dict[str, Any]:
+    """The slot of a resynthesis of ``caption`` by ``generator``, all but its seed."""
+    return {
+        "generator_id": generator.id,
+        "caption_hash": caption,
+        "settings_hash": factory.settings_hash(generator.kind, generator.settings_json, lab.device),
+    }
+
+
+def _check_seed_given(item: IngestItem, generator: GeneratorRow) -> None:
+    if item.seed is None and generator.kind != "imported":
+        raise RsxError(
+            f"{item.path}: a resynthesis for runnable generator {generator.name!r} needs its seed"
+        )
+
+
+def _slot_taken(item: IngestItem, generator: GeneratorRow, held_sha256: str) -> RsxError:
+    """The refusal of a resynthesis whose (generator, caption, settings, seed) holds another
+    image: a slot holds one image, and which one is meant cannot be guessed."""
+    remedy = "give it another seed"
+    if generator.kind == "imported":
+        remedy += ", or none to take the next free one"
+    return RsxError(
+        f"{item.path}: generator {generator.name!r} already has another image for this caption"
+        f" and seed {item.seed} (image {held_sha256[:12]}); {remedy}"
+    )

@@ -3,7 +3,9 @@
 Ingest, query and resynthesis all store images the same way, in the same order: the blob is
 written first (atomically, named by its hash), then the row that points at it, then the embedding.
 A crash between steps leaves at worst an orphan blob or an image without an embedding; both are
-found by ``rsx check`` and completed by re-running the same command.
+found by ``rsx check`` and completed by re-running the same command. From the first blob to the
+commit of its row a writer holds the blob store's writers' lock (``BlobStore.writing``), so
+``rsx check --repair`` never takes a blob in flight for debris.
 """
 
 from __future__ import annotations
@@ -12,25 +14,18 @@ import io
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from resynth_index.errors import StoreError
 from resynth_index.media.images import LoadedImage, load_image_bytes
-from resynth_index.store import repository
+from resynth_index.store import embeddings, repository
 from resynth_index.store.faults import crash_point
-from resynth_index.store.models import EmbeddingRow, ImageRow
 
 if TYPE_CHECKING:
     import numpy as np
     import PIL.Image
 
     from resynth_index.lab import Lab
-
-
-def store_image(lab: Lab, loaded: LoadedImage) -> tuple[int, bool]:
-    """Copy the image's bytes into the blob store and record it; (image id, newly added)."""
-    return store_images(lab, [loaded])[0]
 
 
 def store_images(
@@ -43,16 +38,17 @@ def store_images(
     """Store a batch: every blob first, then all their rows in one transaction.
 
     Returns (image id, newly added) per image, in order. With ``session`` the rows join the
-    caller's transaction (so a batch's other rows commit with them). ``blobs_written`` says the
-    caller already put every blob (ingest writes them ahead, on its loader thread).
+    caller's transaction (so a batch's other rows commit with them): the caller then holds
+    ``lab.blobs.writing()`` until that transaction commits. ``blobs_written`` says the caller
+    already put every blob (ingest writes them ahead, on its loader thread).
     """
+    if session is None:
+        with lab.blobs.writing(), lab.session() as own:
+            return store_images(lab, loaded, own, blobs_written=blobs_written)
     for item in loaded:
         if not blobs_written:
             lab.blobs.put(item.sha256, item.data)
         crash_point("image-row")  # blob stored, no row points at it yet
-    if session is None:
-        with lab.session() as own:
-            return _image_rows(lab, own, loaded)
     return _image_rows(lab, session, loaded)
 
 
@@ -83,7 +79,7 @@ def encode_png(image: PIL.Image.Image) -> bytes:
 def load_stored_image(lab: Lab, image_id: int) -> PIL.Image.Image:
     """Decode a stored image from its blob, refusing one whose bytes no longer match the hash."""
     with lab.session() as session:
-        sha256 = session.scalar(select(ImageRow.sha256).where(ImageRow.id == image_id))
+        sha256 = repository.image_sha256(session, image_id)
     if sha256 is None:
         raise StoreError(f"image {image_id} is not in the store")
     problem = lab.blobs.verify(sha256)
@@ -107,13 +103,11 @@ def ensure_embeddings(
     """
     batch_size = batch_size or lab.settings.embedding_batch_size
     with lab.session() as session:
-        known = repository.embedding_ids(session, images.keys(), lab.fingerprint)
+        known = embeddings.embedding_ids(session, images.keys(), lab.fingerprint)
     missing = [image_id for image_id in images if image_id not in known]
     for start in range(0, len(missing), batch_size):
         chunk = missing[start : start + batch_size]
-        pictures = [
-            images[i] if images[i] is not None else load_stored_image(lab, i) for i in chunk
-        ]
+        pictures = [_picture(lab, i, images[i]) for i in chunk]
         vectors = lab.embedder.embed(pictures, batch_size=batch_size)
         written = write_embeddings(lab, chunk, vectors)
         known.update(written)
@@ -124,28 +118,21 @@ def ensure_embeddings(
     return known
 
 
+def _picture(lab: Lab, image_id: int, given: PIL.Image.Image | None) -> PIL.Image.Image:
+    return given if given is not None else load_stored_image(lab, image_id)
+
+
 def write_embeddings(lab: Lab, image_ids: Sequence[int], vectors: np.ndarray) -> dict[int, int]:
     """Store the vectors the embedder just made for ``image_ids``; image id -> embedding id."""
     crash_point("embedding")  # rows stored, their embeddings not yet
     with lab.session() as session:
-        repository.add_embeddings(session, lab.fingerprint, image_ids, vectors)
-        return repository.embedding_ids(session, image_ids, lab.fingerprint)
+        embeddings.add_embeddings(session, lab.fingerprint, image_ids, vectors)
+        return embeddings.embedding_ids(session, image_ids, lab.fingerprint)
 
 
 def embedding_vectors(lab: Lab, embedding_ids: Sequence[int]) -> dict[int, np.ndarray]:
     """Stored vectors by embedding id, read from the database (a few rows, no index scan)."""
-    ids = [int(i) for i in dict.fromkeys(embedding_ids)]
-    if not ids:
+    if not len(embedding_ids):
         return {}
     with lab.session() as session:
-        rows = session.execute(
-            select(EmbeddingRow.id, EmbeddingRow.dim, EmbeddingRow.vector).where(
-                EmbeddingRow.id.in_(ids)
-            )
-        ).all()
-    return {row.id: repository.blob_to_vector(row.vector, row.dim) for row in rows}
-
-
-def embedding_ids_for(lab: Lab, image_ids: Sequence[int]) -> dict[int, int]:
-    with lab.session() as session:
-        return repository.embedding_ids(session, image_ids, lab.fingerprint)
+        return embeddings.vectors_by_embedding_id(session, embedding_ids)

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,9 +22,14 @@ from resynth_index.media.images import LoadedImage, load_image_file
 from resynth_index.media.metadata import embedded_metadata
 from resynth_index.pipeline.attribution import attribute, similarity_to_distance
 from resynth_index.pipeline.intake import embedding_vectors, ensure_embeddings, store_images
-from resynth_index.pipeline.resynthesis import generate_missing, plan_resyntheses, record_pending
-from resynth_index.store import repository
-from resynth_index.store.models import GeneratorRow, QueryRow, utcnow
+from resynth_index.pipeline.resynthesis import (
+    ResynthesisPlan,
+    generate_missing,
+    plan_resyntheses,
+    record_pending,
+)
+from resynth_index.store import audit, repository
+from resynth_index.store.models import GeneratorRow
 from resynth_index.store.vectors import MissingVectorsError
 
 if TYPE_CHECKING:
@@ -65,6 +69,7 @@ class QueryResult:
     query_id: int | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """The answer as ``rsx query --json`` prints it and the audit row stores it."""
         return asdict(self)
 
 
@@ -237,8 +242,10 @@ def _store_prepared(lab: Lab, outcomes: list) -> list:
 
 
 def _store_batch(lab: Lab, prepared: list[_Prepared]) -> None:
-    with lab.session() as session:
-        stored = store_images(lab, [p.loaded for p in prepared], session=session)
+    loaded = [p.loaded for p in prepared if p.loaded is not None]
+    assert len(loaded) == len(prepared), "an image is stored once"
+    with lab.blobs.writing(), lab.session() as session:
+        stored = store_images(lab, loaded, session=session)
         for p in prepared:
             repository.ensure_caption(session, p.caption_hash, p.caption_text)
     for p, (image_id, _new) in zip(prepared, stored, strict=True):
@@ -275,7 +282,7 @@ def _answer(
     lab: Lab,
     query: _Prepared,
     generators: Sequence[GeneratorRow],
-    plan,
+    plan: ResynthesisPlan,
     embedding_of: dict[int, int],
     vectors: dict[int, np.ndarray],
     image_sha: dict[int, str],
@@ -351,44 +358,22 @@ def _answer(
 
 
 def _record_answers(lab: Lab, answers: list[tuple[QueryResult, str, dict]]) -> None:
-    """The audit rows of a call's answers, in one transaction; each result gets its query_id.
+    """The audit rows of a call's answers, in one transaction; each result gets its query_id,
+    and each row's stored answer holds it too.
 
     ``answers`` holds (result, caption hash, distances per generator).
     """
     if not answers:
         return
-    results = [result for result, _, _ in answers]
     with lab.session() as session:
-        rows = []
         for result, caption_hash, distances in answers:
-            row = QueryRow(
-                created_at=utcnow(),
-                image_sha256=result.sha256,
-                image_path=result.image,
-                caption_hash=caption_hash,
-                caption_source=result.caption_source,
-                candidates_json=json.dumps(result.candidates),
-                fingerprints_json=json.dumps(result.fingerprints, sort_keys=True),
-                distances_json=json.dumps(distances, sort_keys=True),
-                verdict=result.verdict,
-                result_json=json.dumps(result.to_json(), sort_keys=True),
+            result.query_id = audit.record_query(
+                session, answer=result.to_json(), caption_hash=caption_hash, distances=distances
             )
-            session.add(row)
-            rows.append(row)
-        session.flush()
-        for result, row in zip(results, rows, strict=True):
-            result.query_id = row.id
 
 
 def _image_shas(lab: Lab, image_ids: list[int]) -> dict[int, str]:
-    from sqlalchemy import select
-
-    from resynth_index.store.models import ImageRow
-
     if not image_ids:
         return {}
     with lab.session() as session:
-        rows = session.execute(
-            select(ImageRow.id, ImageRow.sha256).where(ImageRow.id.in_(image_ids))
-        )
-        return {image_id: sha for image_id, sha in rows}
+        return repository.image_sha256s(session, image_ids)

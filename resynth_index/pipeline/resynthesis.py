@@ -19,24 +19,18 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
-
-from resynth_index.errors import RsxError
+from resynth_index.errors import RsxError, StoreError
+from resynth_index.hashing import hash_bytes
 from resynth_index.media.captions import caption_hash
 from resynth_index.media.images import LoadedImage
 from resynth_index.media.text import normalise_caption
-from resynth_index.models.fingerprints import hash_bytes
+from resynth_index.models.generators import factory
 from resynth_index.pipeline.intake import encode_png, store_images, write_embeddings
-from resynth_index.store import repository
-from resynth_index.store.models import (
-    CaptionRow,
-    GeneratorRow,
-    ImageRow,
-    QueryRow,
-    ResynthesisRow,
-)
+from resynth_index.pipeline.work_orders import restore_cell
+from resynth_index.store import audit, embeddings, repository
+from resynth_index.store.models import GeneratorRow
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -56,6 +50,7 @@ class ResynthesisPlan:
     sha256: dict[int, str] = field(default_factory=dict)  # of every stored image in the plan
 
     def missing_count(self) -> int:
+        """How many resyntheses are still to be generated."""
         return sum(len(v) for v in self.missing.values())
 
 
@@ -69,32 +64,20 @@ def plan_resyntheses(
     plan = ResynthesisPlan()
     captions = list(dict.fromkeys(caption_hashes))
     by_id = {row.id: row for row in generators}
-    rows = []
+    rows: list[repository.StoredResynthesis] = []
     if captions and by_id:  # plain column rows: no ORM objects to build on the warm path
         with lab.session() as session:
-            rows = session.execute(
-                select(
-                    ResynthesisRow.caption_hash,
-                    ResynthesisRow.generator_id,
-                    ResynthesisRow.seed,
-                    ResynthesisRow.settings_hash,
-                    ResynthesisRow.image_id,
-                    ImageRow.sha256,
-                )
-                .join(ImageRow, ImageRow.id == ResynthesisRow.image_id)
-                .where(
-                    ResynthesisRow.caption_hash.in_(captions),
-                    ResynthesisRow.generator_id.in_(list(by_id)),
-                )
-                .order_by(ResynthesisRow.id)
-            ).all()
+            rows = repository.stored_resyntheses(session, captions, list(by_id))
     found: dict[tuple[str, int], dict[int, int]] = defaultdict(dict)  # -> seed -> image id
-    settings_hashes = {row.id: lab.settings_hash(row) for row in generators}
+    settings_hashes = {row.id: _settings_hash(lab, row) for row in generators}
     for row in rows:
         if row.settings_hash == settings_hashes[row.generator_id]:
             found[(row.caption_hash, row.generator_id)][row.seed] = row.image_id
             plan.sha256[row.image_id] = row.sha256
-    wanted_of = {row.id: resyntheses or lab.resyntheses_per_caption(row) for row in generators}
+    wanted_of = {
+        row.id: resyntheses or factory.resyntheses_per_caption(row.settings_json)
+        for row in generators
+    }
     for caption in captions:
         for generator in generators:
             wanted = wanted_of[generator.id]
@@ -138,12 +121,12 @@ def generate_missing(
     for name, work in plan.missing.items():
         row = by_name[name]
         model = lab.generator_model(row)
-        settings_hash = lab.settings_hash(row)
+        row_settings = _settings_hash(lab, row)
         for start in range(0, len(work), batch_size):
             chunk = work[start : start + batch_size]
             requests = [GenerationRequest(caption_texts[c], seed) for c, seed in chunk]
             images = model.generate(requests, batch_size=batch_size)
-            image_ids = store_resyntheses(lab, row, settings_hash, chunk, images, plan.sha256)
+            image_ids = store_resyntheses(lab, row, row_settings, chunk, images, plan.sha256)
             del images  # the batch is stored and embedded: nothing keeps its pictures alive
             for (caption, _seed), image_id in zip(chunk, image_ids, strict=True):
                 plan.stored[(caption, name)].append(image_id)
@@ -163,7 +146,12 @@ def store_resyntheses(
     sha256_of: dict[int, str] | None = None,
 ) -> list[int]:
     """Store one generated batch: blobs, then image + resynthesis rows in one transaction,
-    then the batch's embeddings. Returns the image ids in ``chunk`` order."""
+    then the batch's embeddings. Returns the image ids in ``chunk`` order.
+
+    Should another process have stored one of these resyntheses first (same generator, caption,
+    settings and seed: the insert is then ignored), the image of the row that won is returned for
+    it, so the caller never holds an image that no resynthesis row stands behind.
+    """
     loaded = []
     for image in images:
         data = encode_png(image)
@@ -177,25 +165,31 @@ def store_resyntheses(
                 image=image,
             )
         )
-    with lab.session() as session:
+    sha256_of = {} if sha256_of is None else sha256_of
+    with lab.blobs.writing(), lab.session() as session:
         stored = store_images(lab, loaded, session=session)
-        image_ids = [image_id for image_id, _new in stored]
-        if sha256_of is not None:
-            sha256_of.update((i, item.sha256) for i, item in zip(image_ids, loaded, strict=True))
-        for (caption, seed), image_id in zip(chunk, image_ids, strict=True):
-            repository.ensure_resynthesis(
-                session,
-                image_id=image_id,
-                generator_id=row.id,
-                caption_hash=caption,
-                seed=seed,
-                settings_hash=settings_hash,
-            )
-        known = repository.embedding_ids(session, image_ids, lab.fingerprint)
+        made = [image_id for image_id, _new in stored]
+        sha256_of.update((i, item.sha256) for i, item in zip(made, loaded, strict=True))
+        image_ids = list(made)
+        for n, ((caption, seed), image_id) in enumerate(zip(chunk, made, strict=True)):
+            slot: dict[str, Any] = {
+                "generator_id": row.id,
+                "caption_hash": caption,
+                "settings_hash": settings_hash,
+                "seed": seed,
+            }
+            if repository.ensure_resynthesis(session, image_id=image_id, **slot):
+                continue
+            winner = repository.resynthesis_in_slot(session, **slot)
+            if winner is None:  # pragma: no cover - the conflicting row cannot vanish mid-write
+                raise StoreError(f"resynthesis {caption[:12]}/{row.name}/{seed} vanished")
+            image_ids[n], sha256_of[winner[0]] = winner
+        known = embeddings.embedding_ids(session, made, lab.fingerprint)
+    # every image stored here is embedded (a race's loser too, so no image lacks an embedding);
     # two seeds can draw the same picture: embed each distinct new image once
-    to_embed = [i for i in dict.fromkeys(image_ids) if i not in known]
+    to_embed = [i for i in dict.fromkeys(made) if i not in known]
     if to_embed:
-        picture = {image_id: item.image for image_id, item in zip(image_ids, loaded, strict=True)}
+        picture = {image_id: item.image for image_id, item in zip(made, loaded, strict=True)}
         vectors = lab.embedder.embed(
             [picture[i] for i in to_embed], batch_size=lab.settings.embedding_batch_size
         )
@@ -232,7 +226,7 @@ def read_captions_file(path: Path) -> list[str]:
                 reader = csv.DictReader(handle)
                 if not reader.fieldnames or "caption" not in reader.fieldnames:
                     raise RsxError(f"{path}: a captions CSV needs a 'caption' column")
-                texts = [record.get("caption") or "" for record in reader]
+                texts = [restore_cell(record.get("caption") or "") for record in reader]
         else:
             texts = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -245,15 +239,8 @@ def read_captions_file(path: Path) -> list[str]:
 
 def pending_captions(lab: Lab) -> dict[str, str]:
     """Every caption a query has asked for: caption hash -> text, oldest first."""
-    first_asked = func.min(QueryRow.id)
     with lab.session() as session:
-        rows = session.execute(
-            select(CaptionRow.hash, CaptionRow.text)
-            .join(QueryRow, QueryRow.caption_hash == CaptionRow.hash)
-            .group_by(CaptionRow.hash, CaptionRow.text)
-            .order_by(first_asked)
-        ).all()
-    return dict(rows)
+        return audit.captions_asked(session)
 
 
 def runnable_generators(lab: Lab, name: str | None = None) -> list[GeneratorRow]:
@@ -306,5 +293,11 @@ def resynthesize(
     return summary
 
 
+def _settings_hash(lab: Lab, row: GeneratorRow) -> str:
+    """The settings part of ``row``'s resynthesis cache key as this lab runs it."""
+    return factory.settings_hash(row.kind, row.settings_json, lab.device)
+
+
 def captions_by_hash(texts: Sequence[str]) -> dict[str, str]:
+    """caption hash -> normalised text, for captions given as text."""
     return {caption_hash(text): normalise_caption(text) for text in texts}

@@ -4,24 +4,30 @@ Layout: ``<root>/ab/cd/<sha256>`` where ``ab`` and ``cd`` are the first two byte
 digest, so no directory grows past a few thousand entries. Writes are atomic (a temporary file in
 the target directory, flushed and fsynced, then ``os.replace``), so a crash leaves either the whole
 blob or a temporary file that ``remove_temp_files`` cleans up, never a half-written blob.
+
+A blob is written before the row that points at it, so until that row commits it looks exactly
+like debris (an orphan blob, or a temporary file). Writers therefore hold ``writing()`` (a shared
+lock on the root) from the first blob to the commit of its row, and cleaning holds
+``cleaning()`` (the exclusive lock): debris is removed only while no writer is at work.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from resynth_index.errors import StoreError
+from resynth_index.hashing import hash_bytes, hash_file
 from resynth_index.store.durable import fsync_directory
 from resynth_index.store.faults import crash_point
+from resynth_index.store.locks import directory_lock
 
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _TEMP_PREFIX = ".tmp-"
-_CHUNK = 1 << 20
 
 
 class BlobStore:
@@ -29,6 +35,20 @@ class BlobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the writers' (shared) lock: blobs put in this block are not debris, even before
+        the rows that point at them commit. Waits while a cleaning is under way."""
+        with directory_lock(self.root, shared=True):
+            yield
+
+    @contextmanager
+    def cleaning(self) -> Iterator[bool]:
+        """Try for the exclusive lock, without waiting: True when no writer is at work, so that
+        orphan blobs and temporary files are debris; False when some writer holds ``writing``."""
+        with directory_lock(self.root, wait=False) as held:
+            yield held
 
     def relpath_for(self, sha256: str) -> str:
         """The blob's path relative to the root, as stored in the database: ``ab/cd/<sha>``."""
@@ -46,11 +66,11 @@ class BlobStore:
         wrong name. An existing blob whose content no longer matches is rewritten.
         """
         _check_sha(sha256)
-        actual = hashlib.sha256(data).hexdigest()
+        actual = hash_bytes(data)
         if actual != sha256:
             raise StoreError(f"blob {sha256} was given bytes whose SHA-256 is {actual}")
         target = self.path_for(sha256)
-        if target.is_file() and _file_sha(target) == sha256:
+        if target.is_file() and hash_file(target) == sha256:
             return target
         directory = target.parent
         try:
@@ -73,6 +93,7 @@ class BlobStore:
         return target
 
     def exists(self, sha256: str) -> bool:
+        """Whether a file stands where the blob belongs (its bytes unchecked: see ``verify``)."""
         return self.path_for(sha256).is_file()
 
     def read(self, sha256: str) -> bytes:
@@ -86,14 +107,17 @@ class BlobStore:
             raise StoreError(f"cannot read blob {path}: {exc.strerror or exc}") from None
 
     def verify(self, sha256: str) -> str | None:
-        """``None`` if the blob is present and intact, else ``"missing"`` or ``"hash mismatch"``."""
+        """``None`` if the blob is present and intact, else what is wrong: ``"missing"``,
+        ``"hash mismatch"`` (its bytes were altered) or ``"unreadable"``."""
         path = self.path_for(sha256)
         if not path.is_file():
             return "missing"
         try:
-            actual = _file_sha(path)
-        except OSError:
+            actual = hash_file(path)
+        except FileNotFoundError:
             return "missing"
+        except OSError:
+            return "unreadable"
         return None if actual == sha256 else "hash mismatch"
 
     def iter_shas(self) -> Iterator[str]:
@@ -116,12 +140,17 @@ class BlobStore:
                     ):
                         yield name
 
-    def remove_temp_files(self) -> int:
-        """Delete temporary files left behind by an interrupted ``put``; returns how many."""
+    def temp_files(self) -> list[Path]:
+        """The temporary files of ``put`` calls: under way, or left behind by an interruption."""
         if not self.root.is_dir():
-            return 0
+            return []
+        return sorted(self.root.glob(f"*/*/{_TEMP_PREFIX}*"))
+
+    def remove_temp_files(self) -> int:
+        """Delete the temporary files of ``put``; returns how many. Only safe inside ``cleaning``
+        (when it yields True): a writer's file may be one it is still writing."""
         removed = 0
-        for temp in self.root.glob(f"*/*/{_TEMP_PREFIX}*"):
+        for temp in self.temp_files():
             try:
                 temp.unlink()
                 removed += 1
@@ -135,11 +164,3 @@ class BlobStore:
 def _check_sha(sha256: str) -> None:
     if not isinstance(sha256, str) or not _SHA_RE.fullmatch(sha256):
         raise StoreError(f"{sha256!r} is not a SHA-256 digest (64 lowercase hex characters)")
-
-
-def _file_sha(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()

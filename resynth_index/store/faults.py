@@ -17,6 +17,7 @@ _reached: dict[str, int] = {}
 
 
 def crash_point(name: str) -> None:
+    """Kill this process here if ``RSX_CRASH_AT`` names this point and its count is reached."""
     spec = os.environ.get(CRASH_ENV)
     if not spec:
         return

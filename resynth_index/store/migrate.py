@@ -10,6 +10,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
+from resynth_index.errors import StoreError
+
 
 def alembic_config(engine: Engine) -> Config:
     """An Alembic config pointing at the packaged scripts and at ``engine``'s database."""
@@ -21,19 +23,26 @@ def alembic_config(engine: Engine) -> Config:
 
 
 def head_revision(engine: Engine) -> str:
-    return ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+    """The newest migration this code ships."""
+    head = ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+    if head is None:  # pragma: no cover - a broken install
+        raise StoreError("this installation holds no database migrations")
+    return head
 
 
 def current_revision(engine: Engine) -> str | None:
+    """The migration the database is at (None for an empty database)."""
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Migrate the database up to ``revision``."""
     command.upgrade(alembic_config(engine), revision)
 
 
 def downgrade(engine: Engine, revision: str) -> None:
+    """Migrate the database down to ``revision`` (tests of the migrations use it)."""
     command.downgrade(alembic_config(engine), revision)
 
 

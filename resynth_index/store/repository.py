@@ -1,21 +1,23 @@
-"""Store operations the rest of the lab uses: idempotent inserts and the lookups the method needs.
+"""The lab's questions to its database, one function each: the only place outside store/ asks.
 
-All inserts are ON CONFLICT DO NOTHING followed by a lookup, so two processes ingesting the same
-file at once both end with the one row, and a re-run after a crash is a no-op for what landed.
+Every function takes the caller's ``Session`` (one unit of work, see ``Lab.session``) and is
+named for what it asks or records. Inserts are ON CONFLICT DO NOTHING followed by a lookup, so two
+processes storing the same thing at once both end with the one row, and a re-run after a crash is
+a no-op for what landed. The embeddings table has its own module (``store/embeddings.py``),
+the audit of queries too (``store/audit.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
-import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
-from resynth_index.store.engine import insert_ignore
+from resynth_index.store.engine import in_chunks, insert_ignore
 from resynth_index.store.models import (
     CaptionRow,
-    EmbeddingRow,
     GeneratorRow,
     ImageRow,
     PendingResynthesisRow,
@@ -24,20 +26,51 @@ from resynth_index.store.models import (
     utcnow,
 )
 
-VECTOR_DTYPE = np.dtype("<f4")  # little-endian float32, whatever the host
+
+# ------------------------------------------------------------------------------ generators
+def generator_by_name(session: Session, name: str) -> GeneratorRow | None:
+    """The generator registered under ``name`` (retired or not), or None."""
+    return session.scalar(select(GeneratorRow).where(GeneratorRow.name == name))
 
 
-def vector_to_blob(vector: np.ndarray) -> bytes:
-    return np.ascontiguousarray(vector, dtype=VECTOR_DTYPE).tobytes()
+def list_generators(session: Session, *, include_retired: bool = False) -> list[GeneratorRow]:
+    """The registered generators by name; the retired ones only when asked."""
+    statement = select(GeneratorRow).order_by(GeneratorRow.name)
+    if not include_retired:
+        statement = statement.where(GeneratorRow.retired_at.is_(None))
+    return list(session.scalars(statement))
 
 
-def blob_to_vector(blob: bytes, dim: int) -> np.ndarray:
-    vector = np.frombuffer(blob, dtype=VECTOR_DTYPE)
-    if vector.shape[0] != dim:
-        raise ValueError(f"stored vector has {vector.shape[0]} values, expected {dim}")
-    return vector.astype(np.float32)
+def add_generator(
+    session: Session,
+    *,
+    name: str,
+    kind: str,
+    source: str | None,
+    settings_json: str,
+    fingerprint: str,
+) -> GeneratorRow:
+    """Register a generator; a name already taken fails with the database's IntegrityError."""
+    row = GeneratorRow(
+        name=name,
+        kind=kind,
+        source=source,
+        settings_json=settings_json,
+        fingerprint=fingerprint,
+        added_at=utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    return row
 
 
+def retire_generator(session: Session, row: GeneratorRow) -> None:
+    """Mark a generator retired now: it stays in the lab, but is no longer a candidate."""
+    row.retired_at = utcnow()
+    session.add(row)
+
+
+# ------------------------------------------------------------------------------ images, captions
 def ensure_image(
     session: Session,
     *,
@@ -48,7 +81,7 @@ def ensure_image(
     width: int,
     height: int,
 ) -> tuple[int, bool]:
-    """Return (image id, True if this call added it)."""
+    """Record an image whose blob is stored; (image id, True if this call added it)."""
     result = insert_ignore(
         session,
         ImageRow,
@@ -64,31 +97,82 @@ def ensure_image(
         ["sha256"],
     )
     image_id = session.scalar(select(ImageRow.id).where(ImageRow.sha256 == sha256))
+    assert image_id is not None  # inserted or already there, in this transaction
     return image_id, bool(result.rowcount)
 
 
+def image_sha256(session: Session, image_id: int) -> str | None:
+    """The content hash of a stored image, or None when no such image exists."""
+    return session.scalar(select(ImageRow.sha256).where(ImageRow.id == image_id))
+
+
+def image_sha256s(session: Session, image_ids: Sequence[int]) -> dict[int, str]:
+    """image id -> content hash, for those of ``image_ids`` that exist."""
+    found: dict[int, str] = {}
+    for ids in in_chunks(image_ids):
+        rows = session.execute(select(ImageRow.id, ImageRow.sha256).where(ImageRow.id.in_(ids)))
+        found.update({image_id: sha for image_id, sha in rows})
+    return found
+
+
+def image_blob_paths(session: Session) -> dict[str, str]:
+    """Every stored image: content hash -> blob path as recorded (what ``rsx check`` verifies)."""
+    return {sha: path for sha, path in session.execute(select(ImageRow.sha256, ImageRow.blob_path))}
+
+
 def ensure_caption(session: Session, caption_hash: str, text: str) -> None:
+    """Record a caption under the hash of its normalised text (a no-op when known)."""
     insert_ignore(
         session, CaptionRow, {"hash": caption_hash, "text": text, "created_at": utcnow()}, ["hash"]
     )
 
 
-def caption_text(session: Session, caption_hash: str) -> str | None:
-    return session.scalar(select(CaptionRow.text).where(CaptionRow.hash == caption_hash))
-
-
-def generator_by_name(session: Session, name: str) -> GeneratorRow | None:
-    return session.scalar(select(GeneratorRow).where(GeneratorRow.name == name))
-
-
-def active_generators(session: Session) -> list[GeneratorRow]:
-    return list(
-        session.scalars(
-            select(GeneratorRow)
-            .where(GeneratorRow.retired_at.is_(None))
-            .order_by(GeneratorRow.name)
+def caption_texts(session: Session, caption_hashes: Sequence[str]) -> dict[str, str]:
+    """caption hash -> text, for those of ``caption_hashes`` that are recorded."""
+    found: dict[str, str] = {}
+    for hashes in in_chunks(caption_hashes):
+        rows = session.execute(
+            select(CaptionRow.hash, CaptionRow.text).where(CaptionRow.hash.in_(hashes))
         )
+        found.update({digest: text for digest, text in rows})
+    return found
+
+
+# ------------------------------------------------------------------------------ resyntheses
+class StoredResynthesis(NamedTuple):
+    """One stored resynthesis as a plan needs it (plain values, no ORM object)."""
+
+    caption_hash: str
+    generator_id: int
+    seed: int
+    settings_hash: str
+    image_id: int
+    sha256: str
+
+
+def stored_resyntheses(
+    session: Session, caption_hashes: Sequence[str], generator_ids: Sequence[int]
+) -> list[StoredResynthesis]:
+    """Every stored resynthesis of these captions by these generators, oldest first."""
+    if not caption_hashes or not generator_ids:
+        return []
+    rows = session.execute(
+        select(
+            ResynthesisRow.caption_hash,
+            ResynthesisRow.generator_id,
+            ResynthesisRow.seed,
+            ResynthesisRow.settings_hash,
+            ResynthesisRow.image_id,
+            ImageRow.sha256,
+        )
+        .join(ImageRow, ImageRow.id == ResynthesisRow.image_id)
+        .where(
+            ResynthesisRow.caption_hash.in_(list(caption_hashes)),
+            ResynthesisRow.generator_id.in_(list(generator_ids)),
+        )
+        .order_by(ResynthesisRow.id)
     )
+    return [StoredResynthesis(*row) for row in rows]
 
 
 def ensure_resynthesis(
@@ -100,7 +184,11 @@ def ensure_resynthesis(
     seed: int,
     settings_hash: str,
 ) -> bool:
-    """Record a resynthesis; True when it is new."""
+    """Record a resynthesis; True when this call stored it.
+
+    False means the slot (generator, caption, settings, seed) was taken already, by this image
+    or by another one: ``resynthesis_in_slot`` says which.
+    """
     result = insert_ignore(
         session,
         ResynthesisRow,
@@ -117,6 +205,42 @@ def ensure_resynthesis(
     return bool(result.rowcount)
 
 
+def resynthesis_in_slot(
+    session: Session, *, generator_id: int, caption_hash: str, settings_hash: str, seed: int
+) -> tuple[int, str] | None:
+    """(image id, image hash) of the resynthesis stored for that slot, or None when it is free."""
+    row = session.execute(
+        select(ResynthesisRow.image_id, ImageRow.sha256)
+        .join(ImageRow, ImageRow.id == ResynthesisRow.image_id)
+        .where(
+            ResynthesisRow.generator_id == generator_id,
+            ResynthesisRow.caption_hash == caption_hash,
+            ResynthesisRow.settings_hash == settings_hash,
+            ResynthesisRow.seed == seed,
+        )
+    ).first()
+    return None if row is None else (row[0], row[1])
+
+
+def resynthesis_seed_of_image(
+    session: Session, *, generator_id: int, caption_hash: str, settings_hash: str, sha256: str
+) -> int | None:
+    """The seed under which this image (by content hash) is a resynthesis of that caption by that
+    generator, or None when it is not one."""
+    return session.scalar(
+        select(ResynthesisRow.seed)
+        .join(ImageRow, ImageRow.id == ResynthesisRow.image_id)
+        .where(
+            ResynthesisRow.generator_id == generator_id,
+            ResynthesisRow.caption_hash == caption_hash,
+            ResynthesisRow.settings_hash == settings_hash,
+            ImageRow.sha256 == sha256,
+        )
+        .order_by(ResynthesisRow.seed)
+        .limit(1)
+    )
+
+
 def next_free_seed(
     session: Session, generator_id: int, caption_hash: str, settings_hash: str
 ) -> int:
@@ -131,26 +255,19 @@ def next_free_seed(
     return 0 if top is None else top + 1
 
 
-def resynthesis_image_for(
-    session: Session, *, generator_id: int, caption_hash: str, settings_hash: str, image_id: int
-) -> bool:
-    """True when this exact image is already a resynthesis of that caption by that generator."""
-    return (
-        session.scalar(
-            select(ResynthesisRow.id).where(
-                ResynthesisRow.generator_id == generator_id,
-                ResynthesisRow.caption_hash == caption_hash,
-                ResynthesisRow.settings_hash == settings_hash,
-                ResynthesisRow.image_id == image_id,
-            )
-        )
-        is not None
-    )
+# ------------------------------------------------------------------------------ references
+class Reference(NamedTuple):
+    """An image whose generator is known, and the caption it was made from (if known)."""
+
+    image_id: int
+    generator_id: int
+    caption_hash: str | None
 
 
 def ensure_reference(
     session: Session, *, image_id: int, generator_id: int, caption_hash: str | None
 ) -> bool:
+    """Record that ``image_id`` was made by ``generator_id``; True when this call added it."""
     result = insert_ignore(
         session,
         ReferenceRow,
@@ -165,94 +282,51 @@ def ensure_reference(
     return bool(result.rowcount)
 
 
-def stored_resyntheses(
-    session: Session, caption_hashes: Sequence[str], generator_ids: Sequence[int]
-) -> list[ResynthesisRow]:
-    if not caption_hashes or not generator_ids:
+def references_of(session: Session, generator_ids: Sequence[int]) -> list[Reference]:
+    """The references of these generators, in the order they were recorded."""
+    if not generator_ids:
         return []
-    return list(
-        session.scalars(
-            select(ResynthesisRow)
-            .where(
-                ResynthesisRow.caption_hash.in_(list(caption_hashes)),
-                ResynthesisRow.generator_id.in_(list(generator_ids)),
-            )
-            .order_by(ResynthesisRow.id)
-        )
+    rows = session.execute(
+        select(ReferenceRow.image_id, ReferenceRow.generator_id, ReferenceRow.caption_hash)
+        .where(ReferenceRow.generator_id.in_(list(generator_ids)))
+        .order_by(ReferenceRow.id)
     )
+    return [Reference(*row) for row in rows]
 
 
-def embedding_ids(session: Session, image_ids: Iterable[int], fingerprint: str) -> dict[int, int]:
-    """image id -> embedding id, for the images embedded by this embedder."""
-    ids = list(set(image_ids))
-    found: dict[int, int] = {}
-    for start in range(0, len(ids), 500):
-        rows = session.execute(
-            select(EmbeddingRow.image_id, EmbeddingRow.id).where(
-                EmbeddingRow.embedder_fingerprint == fingerprint,
-                EmbeddingRow.image_id.in_(ids[start : start + 500]),
-            )
-        )
-        found.update({image_id: embedding_id for image_id, embedding_id in rows})
-    return found
-
-
-def add_embeddings(
-    session: Session, fingerprint: str, image_ids: Sequence[int], vectors: np.ndarray
-) -> None:
-    if not len(image_ids):
-        return
-    insert_ignore(
-        session,
-        EmbeddingRow,
-        [
-            {
-                "image_id": image_id,
-                "embedder_fingerprint": fingerprint,
-                "dim": int(vector.shape[0]),
-                "vector": vector_to_blob(vector),
-                "created_at": utcnow(),
-            }
-            for image_id, vector in zip(image_ids, vectors, strict=True)
-        ],
-        ["image_id", "embedder_fingerprint"],
-    )
-
-
-def embedding_stats(session: Session, fingerprint: str) -> tuple[int, int]:
-    """(count, max id) of this embedder's embeddings; max id is -1 when there are none."""
-    count, top = session.execute(
-        select(func.count(EmbeddingRow.id), func.max(EmbeddingRow.id)).where(
-            EmbeddingRow.embedder_fingerprint == fingerprint
-        )
-    ).one()
-    return int(count), -1 if top is None else int(top)
-
-
-def iter_embeddings(
-    session: Session, fingerprint: str, after_id: int, batch: int = 10_000
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Batches of (ids, vectors) with id > after_id, in id order (the vector index's source)."""
-    last = after_id
-    while True:
-        rows = session.execute(
-            select(EmbeddingRow.id, EmbeddingRow.dim, EmbeddingRow.vector)
-            .where(EmbeddingRow.embedder_fingerprint == fingerprint, EmbeddingRow.id > last)
-            .order_by(EmbeddingRow.id)
-            .limit(batch)
-        ).all()
-        if not rows:
-            return
-        ids = np.fromiter((row.id for row in rows), dtype=np.int64, count=len(rows))
-        vectors = np.stack([blob_to_vector(row.vector, row.dim) for row in rows])
-        yield ids, vectors
-        last = int(ids[-1])
-
-
+# ------------------------------------------------------------------------------ work orders
 def add_pending(session: Session, generator_id: int, caption_hash: str) -> None:
+    """Record that a query needed a resynthesis of this caption the generator cannot make."""
     insert_ignore(
         session,
         PendingResynthesisRow,
         {"generator_id": generator_id, "caption_hash": caption_hash, "created_at": utcnow()},
         ["generator_id", "caption_hash"],
     )
+
+
+def unfulfilled_work(
+    session: Session, generator_name: str | None = None
+) -> list[tuple[str, str, str]]:
+    """(generator name, caption hash, caption text) of every recorded work order whose active
+    generator still has no resynthesis of the caption, oldest first (only the named
+    generator's when ``generator_name`` is given)."""
+    fulfilled = (
+        exists()
+        .where(
+            ResynthesisRow.generator_id == PendingResynthesisRow.generator_id,
+            ResynthesisRow.caption_hash == PendingResynthesisRow.caption_hash,
+        )
+        .correlate(PendingResynthesisRow)
+    )
+    statement = (
+        select(GeneratorRow.name, CaptionRow.hash, CaptionRow.text)
+        .select_from(PendingResynthesisRow)
+        .join(GeneratorRow, GeneratorRow.id == PendingResynthesisRow.generator_id)
+        .join(CaptionRow, CaptionRow.hash == PendingResynthesisRow.caption_hash)
+        .where(~fulfilled, GeneratorRow.retired_at.is_(None))
+        .order_by(PendingResynthesisRow.id)
+    )
+    if generator_name is not None:
+        statement = statement.where(GeneratorRow.name == generator_name)
+    return [(name, digest, text) for name, digest, text in session.execute(statement)]

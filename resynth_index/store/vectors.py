@@ -23,14 +23,15 @@ import json
 import os
 import struct
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from resynth_index.errors import StoreError
+from resynth_index.hashing import CHUNK, hash_stream
 from resynth_index.store.durable import fsync_directory
 from resynth_index.store.faults import crash_point
+from resynth_index.store.locks import directory_lock
 
 if TYPE_CHECKING:
     import numpy
@@ -43,7 +44,6 @@ MAGIC = b"RSXVEC1\n"
 _LENGTH = struct.Struct("<I")
 _MAX_HEADER = 1 << 16
 _HEADER_KEYS = {"fingerprint": str, "dim": int, "count": int, "watermark": int, "checksum": str}
-_CHUNK = 1 << 20
 
 
 @dataclass
@@ -71,15 +71,10 @@ class _Unusable(Exception):
 class VectorIndex:
     """One FAISS IndexIDMap2(IndexFlatIP) per embedder fingerprint, persisted as a single file.
 
-    Scores are inner products, i.e. cosine similarities for the L2-normalised vectors embedders
-    produce. ``search`` gathers a small candidate set and scores it in numpy; a large one is
-    searched by FAISS with an id selector. Both order results by score, then by id ascending.
+    A query needs only its caption's few dozen resyntheses, so the lab never searches the whole
+    index: ``vectors_for`` gathers those vectors by embedding id and the caller scores them
+    (inner products, i.e. cosine similarities of the L2-normalised vectors embedders produce).
     """
-
-    GATHER_MAX = 4096
-    """Candidate sets up to this size are gathered and scored in numpy."""
-    GATHER_FRACTION = 64
-    """...and so are larger ones smaller than ntotal / GATHER_FRACTION."""
 
     def __init__(self, path: Path, fingerprint: str, dim: int) -> None:
         """An empty in-memory index for ``fingerprint``; nothing is read or written yet."""
@@ -195,7 +190,7 @@ class VectorIndex:
         the file was written, False when a newer one was kept.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _directory_lock(self.path.parent):
+        with directory_lock(self.path.parent):
             current = _identity(self.path)
             if current is not None and current != self._seen and self._newer_on_disk():
                 self._seen = None  # theirs is newer: our next save compares again
@@ -239,7 +234,9 @@ class VectorIndex:
                     handle.write(chunk)
                     return len(chunk)
 
-                faiss.write_index(self._index, faiss.PyCallbackIOWriter(write))
+                # PyCallbackIOWriter/Reader are missing from faiss's stubs
+                writer = faiss.PyCallbackIOWriter(write)  # type: ignore[attr-defined]
+                faiss.write_index(self._index, writer)
                 header["checksum"] = digest.hexdigest()
                 final = _encode_header(header)
                 assert len(final) == len(placeholder)
@@ -296,70 +293,6 @@ class VectorIndex:
                 f"index {self.path} has no vector for embedding id(s) {shown}", missing
             )
         return self._index.reconstruct_batch(ids)
-
-    def search(
-        self, query: numpy.ndarray, k: int, ids: numpy.ndarray | None = None
-    ) -> tuple[numpy.ndarray, numpy.ndarray]:
-        """The ``k`` best candidates for each query row: ``(scores (q, k'), ids (q, k'))``.
-
-        ``query`` is (dim,) or (q, dim); ``k' = min(k, number of candidates)``, with no -1
-        padding. ``ids`` restricts the candidates (ids not in the index are ignored). Results are
-        ordered by score descending, then id ascending, whichever path computes them.
-        """
-        import numpy as np
-
-        query = np.ascontiguousarray(query, dtype=np.float32)
-        if query.ndim == 1:
-            query = query.reshape(1, -1)
-        if query.ndim != 2 or query.shape[1] != self.dim:
-            raise ValueError(f"query must have shape (dim,) or (q, {self.dim}), got {query.shape}")
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
-        if ids is None:
-            return self._faiss_top_k(query, k, self.count, None)
-        candidates = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
-        candidates = candidates[self._contains(candidates)]
-        if (
-            len(candidates) <= self.GATHER_MAX
-            or len(candidates) * self.GATHER_FRACTION < self.count
-        ):
-            return self._gathered_top_k(query, k, candidates)
-        return self._faiss_top_k(query, k, len(candidates), candidates)
-
-    def _gathered_top_k(
-        self, query: numpy.ndarray, k: int, candidates: numpy.ndarray
-    ) -> tuple[numpy.ndarray, numpy.ndarray]:
-        """Score a small sorted candidate set in numpy; a stable sort keeps ties in id order."""
-        import numpy as np
-
-        if len(candidates) == 0:
-            return _empty(len(query))
-        scores = query @ self._index.reconstruct_batch(candidates).T
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, order, axis=1), candidates[order]
-
-    def _faiss_top_k(
-        self, query: numpy.ndarray, k: int, available: int, candidates: numpy.ndarray | None
-    ) -> tuple[numpy.ndarray, numpy.ndarray]:
-        """FAISS search (whole index or id selector), widened until ties at rank k are all seen."""
-        import faiss
-        import numpy as np
-
-        if available == 0:
-            return _empty(len(query))
-        k = min(k, available)
-        selector = None if candidates is None else faiss.IDSelectorBatch(candidates)
-        params = None if selector is None else faiss.SearchParameters(sel=selector)
-        fetch = min(available, k + 1)
-        while True:
-            scores, found = self._index.search(query, fetch, params=params)
-            # every vector scoring as well as the k-th is in hand once a worse one is
-            if fetch == available or bool(np.all(scores[:, fetch - 1] < scores[:, k - 1])):
-                break
-            fetch = min(available, fetch * 2)
-        del selector, params
-        order = np.lexsort((found, -scores), axis=-1)[:, :k]
-        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(found, order, axis=1)
 
     def _contains(self, ids: numpy.ndarray) -> numpy.ndarray:
         """Boolean mask: which of ``ids`` the index holds (binary search in the sorted id list)."""
@@ -447,12 +380,6 @@ def _new_faiss_index(dim: int) -> Any:
     return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
 
-def _empty(rows: int) -> tuple[numpy.ndarray, numpy.ndarray]:
-    import numpy as np
-
-    return np.empty((rows, 0), dtype=np.float32), np.empty((rows, 0), dtype=np.int64)
-
-
 def _first(values: numpy.ndarray, shown: int = 5) -> str:
     text = ", ".join(str(int(v)) for v in values[:shown])
     return text + (", ..." if len(values) > shown else "")
@@ -476,26 +403,16 @@ def _read_index_file(path: Path) -> tuple[dict[str, Any], Any]:
         raise _Unusable(f"index file unreadable: {error}") from None
     with handle:
         try:
-            if handle.read(len(MAGIC)) != MAGIC:
-                raise _Unusable("index file unreadable: not an rsx vector index")
-            raw = handle.read(_LENGTH.size)
-            if len(raw) != _LENGTH.size:
-                raise _Unusable("index file unreadable: truncated header")
-            (length,) = _LENGTH.unpack(raw)
-            if length > _MAX_HEADER:
-                raise _Unusable("index file unreadable: header too large")
-            header = _parse_header(handle.read(length))
+            header = _read_header_from(handle)
             start = handle.tell()
             # verify the checksum before faiss parses anything: garbage sizes could ask for
             # absurd allocations
-            digest = hashlib.sha256()
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
-            if digest.hexdigest() != header["checksum"]:
+            if hash_stream(handle) != header["checksum"]:
                 raise _Unusable("index file unreadable: checksum mismatch (truncated or damaged)")
             handle.seek(start)
             try:
-                index = faiss.read_index(faiss.PyCallbackIOReader(handle.read, _CHUNK))
+                reader = faiss.PyCallbackIOReader(handle.read, CHUNK)  # type: ignore[attr-defined]
+                index = faiss.read_index(reader)
             except RuntimeError as error:
                 lines = str(error).strip().splitlines() or ["unknown error"]
                 raise _Unusable(
@@ -523,17 +440,22 @@ def _read_header(path: Path) -> dict[str, Any]:
     """Only the header of an index file (nothing verified beyond its own shape)."""
     try:
         with open(path, "rb") as handle:
-            if handle.read(len(MAGIC)) != MAGIC:
-                raise _Unusable("not an rsx vector index")
-            raw = handle.read(_LENGTH.size)
-            if len(raw) != _LENGTH.size:
-                raise _Unusable("truncated header")
-            (length,) = _LENGTH.unpack(raw)
-            if length > _MAX_HEADER:
-                raise _Unusable("header too large")
-            return _parse_header(handle.read(length))
+            return _read_header_from(handle)
     except OSError as error:
         raise _Unusable(f"index file unreadable: {error}") from None
+
+
+def _read_header_from(handle: BinaryIO) -> dict[str, Any]:
+    """Read the magic, the length and the JSON header at the start of an open index file."""
+    if handle.read(len(MAGIC)) != MAGIC:
+        raise _Unusable("index file unreadable: not an rsx vector index")
+    raw = handle.read(_LENGTH.size)
+    if len(raw) != _LENGTH.size:
+        raise _Unusable("index file unreadable: truncated header")
+    (length,) = _LENGTH.unpack(raw)
+    if length > _MAX_HEADER:
+        raise _Unusable("index file unreadable: header too large")
+    return _parse_header(handle.read(length))
 
 
 def _identity(path: Path) -> tuple[int, ...] | None:
@@ -543,29 +465,6 @@ def _identity(path: Path) -> tuple[int, ...] | None:
     except OSError:
         return None
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-
-
-@contextmanager
-def _directory_lock(directory: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on the index directory (released if the process dies).
-
-    Locking the directory rather than a sidecar file leaves nothing behind. Where ``fcntl`` is
-    missing (Windows) saves are not serialised; each stays atomic.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError as error:
-        raise StoreError(f"cannot lock index directory {directory}: {error}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _parse_header(raw: bytes) -> dict[str, Any]:

@@ -6,18 +6,24 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from resynth_index.errors import RsxError
-from resynth_index.models.fingerprints import hash_json
+from resynth_index.hashing import hash_json
 from resynth_index.models.generators.protocol import GenerationRequest, GenerationSettings
 
 if TYPE_CHECKING:
     import PIL.Image
+
+#: The settings part of every imported resynthesis's cache key: the lab cannot know the settings.
+IMPORTED_SETTINGS_HASH = "imported"
 
 
 class _ImportedSettings(GenerationSettings):
     """Settings of an imported generator: unknown to the lab, so one fixed output hash."""
 
     def output_hash(self) -> str:
-        return "imported"
+        return IMPORTED_SETTINGS_HASH
+
+    def cache_hash(self, device: str = "auto") -> str:
+        return IMPORTED_SETTINGS_HASH
 
 
 class ImportedGenerator:

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from resynth_index.models.embedders import EmbedderSpec
+
 TOY_EMBEDDER_LAYER_COUNT = 4
 
 TOY_CLIP_CONFIG: dict[str, Any] = {
@@ -49,6 +51,8 @@ TOY_CLIP_PREPROCESS: dict[str, Any] = {
 
 CONFIG_FILENAME = "open_clip_config.json"
 WEIGHTS_FILENAME = "open_clip_model.safetensors"
+#: Where a lab made with ``--embedder toy`` keeps its toy model, relative to the lab.
+LAB_TOY_CLIP_FOLDER = "models/toy-clip"
 
 
 def build_toy_clip(seed: int = 0) -> torch.nn.Module:
@@ -90,3 +94,15 @@ def save_toy_clip(folder: Path, seed: int = 0) -> Path:
     tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
     save_file(tensors, str(folder / WEIGHTS_FILENAME))
     return folder
+
+
+def install_toy_clip(lab_root: Path, layer: int | None = None) -> EmbedderSpec:
+    """Save the toy model inside a lab (``models/toy-clip``) and return the spec that loads it.
+
+    The spec's folder is relative to the lab, so a lab can be moved whole; the lab resolves it
+    against its root when it loads the embedder.
+    """
+    from resynth_index.models.embedders import EmbedderSpec
+
+    save_toy_clip(Path(lab_root) / LAB_TOY_CLIP_FOLDER)
+    return EmbedderSpec(arch="", weights=f"local-dir:{LAB_TOY_CLIP_FOLDER}", layer=layer)

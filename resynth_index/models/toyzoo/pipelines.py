@@ -22,6 +22,23 @@ TOY_SETTINGS = GenerationSettings(steps=4, guidance=3.0, width=64, height=64)
 
 _CROSS_ATTENTION_DIM = 32
 
+#: Stable Diffusion 1.x's DDIM scheduler (the toy pipelines and the GPU benchmark's SD1.5/SDXL).
+DDIM_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+
+
+def ddim_scheduler() -> diffusers.DDIMScheduler:
+    """A fresh DDIM scheduler with ``DDIM_SCHEDULER_CONFIG``."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**DDIM_SCHEDULER_CONFIG)
+
 
 def _seeded_components(seed: int) -> dict:
     """UNet, VAE and text encoder with weights drawn from ``torch.manual_seed(seed)``."""
@@ -98,25 +115,17 @@ def build_toy_pipeline(
     ``base_seed`` and are then nudged by ``perturbation`` (relative to each tensor's spread) with
     noise drawn from ``seed``: a family member of the ``base_seed`` pipeline.
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     from resynth_index.models.toyzoo.tokenizer import clip_tokenizer
 
     components = _seeded_components(seed if base_seed is None else base_seed)
     if base_seed is not None and perturbation:
         _perturb(components, seed, perturbation)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
     pipe = StableDiffusionPipeline(
         **components,
         tokenizer=clip_tokenizer(),
-        scheduler=scheduler,
+        scheduler=ddim_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -132,4 +141,15 @@ def save_toy_pipeline(folder: Path, seed: int, **kw) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     build_toy_pipeline(seed, **kw).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def ensure_toy_pipeline(
+    folder: Path, seed: int, *, base_seed: int | None = None, perturbation: float = 0.0
+) -> Path:
+    """The toy pipeline saved in ``folder``, built there first unless a pipeline is there already
+    (so registering it again, or in a copied lab, never rebuilds it). Returns ``folder``."""
+    folder = Path(folder)
+    if not (folder / "model_index.json").exists():
+        save_toy_pipeline(folder, seed, base_seed=base_seed, perturbation=perturbation)
     return folder

@@ -1,0 +1,72 @@
+"""The ``rsx`` group, its global options, and what every command shares: one-line errors,
+opening the lab, a progress bar that only shows on a terminal."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from resynth_index import __version__
+from resynth_index.config import LAB_ENV, resolve_lab_dir
+from resynth_index.errors import RsxError
+from resynth_index.models.devices import DEVICE_CHOICES
+
+
+class RsxGroup(click.Group):
+    """Turns every RsxError into one clear line and exit status 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RsxError as error:
+            raise click.ClickException(str(error)) from None
+
+
+@click.group(cls=RsxGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--lab",
+    "lab_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help=f"Lab directory (default: ${LAB_ENV}, else a per-user data directory).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(DEVICE_CHOICES),
+    default=None,
+    help="Where models run (default: the lab's setting, 'auto').",
+)
+@click.version_option(__version__, prog_name="rsx")
+@click.pass_context
+def cli(ctx: click.Context, lab_dir: Path | None, device: str | None) -> None:
+    """Attribute AI-generated images to their source generator by resynthesis.
+
+    \b
+    Quick start (toy models, no downloads):
+      rsx demo
+    A lab of your own:
+      rsx --lab ./lab init --embedder ViT-L-14-336@/models/clip.safetensors --layer 12
+      rsx --lab ./lab generator add sd15 --diffusers /models/sd15
+      rsx --lab ./lab generator add midjourney --imported
+      rsx --lab ./lab query suspect.png --caption "a portrait of an old man"
+    """
+    ctx.obj = {"lab_dir": resolve_lab_dir(lab_dir), "lab_flag": lab_dir, "device": device}
+
+
+def open_lab(ctx: click.Context):
+    from resynth_index.lab import Lab
+
+    return Lab.open(ctx.obj["lab_dir"], device=ctx.obj["device"])
+
+
+def progress_bar(label: str, total: int):
+    """A progress bar on a terminal, nothing otherwise (logs stay clean)."""
+    if not sys.stderr.isatty() or total <= 1:
+        return None
+    return click.progressbar(length=total, label=label, file=sys.stderr)
+
+
+def main() -> None:
+    cli(prog_name="rsx")

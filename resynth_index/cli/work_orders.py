@@ -1,0 +1,102 @@
+"""`rsx export-prompts` and `rsx resynthesize`: filling the cache of resyntheses."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from resynth_index.cli.app import cli, open_lab, progress_bar
+
+
+@cli.command("export-prompts")
+@click.option("--generator", "generator_name", help="Only this imported generator.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write CSV here (default: standard output).",
+)
+@click.pass_context
+def export_prompts(ctx, generator_name: str | None, out: Path | None) -> None:
+    """The work order for imported generators: captions queries needed that they lack.
+
+    Produce the images with the service, then ingest them as a manifest with role
+    'resynthesis'; the CSV already has the columns such a manifest needs (fill in 'path').
+    A cell that a spreadsheet would run as a formula (starting with = + - @, a tab or a
+    carriage return) is written with a ' in front; rsx ingest takes that one quote off again.
+
+    \b
+    Examples:
+      rsx export-prompts --generator midjourney --out mj_todo.csv
+    """
+    from resynth_index.pipeline.work_orders import pending_work, write_work_orders
+
+    rows = pending_work(open_lab(ctx), generator_name)
+    handle = open(out, "w", newline="", encoding="utf-8") if out else sys.stdout
+    try:
+        write_work_orders(rows, handle)
+    finally:
+        if out:
+            handle.close()
+    if out:
+        click.echo(f"{len(rows)} prompt(s) written to {out}")
+
+
+@cli.command()
+@click.option(
+    "--captions",
+    "captions_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Captions to precompute: one per line, or a CSV with a 'caption' column.",
+)
+@click.option("--pending", is_flag=True, help="Every caption queries have asked for.")
+@click.option("--generator", "generator_name", help="Only this generator (default: all runnable).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images generated per batch.")
+@click.pass_context
+def resynthesize(ctx, captions_file: Path | None, pending: bool, generator_name, batch_size):
+    """Precompute the missing resyntheses of many captions (fill the cache overnight).
+
+    Work is grouped per generator and made in batches; each batch is stored (images, rows,
+    embeddings) before the next, so an interrupted run keeps what it finished and a re-run
+    makes only the rest.
+
+    \b
+    Examples:
+      rsx resynthesize --captions prompts.txt --batch-size 16
+      rsx resynthesize --pending --generator sd15
+    """
+    from resynth_index.pipeline import resynthesis
+
+    if (captions_file is None) == (not pending):
+        raise click.UsageError("give either --captions FILE or --pending")
+    lab = open_lab(ctx)
+    generators = resynthesis.runnable_generators(lab, generator_name)
+    if pending:
+        captions = resynthesis.pending_captions(lab)
+    else:
+        captions = resynthesis.captions_by_hash(resynthesis.read_captions_file(captions_file))
+    bar = None
+
+    def start(total: int) -> None:
+        nonlocal bar
+        bar = progress_bar("generating", total)
+        if bar is not None:
+            bar.__enter__()
+
+    try:
+        summary = resynthesis.resynthesize(
+            lab,
+            captions,
+            generators,
+            batch_size=batch_size,
+            on_plan=start,
+            progress=lambda n: bar.update(n) if bar is not None else None,
+        )
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    click.echo(
+        f"resynthesize: {summary.captions} caption(s) x {len(summary.generators)} generator(s): "
+        f"{summary.generated} generated, {summary.reused} already stored"
+    )

@@ -1,0 +1,166 @@
+"""The embeddings table: each image's vector per embedder fingerprint, and the questions about it.
+
+Vectors are stored as little-endian float32 BLOBs whatever the host, with their dimension and the
+fingerprint of the embedder that made them; embeddings of different embedders are never mixed.
+Like ``repository``, every function takes the caller's ``Session``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from resynth_index.store.engine import in_chunks, insert_ignore
+from resynth_index.store.models import EmbeddingRow, ImageRow, utcnow
+
+VECTOR_DTYPE = np.dtype("<f4")  # little-endian float32, whatever the host
+
+
+def vector_to_blob(vector: np.ndarray) -> bytes:
+    """The stored form of a vector (little-endian float32 bytes)."""
+    return np.ascontiguousarray(vector, dtype=VECTOR_DTYPE).tobytes()
+
+
+def blob_to_vector(blob: bytes, dim: int) -> np.ndarray:
+    """A stored vector back as float32; a BLOB of the wrong length raises ``ValueError``."""
+    vector = np.frombuffer(blob, dtype=VECTOR_DTYPE)
+    if vector.shape[0] != dim:
+        raise ValueError(f"stored vector has {vector.shape[0]} values, expected {dim}")
+    return vector.astype(np.float32)
+
+
+def add_embeddings(
+    session: Session, fingerprint: str, image_ids: Sequence[int], vectors: np.ndarray
+) -> None:
+    """Store one vector per image for this embedder (images already embedded are left as is)."""
+    if not len(image_ids):
+        return
+    insert_ignore(
+        session,
+        EmbeddingRow,
+        [
+            {
+                "image_id": image_id,
+                "embedder_fingerprint": fingerprint,
+                "dim": int(vector.shape[0]),
+                "vector": vector_to_blob(vector),
+                "created_at": utcnow(),
+            }
+            for image_id, vector in zip(image_ids, vectors, strict=True)
+        ],
+        ["image_id", "embedder_fingerprint"],
+    )
+
+
+def embedding_ids(session: Session, image_ids: Iterable[int], fingerprint: str) -> dict[int, int]:
+    """image id -> embedding id, for the images embedded by this embedder."""
+    found: dict[int, int] = {}
+    for ids in in_chunks(image_ids):
+        rows = session.execute(
+            select(EmbeddingRow.image_id, EmbeddingRow.id).where(
+                EmbeddingRow.embedder_fingerprint == fingerprint, EmbeddingRow.image_id.in_(ids)
+            )
+        )
+        found.update({image_id: embedding_id for image_id, embedding_id in rows})
+    return found
+
+
+def embedded_sha256s(session: Session, sha256s: Sequence[str], fingerprint: str) -> set[str]:
+    """Which of these images (by content hash) this embedder has embedded."""
+    found: set[str] = set()
+    for shas in in_chunks(sha256s):
+        found.update(
+            session.scalars(
+                select(ImageRow.sha256)
+                .join(EmbeddingRow, EmbeddingRow.image_id == ImageRow.id)
+                .where(EmbeddingRow.embedder_fingerprint == fingerprint, ImageRow.sha256.in_(shas))
+            )
+        )
+    return found
+
+
+def vectors_by_embedding_id(
+    session: Session, embedding_ids: Sequence[int]
+) -> dict[int, np.ndarray]:
+    """embedding id -> stored vector, for those of ``embedding_ids`` that exist."""
+    found: dict[int, np.ndarray] = {}
+    for ids in in_chunks(int(i) for i in embedding_ids):
+        rows = session.execute(
+            select(EmbeddingRow.id, EmbeddingRow.dim, EmbeddingRow.vector).where(
+                EmbeddingRow.id.in_(ids)
+            )
+        )
+        found.update({row.id: blob_to_vector(row.vector, row.dim) for row in rows})
+    return found
+
+
+def vectors_by_image_id(
+    session: Session, image_ids: Sequence[int], fingerprint: str
+) -> dict[int, np.ndarray]:
+    """image id -> this embedder's vector of it, for the images it has embedded."""
+    found: dict[int, np.ndarray] = {}
+    for ids in in_chunks(image_ids):
+        rows = session.execute(
+            select(EmbeddingRow.image_id, EmbeddingRow.dim, EmbeddingRow.vector).where(
+                EmbeddingRow.embedder_fingerprint == fingerprint, EmbeddingRow.image_id.in_(ids)
+            )
+        )
+        found.update({row.image_id: blob_to_vector(row.vector, row.dim) for row in rows})
+    return found
+
+
+def embedding_stats(session: Session, fingerprint: str) -> tuple[int, int]:
+    """(count, max id) of this embedder's embeddings; max id is -1 when there are none."""
+    count, top = session.execute(
+        select(func.count(EmbeddingRow.id), func.max(EmbeddingRow.id)).where(
+            EmbeddingRow.embedder_fingerprint == fingerprint
+        )
+    ).one()
+    return int(count), -1 if top is None else int(top)
+
+
+def all_embedding_ids(session: Session, fingerprint: str) -> np.ndarray:
+    """Every embedding id of this embedder (int64, 8 bytes each), to compare with an index's."""
+    ids = session.scalars(
+        select(EmbeddingRow.id).where(EmbeddingRow.embedder_fingerprint == fingerprint)
+    )
+    return np.fromiter(ids, dtype=np.int64)
+
+
+def iter_embeddings(
+    session: Session, fingerprint: str, after_id: int, batch: int = 10_000
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Batches of (ids, vectors) with id > after_id, in id order (the vector index's source)."""
+    last = after_id
+    while True:
+        rows = session.execute(
+            select(EmbeddingRow.id, EmbeddingRow.dim, EmbeddingRow.vector)
+            .where(EmbeddingRow.embedder_fingerprint == fingerprint, EmbeddingRow.id > last)
+            .order_by(EmbeddingRow.id)
+            .limit(batch)
+        ).all()
+        if not rows:
+            return
+        ids = np.fromiter((row.id for row in rows), dtype=np.int64, count=len(rows))
+        vectors = np.stack([blob_to_vector(row.vector, row.dim) for row in rows])
+        yield ids, vectors
+        last = int(ids[-1])
+
+
+def images_without_embedding(session: Session, fingerprint: str) -> list[int]:
+    """Ids of the stored images this embedder has not embedded (``rsx check`` completes them)."""
+    embedded = select(EmbeddingRow.image_id).where(EmbeddingRow.embedder_fingerprint == fingerprint)
+    return list(session.scalars(select(ImageRow.id).where(ImageRow.id.not_in(embedded))))
+
+
+def wrong_dimension_count(session: Session, fingerprint: str, dim: int) -> int:
+    """How many of this embedder's embeddings do not have ``dim`` values."""
+    count = session.scalar(
+        select(func.count(EmbeddingRow.id)).where(
+            EmbeddingRow.embedder_fingerprint == fingerprint, EmbeddingRow.dim != dim
+        )
+    )
+    return int(count or 0)
