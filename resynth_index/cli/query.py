@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from resynth_index.cli.app import cli, open_lab
+from resynth_index.cli.render import render_answer
 
 
 @cli.command()
@@ -72,7 +73,7 @@ def query(
         if as_json:
             click.echo(json.dumps(result.to_json(), sort_keys=True))
         else:
-            click.echo(_render_result(result))
+            click.echo(render_answer(result))
     if report:
         from resynth_index.report import write_report
 
@@ -80,25 +81,3 @@ def query(
         click.echo(f"report written to {report}", err=as_json)
     if failed:
         sys.exit(1)
-
-
-def _render_result(result) -> str:
-    lines = [
-        f"{result.image}  sha256 {result.sha256[:12]}",
-        f"  caption ({result.caption_source}): {result.caption[:100]}",
-        f"  verdict: {result.verdict}"
-        + (f"  (margin {result.margin:.4f})" if result.margin is not None else ""),
-        f"  {'generator':<20} {'distance':>9} {'score':>7}  resyntheses",
-    ]
-    for entry in result.ranking:
-        lines.append(
-            f"  {entry.generator:<20} {entry.distance:>9.4f} {entry.score:>7.3f}  "
-            f"{len(entry.distances)}"
-        )
-    extra = [f"generated {result.generated}", f"reused {result.reused}"]
-    if result.pending:
-        extra.append(f"pending (imported, no resynthesis yet): {', '.join(result.pending)}")
-    if result.not_generated:
-        extra.append(f"not generated (--no-generate): {', '.join(result.not_generated)}")
-    lines.append("  " + "; ".join(extra))
-    return "\n".join(lines)
