@@ -3,8 +3,8 @@
 A lab is a directory::
 
     settings.json   this file's LabSettings (embedder, scoring, limits)
-    lab.sqlite      the store (source of truth)
-    blobs/          content-addressed copies of every image seen
+    lab.sqlite      the store (source of truth), unless settings name a PostgreSQL database
+    blobs/          content-addressed copies of every image seen (or the path settings name)
     index/          FAISS index files derived from the store (rebuildable)
     models/         models the lab materialised itself (the toy zoo)
 
@@ -14,9 +14,12 @@ Its location comes from ``--lab PATH``, else ``$RSX_LAB``, else a per-user data 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,18 @@ AGGREGATIONS = ("min", "mean")
 #: Concrete embedder precisions (models.embedders.PRECISIONS less "auto", which is resolved at
 #: ``rsx init``); "" in a settings file means "not recorded": a lab made before it was.
 EMBEDDER_PRECISIONS = ("fp32", "fp16", "bf16")
+
+#: The default margin floor: an answer whose best two candidates lie closer than this (in the
+#: lab's distance) is 'inconclusive' rather than the best one's name. Measured on the toy
+#: benchmark (scripts/toy_benchmark.py: 6 toy generators, two families of two near-identical
+#: ones, 150 references, cosine distance, min over 1 resynthesis): every margin bin under 0.002
+#: was right no more often than a coin flip between the top two (0-0.2 ms: 6 answers, 17 %;
+#: 0.2-0.5 ms: 14, 43 %; 0.5-1 ms: 25, 48 %; 1-2 ms: 36, 53 %; all 81 under 0.002: 47 %), while
+#: 2-5 ms was right 79 % of the time and every margin over 0.005 100 %. The floor makes 54 % of
+#: those toy answers inconclusive (the family members) and the rest 94 % right. It is in units
+#: of the toy embedder's distances: measure a real embedder's margins and set it with
+#: 'rsx config set margin_floor'.
+DEFAULT_MARGIN_FLOOR = 0.002
 
 
 def default_lab_dir() -> Path:
@@ -71,12 +86,22 @@ class LabSettings:
     temperature: float = 0.05  # softmax over negative distances
     # the verdict is 'unknown' when the best distance exceeds this threshold
     unknown_threshold: float | None = None
+    # the verdict is 'inconclusive' when the second-best lies within this of the best
+    margin_floor: float = DEFAULT_MARGIN_FLOOR
+    default_candidates: list[str] | None = None  # None: every active generator
     default_resyntheses: int = 1
     generation_batch_size: int = 8
     embedding_batch_size: int = 32
     max_pixels: int = 64_000_000
     captioner: str | None = None  # a local transformers image-to-text folder
+    # the store: "" is the lab's own SQLite file; else a PostgreSQL URL without a password
+    # ('rsx init --database'), which several machines may share
+    database_url: str = ""
+    # the blob path: "" is <lab>/blobs; else a folder ('rsx init --blobs'; relative: to the lab)
+    blobs: str = ""
     version: int = SETTINGS_VERSION
+    # every change made after creation ('rsx config set'): {"at", "key", "old", "new"}
+    changes: list[dict[str, Any]] = field(default_factory=list)
 
     def validate(self) -> None:
         """Refuse settings no lab can run with (StoreError, one line)."""
@@ -96,9 +121,64 @@ class LabSettings:
             raise StoreError("temperature must be positive")
         if self.default_resyntheses < 1:
             raise StoreError("default_resyntheses must be at least 1")
+        threshold = self.unknown_threshold
+        if threshold is not None and not (_real(threshold) and math.isfinite(threshold)):
+            raise StoreError("the threshold must be a finite number, or none")
+        if not _non_negative(self.margin_floor):
+            raise StoreError("margin_floor must be a number at least 0")
+        for name in ("generation_batch_size", "embedding_batch_size", "max_pixels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise StoreError(f"{name} must be a whole number at least 1")
+        if self.default_candidates is not None and (
+            not isinstance(self.default_candidates, list)
+            or not self.default_candidates
+            or not all(isinstance(n, str) and n for n in self.default_candidates)
+        ):
+            raise StoreError("default_candidates must be a list of generator names, or none")
+        if not isinstance(self.changes, list):
+            raise StoreError("changes must be a list")
+        for name in ("database_url", "blobs"):
+            if not isinstance(getattr(self, name), str):
+                raise StoreError(f"{name} must be text")
+
+    def change(self, key: str, value: Any, *, at: datetime | None = None) -> dict[str, Any] | None:
+        """Set one changeable setting (``key`` as ``rsx config`` names it; ``value`` already
+        parsed) and record the change in ``changes``. Validated first: a refused value leaves
+        the settings as they were. Returns the change recorded ({"at", "key", "old", "new"}),
+        or None when ``value`` is already the setting (nothing to record).
+        """
+        if key not in CHANGEABLE:
+            raise StoreError(f"{key!r} cannot be changed; changeable: {', '.join(CHANGEABLE)}")
+        name = CHANGEABLE[key]
+        old = getattr(self, name)
+        if old == value:
+            return None
+        setattr(self, name, value)
+        try:
+            self.validate()
+        except StoreError:
+            setattr(self, name, old)
+            raise
+        record = {
+            "at": (at or datetime.now(timezone.utc)).isoformat(timespec="seconds"),
+            "key": key,
+            "old": old,
+            "new": value,
+        }
+        self.changes.append(record)
+        return record
+
+    def get(self, key: str) -> Any:
+        """The value of one changeable setting, by the name ``rsx config`` gives it."""
+        if key not in CHANGEABLE:
+            raise StoreError(f"unknown setting {key!r}; settings: {', '.join(CHANGEABLE)}")
+        return getattr(self, CHANGEABLE[key])
 
     @classmethod
     def load(cls, lab_dir: Path) -> LabSettings:
+        """The settings of the lab at ``lab_dir``; a file written before a setting existed
+        loads with that setting's default (unknown keys are refused: a typo must show)."""
         path = lab_dir / SETTINGS_FILE
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
@@ -112,6 +192,8 @@ class LabSettings:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise StoreError(f"{path} has unknown settings: {', '.join(unknown)}")
+        if not isinstance(raw, dict):
+            raise StoreError(f"cannot read {path}: not a JSON object")
         settings = cls(**raw)
         settings.validate()
         return settings
@@ -127,3 +209,76 @@ class LabSettings:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
+
+
+#: The settings that may change after a lab is created, by the name ``rsx config`` gives them
+#: (-> the LabSettings field). The embedder, distance and aggregation are fixed with the lab.
+CHANGEABLE: dict[str, str] = {
+    "threshold": "unknown_threshold",
+    "margin_floor": "margin_floor",
+    "default_candidates": "default_candidates",
+    "captioner": "captioner",
+    "default_resyntheses": "default_resyntheses",
+    "generation_batch_size": "generation_batch_size",
+    "embedding_batch_size": "embedding_batch_size",
+    "max_pixels": "max_pixels",
+}
+
+
+def _real(value: Any) -> bool:
+    """An int or a float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _non_negative(value: Any) -> bool:
+    """A finite real number at least 0 (bool is not a number here)."""
+    return _real(value) and math.isfinite(value) and value >= 0
+
+
+def parse_setting(key: str, text: str, *, generators: Sequence[str] = ()) -> Any:
+    """The value ``rsx config set KEY TEXT`` means, checked (StoreError, one line, otherwise).
+
+    ``none`` clears what may be cleared (threshold, default_candidates, captioner).
+    ``generators``: the lab's active generator names, which default candidates must be among.
+    """
+    if key not in CHANGEABLE:
+        raise StoreError(f"{key!r} cannot be changed; changeable: {', '.join(CHANGEABLE)}")
+    text = text.strip()
+    clear = text.lower() == "none"
+    if key in ("threshold", "margin_floor"):
+        if clear and key == "threshold":
+            return None
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if not _non_negative(number):
+            extra = ", or none" if key == "threshold" else ""
+            raise StoreError(f"{key} must be a number at least 0{extra}, not {text!r}")
+        return number
+    if key == "default_candidates":
+        if clear:
+            return None
+        names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+        if not names:
+            raise StoreError("default_candidates needs generator names (comma-separated), or none")
+        unknown = [n for n in names if n not in generators]
+        if unknown:
+            raise StoreError(
+                f"not an active generator: {', '.join(unknown)}; see 'rsx generator list'"
+            )
+        return names
+    if key == "captioner":
+        if clear:
+            return None
+        folder = Path(text).expanduser()
+        if not folder.is_dir():
+            raise StoreError(f"captioner must be a local model folder, or none: no folder {text}")
+        return str(folder.resolve())
+    try:  # the whole numbers: batch sizes, resyntheses, pixels
+        whole = int(text)
+    except ValueError:
+        raise StoreError(f"{key} must be a whole number at least 1, not {text!r}") from None
+    if whole < 1:
+        raise StoreError(f"{key} must be a whole number at least 1, not {text!r}")
+    return whole

@@ -6,11 +6,13 @@ query, check. Models load lazily, on first use, so commands that only read the s
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
@@ -18,7 +20,13 @@ from resynth_index.config import DATABASE_FILE, SETTINGS_FILE, LabSettings
 from resynth_index.errors import RsxError, StoreError
 from resynth_index.store import embeddings, migrate, repository
 from resynth_index.store.blobs import BlobStore
-from resynth_index.store.engine import make_engine, make_sessionmaker, sqlite_url
+from resynth_index.store.engine import (
+    database_url,
+    make_engine,
+    make_sessionmaker,
+    reaching_database,
+    sqlite_url,
+)
 from resynth_index.store.models import GeneratorRow
 
 if TYPE_CHECKING:
@@ -28,6 +36,21 @@ if TYPE_CHECKING:
     from resynth_index.models.generators.protocol import GenerationSettings, Generator
     from resynth_index.store.integrity import CheckReport
     from resynth_index.store.vectors import VectorIndex
+
+
+@dataclass(frozen=True)
+class SettingsChange:
+    """What ``Lab.set_generator_settings`` changed: both settings records (JSON text), both
+    fingerprints, and both settings hashes (the cache key part) on the lab's device."""
+
+    name: str
+    kind: str
+    old_settings_json: str
+    new_settings_json: str
+    old_fingerprint: str
+    new_fingerprint: str
+    old_settings_hash: str
+    new_settings_hash: str
 
 
 class Lab:
@@ -46,9 +69,11 @@ class Lab:
         self.root = root
         self.settings = settings
         self.device = device or settings.device
-        self.engine = make_engine(sqlite_url(root / DATABASE_FILE))
+        # the lab's own SQLite file, unless settings name a PostgreSQL database
+        url = database_url(settings.database_url) if settings.database_url else ""
+        self.engine = make_engine(url or sqlite_url(root / DATABASE_FILE))
         self._sessions = make_sessionmaker(self.engine)
-        self.blobs = BlobStore(root / "blobs")
+        self.blobs = BlobStore(_blob_root(root, settings.blobs))
         self._generators: dict[str, Generator] = {}
         self._embedder: Embedder | None = None
         if embedder is not None:
@@ -65,21 +90,29 @@ class Lab:
         layer: int | None = None,
         device: str = "auto",
         precision: str = "auto",
+        database: str | None = None,
+        blobs: Path | None = None,
     ) -> Lab:
         """Make a new lab with its embedder (``toy``, ``local-dir:PATH`` or ``ARCH@WEIGHTS``).
 
         ``precision`` "auto" is resolved here, for this machine's device (fp16 on CUDA, fp32
-        elsewhere), and recorded: the lab opens with it on any machine.
+        elsewhere), and recorded: the lab opens with it on any machine. ``database``: a
+        PostgreSQL URL without a password (default: the lab's own SQLite file); ``blobs``: the
+        blob path, possibly shared by several labs (default: ``blobs/`` inside the lab).
         """
         from resynth_index.models.embedders import load_embedder
 
         root = Path(root)
         if (root / SETTINGS_FILE).exists():
             raise StoreError(f"{root} is already an rsx lab")
+        if database:
+            database_url(database)  # a bad URL is refused before anything is made
         spec = _embedder_spec(root, embedder, layer)
         # a bad embedder leaves no lab
         model = load_embedder(_inside(root, spec), device=device, precision=precision)
-        return cls.create_with_embedder(root, spec, model, label=embedder, device=device)
+        return cls.create_with_embedder(
+            root, spec, model, label=embedder, device=device, database=database, blobs=blobs
+        )
 
     @classmethod
     def create_with_embedder(
@@ -90,15 +123,21 @@ class Lab:
         *,
         label: str | None = None,
         device: str = "auto",
+        database: str | None = None,
+        blobs: Path | None = None,
     ) -> Lab:
         """Make a new lab around an embedder already loaded from ``spec`` (``create`` parses the
         user's --embedder text and loads it; a library caller holding a model comes here).
-        ``label`` is how the embedder was named (default ``ARCH@WEIGHTS``)."""
+        ``label`` is how the embedder was named (default ``ARCH@WEIGHTS``); ``database`` and
+        ``blobs`` as for ``create``."""
         root = Path(root)
         if (root / SETTINGS_FILE).exists():
             raise StoreError(f"{root} is already an rsx lab")
-        for sub in ("blobs", "index", "models"):
+        url = database_url(database) if database else ""
+        blob_path = str(Path(blobs).expanduser().resolve()) if blobs is not None else ""
+        for sub in ("index", "models"):
             (root / sub).mkdir(parents=True, exist_ok=True)
+        _blob_root(root, blob_path).mkdir(parents=True, exist_ok=True)
         settings = LabSettings(
             embedder=spec.to_dict(),
             embedder_label=label or f"{spec.arch}@{spec.weights}",
@@ -106,9 +145,12 @@ class Lab:
             embedder_dim=model.dim,
             embedder_precision=model.precision,
             device=device,
+            database_url=url,
+            blobs=blob_path,
         )
         lab = cls(root, settings, device=device, embedder=model)
-        migrate.upgrade(lab.engine)
+        with reaching_database(lab.engine):
+            migrate.upgrade(lab.engine)
         settings.save(root)  # written last: a lab without settings.json is not a lab yet
         return lab
 
@@ -126,7 +168,8 @@ class Lab:
             raise StoreError(f"no lab at {root}; create one with 'rsx init'")
         settings = LabSettings.load(root)
         lab = cls(root, settings, device=device, embedder=embedder)
-        migrate.ensure_current(lab.engine)
+        with reaching_database(lab.engine):
+            migrate.ensure_current(lab.engine)
         return lab
 
     def close(self) -> None:
@@ -194,30 +237,28 @@ class Lab:
         """The FAISS index of the lab's embeddings, caught up with (or rebuilt from) the store."""
         from resynth_index.store.vectors import VectorIndex
 
-        with self.session() as session:
-            count, max_id = embeddings.embedding_stats(session, self.fingerprint)
         return VectorIndex.open(
             self.index_path,
             self.fingerprint,
             self.settings.embedder_dim,
             self.embedding_source,
-            db_count=count,
-            db_max_id=max_id,
+            stored=self._embedding_feed,
         )
+
+    @cached_property
+    def _embedding_feed(self) -> embeddings.EmbeddingFeed:
+        return embeddings.EmbeddingFeed(self._sessions, self.fingerprint)
 
     def embedding_source(self, after_id: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every stored embedding of the lab's embedder with id > after_id, in batches."""
-        with self._sessions() as session:
-            yield from embeddings.iter_embeddings(session, self.fingerprint, after_id)
+        return self._embedding_feed(after_id)
 
     def sync_index(self) -> None:
-        """Add embeddings stored since the index was last brought up to date, then save it."""
+        """Add the embeddings stored since the index was last brought up to date, then save it:
+        those above its watermark, and those with lower ids that committed late (see
+        ``VectorIndex.catch_up``)."""
         index = self.index
-        added = False
-        for ids, vectors in self.embedding_source(index.watermark):
-            index.add(ids, vectors)
-            added = True
-        if added:
+        if index.catch_up(self.embedding_source, self._embedding_feed):
             index.save()
 
     def check(self, repair: bool = False) -> CheckReport:
@@ -260,9 +301,13 @@ class Lab:
             raise RsxError(f"unknown generator kind {kind!r}: use {', '.join(GENERATOR_KINDS)}")
         with self.session() as session:
             existing = repository.generator_by_name(session, name)
+            if existing is not None and existing.retired_at is not None:
+                raise RsxError(
+                    f"a generator named {name!r} is already retired in this lab; bring it back"
+                    f" with 'rsx generator restore {name}'"
+                )
             if existing is not None:
-                state = "retired" if existing.retired_at else "registered"
-                raise RsxError(f"a generator named {name!r} is already {state} in this lab")
+                raise RsxError(f"a generator named {name!r} is already registered in this lab")
         resyntheses = resyntheses or self.settings.default_resyntheses
         if resyntheses < 1:
             raise RsxError("--resyntheses must be at least 1")
@@ -314,6 +359,23 @@ class Lab:
         with self.session() as session:
             return repository.list_generators(session, include_retired=include_retired)
 
+    def generator_records(self, include_retired: bool = False) -> list[dict[str, Any]]:
+        """The generators as plain JSON records: what `rsx generator list --json` prints and
+        the service's /v1/generators returns."""
+        return [
+            {
+                "name": row.name,
+                "kind": row.kind,
+                "source": row.source,
+                "settings": json.loads(row.settings_json),
+                "fingerprint": row.fingerprint,
+                "added_at": row.added_at.isoformat(),
+                "retired_at": row.retired_at.isoformat() if row.retired_at else None,
+                "status": "retired" if row.retired_at else "active",
+            }
+            for row in self.generators(include_retired=include_retired)
+        ]
+
     def retire_generator(self, name: str) -> None:
         """Stop offering a generator as a candidate; what it made stays in the lab."""
         with self.session() as session:
@@ -323,6 +385,94 @@ class Lab:
             if row.retired_at is not None:
                 raise RsxError(f"generator {name!r} is already retired")
             repository.retire_generator(session, row)
+
+    def restore_generator(self, name: str) -> GeneratorRow:
+        """Make a retired generator a candidate again, with everything it made.
+
+        Nothing is loaded here: its files are checked against its fingerprint when it next runs
+        (``generator_model``), so a generator whose weights changed meanwhile is refused then.
+        """
+        with self.session() as session:
+            row = repository.generator_by_name(session, name)
+            if row is None:
+                raise RsxError(f"no generator named {name!r} in this lab")
+            if row.retired_at is None:
+                raise RsxError(f"generator {name!r} is not retired; nothing to restore")
+            repository.restore_generator(session, row)
+            return row
+
+    def set_generator_settings(
+        self,
+        name: str,
+        *,
+        changes: dict[str, object] | None = None,
+        resyntheses: int | None = None,
+    ) -> SettingsChange | None:
+        """Change a registered generator's settings; None when they are already those.
+
+        ``changes`` are generation settings (``factory.TUNABLE_SETTINGS``); an imported generator
+        takes only ``resyntheses``. Everything is checked before the row is written: the values,
+        the scheduler's name, and the generator's files against its registered fingerprint (a
+        generator whose weights changed is refused: register those under another name). The new
+        fingerprint covers the new settings; the change is appended to the record's
+        ``settings_history``. New settings give a new settings hash: the resyntheses stored
+        under the old one stay in the store, recorded against the old settings, but are not
+        reused for the new ones.
+        """
+        from datetime import datetime, timezone
+
+        from resynth_index.models.generators import factory
+
+        with self.session() as session:
+            row = repository.generator_by_name(session, name)
+            if row is None:
+                raise RsxError(f"no generator named {name!r} in this lab")
+        revised = factory.revised_settings_record(
+            row.kind, row.settings_json, changes=changes, resyntheses=resyntheses
+        )
+        if revised is None:
+            return None
+        source = self._absolute(row.source)
+        current = factory.build_generator(row.name, row.kind, source, row.settings_json)
+        if current.fingerprint != row.fingerprint:
+            raise StoreError(
+                f"generator {name!r} no longer matches what was registered (fingerprint "
+                f"{current.fingerprint[:12]}, registered {row.fingerprint[:12]}): its files "
+                "changed; register the new one under another name"
+            )
+        fingerprint = factory.build_generator(row.name, row.kind, source, revised).fingerprint
+        record = factory.with_settings_change(
+            row.settings_json,
+            revised,
+            old_fingerprint=row.fingerprint,
+            new_fingerprint=fingerprint,
+            at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        with self.session() as session:
+            written = repository.update_generator_settings(
+                session,
+                row.id,
+                expected_settings_json=row.settings_json,
+                expected_fingerprint=row.fingerprint,
+                settings_json=record,
+                fingerprint=fingerprint,
+            )
+            if not written:
+                raise StoreError(
+                    f"generator {name!r} was changed by another command meanwhile; nothing was"
+                    " written: look at 'rsx generator list' and run this again"
+                )
+        self._generators.pop(name, None)
+        return SettingsChange(
+            name=name,
+            kind=row.kind,
+            old_settings_json=row.settings_json,
+            new_settings_json=record,
+            old_fingerprint=row.fingerprint,
+            new_fingerprint=fingerprint,
+            old_settings_hash=factory.settings_hash(row.kind, row.settings_json, self.device),
+            new_settings_hash=factory.settings_hash(row.kind, record, self.device),
+        )
 
     def generator_model(self, row: GeneratorRow) -> Generator:
         """The runnable (or imported) generator behind a registered row, loaded once."""
@@ -356,6 +506,14 @@ class Lab:
             return None
         path = Path(stored)
         return path if path.is_absolute() else self.root / path
+
+
+def _blob_root(root: Path, recorded: str) -> Path:
+    """The lab's blob path: the one its settings record (relative: to the lab), else blobs/."""
+    if not recorded:
+        return root / "blobs"
+    path = Path(recorded).expanduser()
+    return path if path.is_absolute() else root / path
 
 
 def _check_name(name: str) -> None:

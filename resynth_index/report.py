@@ -1,7 +1,9 @@
 """A self-contained HTML page of answers: each query beside every candidate's nearest resynthesis.
 
 Images are embedded as base64 PNG thumbnails, so the page can be archived or mailed on its own.
-Every piece of text is escaped: captions and metadata come from untrusted files.
+Every piece of text is escaped: captions and metadata come from untrusted files. An answer
+made with a calibration (``rsx calibrate``) shows its prediction set in place of the closed-set
+note; one that could not use the lab's calibration says why.
 """
 
 from __future__ import annotations
@@ -16,6 +18,12 @@ from typing import TYPE_CHECKING
 
 from resynth_index.errors import RsxError
 from resynth_index.media.images import load_image_bytes
+from resynth_index.pipeline.attribution import (
+    CLOSED_SET_NOTE,
+    SCORE_FOOTNOTE,
+    exact_match_note,
+    no_evidence_note,
+)
 
 if TYPE_CHECKING:
     from resynth_index.lab import Lab
@@ -32,6 +40,7 @@ figure img{display:block;max-width:224px;border:3px solid #ddd}
 figure.best img{border-color:#2a7}
 table{border-collapse:collapse;margin:.5em 0}td,th{padding:2px 10px;text-align:left}
 code{font-size:.8em;color:#555}.verdict{font-size:1.3em;font-weight:bold}
+.note{color:#555;font-size:.9em}.warning{color:#a30;font-weight:bold}
 """
 
 
@@ -87,19 +96,94 @@ def _section(lab: Lab, result: QueryResult) -> str:
         for k, v in sorted(result.metadata.items())
     )
     margin = f" (margin {result.margin:.4f})" if result.margin is not None else ""
+    query_id = f" · query {result.query_id}" if result.query_id is not None else ""
+    ranking = ""
+    if result.ranking:
+        ranking = f"""<table><tr><th>generator</th><th>distance</th><th>rel.score</th>
+<th>all distances</th><th>fingerprint</th></tr>{rows}</table>
+<p class="note">{escape(SCORE_FOOTNOTE)}</p>"""
+    threshold = "none" if result.threshold is None else f"{result.threshold:g}"
     return f"""<section>
-<h2>{escape(result.image)}</h2>
+<h2>{escape(result.image)}{query_id}</h2>
 <p class="verdict">verdict: {escape(result.verdict)}{margin}</p>
+{_firmness(result)}
 <p>caption ({escape(result.caption_source)}): {escape(result.caption)}</p>
 <p><code>sha256 {result.sha256}</code></p>
 <div class="row">{"".join(figures)}</div>
-<table><tr><th>generator</th><th>distance</th><th>score</th><th>all distances</th>
-<th>fingerprint</th></tr>{rows}</table>
-<p>{result.distance} distance, {result.aggregation} over resyntheses; embedder
+{ranking}
+<p>{escape(result.distance)} distance, {escape(result.aggregation)} over resyntheses; threshold
+{threshold}; margin floor {result.margin_floor:g}; embedder
 <code>{escape(result.fingerprints.get("embedder", "")[:16])}</code>; generated
 {result.generated}, reused {result.reused}. {"; ".join(notes)}</p>
+{_generation_block(result)}
 {_metadata_block(metadata)}
 </section>"""
+
+
+def _firmness(result: QueryResult) -> str:
+    """How firm the verdict is: its reason, the closed-set note, and the warnings it needs."""
+    parts = []
+    if result.verdict_reason:
+        parts.append(f"<p>why: {escape(result.verdict_reason)}</p>")
+    parts.extend(_calibration(result))
+    if result.prediction_set is None and result.closed_set:
+        if CLOSED_SET_NOTE not in result.verdict_reason:
+            parts.append(f'<p class="note">{escape(CLOSED_SET_NOTE)}</p>')
+    lacking = no_evidence_note(result.verdict, result.without_resynthesis or result.candidates)
+    for warning in (exact_match_note(result.exact_match_of), lacking):
+        if warning:
+            parts.append(f'<p class="warning">{escape(warning)}</p>')
+    return "\n".join(parts)
+
+
+def _calibration(result: QueryResult) -> list[str]:
+    """The prediction set of a calibrated answer, what it means and the scores' calibration;
+    or why the lab's calibration was not used (nothing without a calibration)."""
+    from resynth_index.pipeline.calibrated import level, set_meaning
+
+    parts = []
+    if result.prediction_set is not None and result.coverage is not None:
+        members = ", ".join(result.prediction_set) or "none"
+        meaning = set_meaning(result.prediction_set, result.coverage)
+        parts.append(
+            f'<p class="set">prediction set at {escape(level(result.coverage))}:'
+            f" <b>{escape(members)}</b> — {escape(meaning)}"
+            f" (calibration #{result.calibration_id})</p>"
+        )
+        parts.append(f'<p class="note">rel.score: {escape(result.score_meaning)}</p>')
+    if result.calibration_note:
+        parts.append(f'<p class="note">{escape(result.calibration_note)}</p>')
+    return parts
+
+
+def _generation_block(result: QueryResult) -> str:
+    """What made each candidate's resyntheses, enough to make them again (folded away)."""
+    if not result.generation:
+        return ""
+    rows = []
+    for name, record in result.generation.items():
+        k = result.resyntheses_per_generator.get(name, "")
+        if record.get("imported"):
+            cells = '<td colspan="6">imported (made elsewhere; settings unknown to the lab)</td>'
+        else:
+            seeds = ", ".join(str(seed) for seed in record.get("seeds") or []) or "none"
+            values = (
+                record.get("steps"),
+                record.get("guidance"),
+                record.get("size"),
+                record.get("scheduler") or "default",
+                record.get("dtype"),
+                seeds,
+            )
+            cells = "".join(f"<td>{escape(str(v))}</td>" for v in values)
+        rows.append(f"<tr><td>{escape(name)}</td><td>{escape(str(k))}</td>{cells}</tr>")
+    head = (
+        "<tr><th>generator</th><th>K</th><th>steps</th><th>guidance</th><th>size</th>"
+        "<th>scheduler</th><th>dtype</th><th>seeds</th></tr>"
+    )
+    version = f" by rsx {escape(result.rsx_version)}" if result.rsx_version else ""
+    summary = f"how the resyntheses were made{version}"
+    return f"<details><summary>{summary}</summary><table>{head}{''.join(rows)}</table></details>"
 
 
 def _metadata_block(rows: str) -> str:

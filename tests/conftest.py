@@ -9,6 +9,15 @@ from pathlib import Path
 
 import pytest
 
+# PostgreSQL and the engine-parametrised fixtures (postgres_server, engine_url, engine_lab, ...)
+from postgres import (  # noqa: F401
+    engine_lab,
+    engine_name,
+    engine_url,
+    postgres_lab_template,
+    postgres_server,
+)
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 

@@ -11,6 +11,9 @@ from resynth_index.pipeline.attribution import (
     UNKNOWN,
     aggregate,
     attribute,
+    exact_match_note,
+    no_evidence_note,
+    score_meaning,
     similarity_to_distance,
     softmax_scores,
 )
@@ -46,8 +49,9 @@ def test_ranking_margin_and_unranked() -> None:
     assert outcome.margin == pytest.approx(0.05)
     assert outcome.unranked == ["mj"]
     assert outcome.ranking[0].distances == (0.30, 0.20)
-    mean = attribute({"b": [0.30, 0.20], "a": [0.25]}, aggregation="mean")
-    assert mean.verdict == "a"
+    mean = attribute({"b": [0.30, 0.22], "a": [0.25]}, aggregation="mean")
+    assert mean.verdict == "a"  # b's mean, 0.26, is behind a (its min, 0.22, is ahead)
+    assert attribute({"b": [0.30, 0.20], "a": [0.25]}, aggregation="mean").verdict == INCONCLUSIVE
 
 
 def test_threshold_gives_unknown_with_its_reason() -> None:
@@ -87,3 +91,42 @@ def test_a_closed_set_answer_says_so() -> None:
 def test_ties_break_by_name_for_reproducibility() -> None:
     outcome = attribute({"z": [0.1], "m": [0.1]})
     assert [g.generator for g in outcome.ranking] == ["m", "z"]
+
+
+def test_an_exact_tie_is_inconclusive_even_without_a_margin_floor() -> None:
+    # two generators that resynthesise identically (the same weights under two names)
+    outcome = attribute({"twin": [0.04], "toy-a": [0.04], "other": [0.3]}, margin_floor=0.0)
+    assert outcome.verdict == INCONCLUSIVE
+    assert outcome.tied == ["toy-a", "twin"]
+    assert outcome.reason == "toy-a and twin are exactly tied at 0.04: nothing tells them apart"
+
+
+def test_three_within_the_floor_are_all_named() -> None:
+    outcome = attribute({"a": [0.1], "b": [0.1005], "c": [0.1009], "d": [0.5]}, margin_floor=0.001)
+    assert outcome.tied == ["a", "b", "c"]
+    assert outcome.reason.startswith("a, b and c lie within the margin floor 0.001")
+
+
+def test_a_threshold_wins_over_a_tie_and_is_recorded() -> None:
+    outcome = attribute({"a": [0.4], "b": [0.4]}, threshold=0.3, margin_floor=0.01)
+    assert outcome.verdict == UNKNOWN and outcome.tied == []
+    assert (outcome.threshold, outcome.margin_floor) == (0.3, 0.01)
+
+
+def test_a_single_candidate_scores_one_which_is_why_the_score_is_called_relative() -> None:
+    outcome = attribute({"only": [0.9]})
+    assert outcome.ranking[0].score == 1.0
+    assert score_meaning(0.05) == "relative among candidates (softmax of -distance/0.05)"
+    assert score_meaning(0.2) == "relative among candidates (softmax of -distance/0.2)"
+
+
+def test_notes_for_no_evidence_and_for_a_query_that_is_a_resynthesis() -> None:
+    assert no_evidence_note(NO_EVIDENCE, ["a", "mj"]) == (
+        "no evidence: no resynthesis of this caption by a, mj"
+    )
+    assert no_evidence_note("a", ["mj"]) == ""
+    assert exact_match_note([]) == ""
+    assert exact_match_note(["sd15"]) == (
+        "this image is itself a stored resynthesis by sd15:"
+        " a distance of 0 says nothing about its origin"
+    )

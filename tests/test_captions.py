@@ -19,7 +19,9 @@ from PIL.PngImagePlugin import PngInfo
 from resynth_index.errors import ModelLoadError, RsxError
 from resynth_index.media.captions import (
     Caption,
+    Sidecar,
     caption_hash,
+    find_sidecar,
     normalise_caption,
     resolve_caption,
     sidecar_text,
@@ -348,13 +350,94 @@ def test_blank_sidecar_is_ignored(tmp_path: Path) -> None:
     assert sidecar_text(image) == ("fallback", "a.txt")
 
 
-def test_sidecar_reads_at_most_64_kib_and_replaces_bad_utf8(tmp_path: Path) -> None:
+def test_sidecar_reads_at_most_64_kib_and_drops_the_bom(tmp_path: Path) -> None:
     image = tmp_path / "big.jpg"
-    (tmp_path / "big.txt").write_bytes(b"\xef\xbb\xbfok \xff " + b"w" * 200_000)
+    (tmp_path / "big.txt").write_bytes(b"\xef\xbb\xbfok " + b"w" * 200_000)
     text, name = sidecar_text(image)
     assert name == "big.txt"
-    assert text.startswith("ok \ufffd ")
-    assert len(text.encode("utf-8")) <= 64 * 1024 + 8
+    assert text.startswith("ok w")
+    assert len(text.encode("utf-8")) <= 64 * 1024
+
+
+def test_sidecar_cut_at_the_cap_inside_a_character_is_not_refused(tmp_path: Path) -> None:
+    image = tmp_path / "big.png"
+    body = "é" * 40_000  # 2 bytes each: the 64 KiB cut lands on a character boundary or inside one
+    (tmp_path / "big.txt").write_bytes(b"x" + body.encode("utf-8"))
+    text, _ = sidecar_text(image)
+    assert text == "x" + "é" * ((64 * 1024 - 1) // 2)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "vieux pêcheur".encode("latin-1"),
+        "vieux pêcheur".encode("utf-16"),
+        b"\xef\xbb\xbfvieux p\xeacheur",  # a BOM does not make Latin-1 bytes UTF-8
+    ],
+)
+def test_sidecar_that_is_not_utf8_refuses_the_image_naming_the_file(
+    tmp_path: Path, raw: bytes
+) -> None:
+    image = tmp_path / "x.png"
+    (tmp_path / "x.txt").write_bytes(raw)
+    with pytest.raises(RsxError) as caught:
+        sidecar_text(image)
+    assert str(caught.value) == "sidecar x.txt is not UTF-8 text; re-save it as UTF-8"
+    with pytest.raises(RsxError, match="sidecar x.txt is not UTF-8"):
+        _resolve_with_sidecar_bytes(tmp_path, image, raw)
+
+
+def test_utf8_sidecar_with_a_bom_gives_the_clean_caption(tmp_path: Path) -> None:
+    image = tmp_path / "x.png"
+    caption = _resolve_with_sidecar_bytes(
+        tmp_path, image, b"\xef\xbb\xbf" + "vieux pêcheur".encode()
+    )
+    assert (caption.text, caption.source) == ("vieux pêcheur", "sidecar:x.txt")
+
+
+def test_the_sidecar_used_is_named_and_the_other_one_reported(tmp_path: Path) -> None:
+    image = tmp_path / "x.png"
+    (tmp_path / "x.txt").write_text("shared caption", encoding="utf-8")
+    (tmp_path / "x.png.txt").write_text("specific caption", encoding="utf-8")
+    found = find_sidecar(image)
+    assert found == Sidecar("specific caption", "x.png.txt", ("x.txt",))
+    caption = _resolve_with_sidecar_bytes(tmp_path, image, None)
+    assert caption.text == "specific caption"
+    assert caption.source == "sidecar:x.png.txt (x.txt also present)"
+    (tmp_path / "x.txt").unlink()
+    assert _resolve_with_sidecar_bytes(tmp_path, image, None).source == "sidecar:x.png.txt"
+
+
+def test_a_blank_specific_sidecar_falls_back_without_a_note(tmp_path: Path) -> None:
+    image = tmp_path / "x.png"
+    (tmp_path / "x.png.txt").write_text("  ", encoding="utf-8")
+    (tmp_path / "x.txt").write_text("shared caption", encoding="utf-8")
+    assert find_sidecar(image) == Sidecar("shared caption", "x.txt")
+
+
+def test_ingest_refuses_an_image_whose_sidecar_is_not_utf8(toy_lab: Path, tmp_path: Path) -> None:
+    from resynth_index.lab import Lab
+    from resynth_index.pipeline.ingest import expand_paths, ingest
+
+    image = tmp_path / "ref.png"
+    image.write_bytes(_png())
+    (tmp_path / "ref.txt").write_bytes("vieux pêcheur".encode("latin-1"))
+    with Lab.open(toy_lab) as lab:
+        summary = ingest(lab, expand_paths([image], role="reference", generator="toy-a"))
+    assert summary.added == 0
+    assert [(f.path, f.reason) for f in summary.failures] == [
+        (str(image), "sidecar ref.txt is not UTF-8 text; re-save it as UTF-8")
+    ]
+
+
+def _resolve_with_sidecar_bytes(tmp_path: Path, image: Path, raw: bytes | None) -> Caption:
+    data = _png()
+    image.write_bytes(data)
+    if raw is not None:
+        (tmp_path / (image.stem + ".txt")).write_bytes(raw)
+    return resolve_caption(
+        explicit=None, image_path=image, data=data, image=_image(), captioner=None
+    )
 
 
 def test_directory_named_like_a_sidecar_is_ignored(tmp_path: Path) -> None:

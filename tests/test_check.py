@@ -125,3 +125,153 @@ def test_repair_during_an_ingest_loses_nothing(toy_lab, make_toy_image, monkeypa
         assert {hashlib.sha256(p.read_bytes()).hexdigest() for p in paths} <= set(
             lab.blobs.iter_shas()
         )
+
+
+# --- the report: grouped, summed up, with the fix; stray files named and left alone -----------
+
+
+def _orphans(lab: Lab, count: int) -> list[str]:
+    shas = []
+    for number in range(count):
+        data = f"blob {number} of an interrupted ingest".encode()
+        shas.append(hashlib.sha256(data).hexdigest())
+        lab.blobs.put(shas[-1], data)
+    return sorted(shas)
+
+
+def test_an_interrupted_ingest_is_summed_up_with_the_fix_to_run(toy_lab, make_toy_image):
+    _ingest_three(toy_lab, make_toy_image)
+    with Lab.open(toy_lab) as lab:
+        shas = _orphans(lab, 32)  # blobs whose rows never committed
+        lab.index_path.unlink()  # and the index was never saved
+        index_name = lab.index_path.name
+
+    result = rsx(toy_lab, "check")
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    orphan_lines = [line for line in lines if "(orphan)" in line]
+    assert orphan_lines == [
+        f"problem: blob {sha}: not referenced by the database (orphan)" for sha in shas[:5]
+    ]
+    assert "problem: ... and 27 more orphan blobs" in lines
+    assert f"problem: index {index_name}: index file missing" in lines
+    assert lines[-3:] == [
+        "33 problems: 32 orphan blobs, index file missing",
+        f"fix: rsx --lab {toy_lab} check --repair"
+        "  (removes the orphan blobs; rebuilds the index from the database)",
+        " or: rerun the interrupted ingest or query: it stores the orphan blobs' rows",
+    ]
+    every = rsx(toy_lab, "check", "--all")
+    assert sum("(orphan)" in line for line in every.output.splitlines()) == 32
+    assert "more orphan blobs" not in every.output
+
+    repaired = rsx(toy_lab, "check", "--repair")
+    assert repaired.exit_code == 0, repaired.output
+    assert "repaired: removed 32 orphan blobs" in repaired.output
+    assert f"repaired: rebuilt index {index_name} from 3 embedding(s)" in repaired.output
+    assert repaired.output.splitlines()[-1] == (
+        "33 problems: 32 orphan blobs, index file missing; all repaired"
+    )
+    again = rsx(toy_lab, "check")
+    assert again.exit_code == 0 and again.output == "ok: database, blobs and index agree\n"
+
+
+def test_stray_files_are_named_and_never_removed(toy_lab):
+    with Lab.open(toy_lab) as lab:
+        root = lab.blobs.root
+        misfiled = hashlib.sha256(b"misfiled").hexdigest()
+        (root / misfiled).write_bytes(b"misfiled")  # a blob's name, not in its folder
+        (root / "notes.txt").write_text("someone's notes")
+        (root / "ab").mkdir(exist_ok=True)
+        (root / "ab" / "abcd.png").write_bytes(b"not named as a blob")
+        temp_folder = lab.blobs.path_for(misfiled).parent
+        temp_folder.mkdir(parents=True, exist_ok=True)
+        temp = temp_folder / f".tmp-{misfiled[:16]}-000000000000"  # left by a crashed put
+        temp.write_bytes(b"half a blob")
+    strays = [root / misfiled, root / "notes.txt", root / "ab" / "abcd.png"]
+
+    result = rsx(toy_lab, "check")
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert (
+        f"problem: stray file blobs/{misfiled}: named as a blob but filed elsewhere"
+        f" (its place: {misfiled[:2]}/{misfiled[2:4]}/{misfiled})" in lines
+    )
+    assert (
+        "problem: stray file blobs/notes.txt: not a blob nor a temporary file of the blob store"
+        in lines
+    )
+    assert "problem: stray file blobs/ab/abcd.png: not a blob" in result.output
+    assert (
+        "note: 1 temporary file(s) left in the blob store by an interrupted write"
+        " ('rsx check --repair' removes them)" in lines
+    )
+    assert lines[-2:] == [
+        "3 problems: 3 stray files",
+        "by hand: move the stray files out of the blob store (a blob filed in the wrong folder"
+        " belongs where its line says)",
+    ]
+    assert not any(line.startswith("fix:") for line in lines)  # --repair would not mend them
+
+    repaired = rsx(toy_lab, "check", "--repair")
+    assert repaired.exit_code == 1  # the strays remain
+    assert "repaired: removed 1 temporary file(s) left by an interruption" in repaired.output
+    assert "cannot repair: stray file blobs/notes.txt: rsx leaves" in repaired.output
+    assert repaired.output.splitlines()[-2] == "3 problems: 3 stray files; 3 cannot be repaired"
+    assert all(path.exists() for path in strays) and not temp.exists()
+
+
+def test_a_temporary_file_is_left_alone_while_a_writer_is_at_work(toy_lab):
+    with Lab.open(toy_lab) as lab:
+        folder = lab.blobs.root / "ab" / "cd"
+        folder.mkdir(parents=True)
+        temp = folder / ".tmp-abcd000000000000-000000000000"
+        temp.write_bytes(b"being written")
+        with lab.blobs.writing():
+            result = rsx(toy_lab, "check", "--repair")
+            assert result.exit_code == 0, result.output
+            assert "note: 1 blob(s) or temporary file(s) not yet referenced left alone" in (
+                result.output
+            )
+            assert temp.exists()
+        assert rsx(toy_lab, "check").exit_code == 0  # debris, said in a note, not a problem
+        assert rsx(toy_lab, "check", "--repair").exit_code == 0
+        assert not temp.exists()
+
+
+def test_unreferenced_blobs_in_a_folder_outside_the_lab_are_never_removed(toy_lab, tmp_path):
+    from resynth_index.store.blobs import BlobStore
+    from resynth_index.store.integrity import check_lab
+
+    with Lab.open(toy_lab) as lab:
+        lab.blobs = BlobStore(tmp_path / "shared-blobs")  # as 'rsx init --blobs' would have it
+        [sha] = _orphans(lab, 1)  # another lab's blob, for all this lab knows
+        report = check_lab(lab, repair=True)
+        assert not report.problems and not report.repaired
+        assert report.notes == [
+            f"1 blob(s) not referenced by this lab's database left alone: the blob folder"
+            f" {lab.blobs.root} lies outside the lab and may serve other labs"
+        ]
+        assert lab.blobs.exists(sha)
+
+
+def test_the_summary_counts_each_kind_once_per_problem():
+    from resynth_index.store.integrity import CheckReport
+
+    report = CheckReport()
+    assert report.summary() == ""
+    report.problem("image without an embedding", "4 image(s) have no embedding", 4)
+    report.problem("index out of step with the database", "index x: holds 3 vectors, database 5")
+    report.problem("index out of step with the database", "index x: watermark 3 behind 5")
+    report.problem("orphan blob", "blob a: orphan")
+    assert report.summary() == (
+        "6 problems: 1 orphan blob, 4 images without an embedding,"
+        " index out of step with the database"
+    )
+    assert report.repairs() == [
+        "removes the orphan blobs",
+        "embeds them",
+        "rebuilds the index from the database",
+    ]
+    with pytest.raises(ValueError):
+        report.problem("gremlin", "not a kind rsx knows")

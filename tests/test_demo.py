@@ -14,6 +14,7 @@ def test_demo_attributes_every_toy_image_and_reuses_its_lab(tmp_path):
     assert result.exit_code == 0, result.output
     assert "accuracy: 12/12 = 100.0%" in result.stdout
     assert "resyntheses generated 12" in result.stdout
+    assert "Writing model shards" not in result.output  # no library progress bars
     assert (lab / "demo" / "report.html").exists()
 
     again = CliRunner().invoke(cli, ["--lab", str(lab), "demo"], catch_exceptions=False)
@@ -33,3 +34,25 @@ def test_demo_refuses_a_real_lab(tmp_path):
     result = CliRunner().invoke(cli, ["--lab", str(tmp_path), "demo"])
     assert result.exit_code == 1
     assert "real lab" in result.output
+
+
+def test_saving_a_toy_model_draws_no_progress_bar_and_leaves_the_setting_alone(tmp_path, capsys):
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    from resynth_index.models.toyzoo.pipelines import save_toy_pipeline
+
+    transformers_logging.enable_progress_bar()
+    try:
+        save_toy_pipeline(tmp_path / "toy", 5)
+        captured = capsys.readouterr()
+        assert "Writing model shards" not in captured.err + captured.out
+        assert (tmp_path / "toy" / "model_index.json").exists()
+        assert transformers_logging.is_progress_bar_enabled()  # the caller's choice, restored
+        assert not hub_utils.are_progress_bars_disabled()
+        transformers_logging.disable_progress_bar()
+        save_toy_pipeline(tmp_path / "toy2", 5)
+        assert not transformers_logging.is_progress_bar_enabled()
+        assert hub_utils.are_progress_bars_disabled()
+    finally:
+        transformers_logging.enable_progress_bar()

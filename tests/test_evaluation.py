@@ -13,7 +13,7 @@ from resynth_index.errors import RsxError
 from resynth_index.evaluation import protocol as evaluation
 from resynth_index.evaluation.conformal_eval import MARGINAL, PER_GENERATOR
 from resynth_index.evaluation.data import EvalData
-from resynth_index.evaluation.protocol import METHODS, EvalConfig, run_protocol
+from resynth_index.evaluation.protocol import DEFAULT_METHODS, EvalConfig, run_protocol
 from resynth_index.evaluation.report import split_lines, terminal_text, write_report
 
 
@@ -57,7 +57,7 @@ def test_every_method_and_shot_count_is_reported_with_mean_and_std():
     data = synthetic_data()
     summary = run_protocol(data, _config(), {"none": data.features})
     keys = {(r["method"], r["shots"]) for r in summary["results"]}
-    assert keys == {(m, s) for m in METHODS for s in (1, 3)}
+    assert keys == {(m, s) for m in DEFAULT_METHODS for s in (1, 3)}
     entry = evaluation.result_for(summary, "none", "resynthesis", 3)
     assert len(entry["accuracy"]["values"]) == 2
     assert 0 <= entry["accuracy"]["mean"] <= 1 and entry["accuracy"]["std"] >= 0
@@ -298,7 +298,7 @@ def test_rsx_eval_end_to_end(tiny_eval_lab, tmp_path):
     out = tmp_path / "report"
     result = runner.invoke(cli, [*base, "--generate", "--perturb", "jpeg,grey", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    for method in METHODS:
+    for method in DEFAULT_METHODS:
         assert method in result.stdout
     assert "1-shot" in result.stdout and "post-processed: jpeg" in result.stdout
     report = (out / "report.md").read_text()
@@ -360,3 +360,45 @@ def test_rsx_eval_conformal_end_to_end(tiny_eval_lab):
 def test_rsx_eval_rejects_an_unknown_method(toy_lab):
     result = CliRunner().invoke(cli, ["--lab", str(toy_lab), "eval", "--methods", "magic"])
     assert result.exit_code == 1 and "unknown method(s) magic" in result.output
+
+
+@pytest.mark.slow
+def test_rsx_eval_fusion_methods_and_families_end_to_end(tiny_eval_lab, tmp_path):
+    """aeroblade, fused and fused-loo next to resynthesis, with families declared: the output
+    has the new methods and the within/across breakdown, clean and post-processed."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    runner = CliRunner()
+    out = tmp_path / "report"
+    args = [
+        "--lab", str(tiny_eval_lab), "eval", "--shots", "1", "--repeats", "2", "--generate",
+        "--methods", "resynthesis,aeroblade,fused,fused-loo", "--families", "toy-a+toy-b",
+        "--perturb", "jpeg", "--fusion-layers", "2", "--out", str(out),
+    ]  # fmt: skip
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    for method in ("aeroblade", "fused", "fused-loo"):
+        assert method in result.stdout
+    assert "1-shot within" in result.stdout and "families: toy-a+toy-b" in result.stdout
+    assert "look-alike goal at 1 shot" in result.stdout
+    report = (out / "report.md").read_text()
+    assert "### accuracy within and across families" in report
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["fusion"]["signals"] == ["resynthesis", "layer-2", "reconstruction"]
+    assert summary["fusion"]["unsupported"] == {}
+    for cond in ("none", "jpeg"):
+        entry = evaluation.result_for(summary, cond, "fused-loo", 1)
+        assert set(entry["fusion_weights"][0]) == {"resynthesis", "layer-2", "reconstruction"}
+        assert entry["families"]["queries"] == {"within": [6, 6], "across": [3, 3]}
+    # the reconstruction of a toy's own image through its own autoencoder is the closest
+    assert evaluation.result_for(summary, "none", "aeroblade", 1)["accuracy"]["mean"] == 1.0
+
+
+@pytest.mark.slow
+def test_rsx_eval_refuses_families_naming_unknown_generators(tiny_eval_lab):
+    pytest.importorskip("sklearn")
+    result = CliRunner().invoke(
+        cli, ["--lab", str(tiny_eval_lab), "eval", "--shots", "1", "--families", "toy-a+toy-z"]
+    )
+    assert result.exit_code == 1
+    assert "--families names generator(s) not evaluated: toy-z" in result.output

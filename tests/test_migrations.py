@@ -64,7 +64,7 @@ def test_upgrade_keeps_rows_and_downgrade_upgrade_round_trips(tmp_path: Path) ->
         assert connection.execute("SELECT count(*) FROM queries").fetchone()[0] == 0
     assert vector == bytes.fromhex("0000803f00000000")
 
-    migrate.downgrade(engine, "-1")
+    migrate.downgrade(engine, "0002_audit")
     assert migrate.current_revision(engine) == "0002_audit"
     assert _counts(db) == before
     migrate.upgrade(engine)
@@ -111,6 +111,7 @@ def test_ids_are_never_reused_after_a_delete(tmp_path: Path) -> None:
         "embeddings",
         "queries",
         "pending_resyntheses",
+        "calibrations",
     }
     engine.dispose()
 
@@ -127,6 +128,37 @@ def test_a_fresh_lab_never_reuses_ids(tmp_path: Path) -> None:
         )
     deleted, new = _max_ids_after_deleting_the_last(db)
     assert (deleted, new) == (2, 3)
+    engine.dispose()
+
+
+def test_calibrations_migration_round_trips(tmp_path: Path) -> None:
+    """0004 adds the calibrations table and takes it away again; nothing else changes."""
+    from resynth_index.store import calibrations
+    from resynth_index.store.engine import make_sessionmaker
+
+    db = tmp_path / "lab.sqlite"
+    engine = make_engine(sqlite_url(db))
+    migrate.upgrade(engine, "0003_autoincrement")
+    _fill_first_revision(db)
+    before = _rows(db)
+    migrate.upgrade(engine, "0004_calibrations")
+    with make_sessionmaker(engine).begin() as session:
+        saved, superseded = calibrations.save_calibration(
+            session, method="resynthesis", coverage=0.9, per_generator=False,
+            candidates=["b", "a"], embedder_fingerprint="b" * 64, record={"quantile": 0.5},
+            settings={}, summary={},
+        )  # fmt: skip
+    assert (saved, superseded) == (1, [])
+    with make_sessionmaker(engine).begin() as session:
+        found = calibrations.active_calibration(session, ["a", "b"])
+        assert found is not None and found.record == {"quantile": 0.5}
+    migrate.downgrade(engine, "0003_autoincrement")
+    with sqlite3.connect(db) as connection:
+        tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master")}
+    assert "calibrations" not in tables and _rows(db) == before
+    migrate.upgrade(engine)
+    with make_sessionmaker(engine).begin() as session:
+        assert calibrations.list_calibrations(session) == []
     engine.dispose()
 
 

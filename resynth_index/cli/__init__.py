@@ -6,12 +6,16 @@ and ``rsx generator list`` start fast.
 """
 
 from resynth_index.cli import (  # noqa: F401  (each module registers its commands)
+    audit,
+    calibrate,
     demo,
     evaluate,
     generators,
     ingest,
     lab_commands,
     query,
+    serve,
+    settings,
     work_orders,
 )
 from resynth_index.cli.app import cli, main

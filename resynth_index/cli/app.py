@@ -1,11 +1,12 @@
 """The ``rsx`` group, its global options, and what every command shares: one-line errors,
-opening the lab, a progress bar that only shows on a terminal."""
+opening the lab, a progress bar and a status line that only show on a terminal."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 
@@ -16,13 +17,25 @@ from resynth_index.models.devices import DEVICE_CHOICES
 
 
 class RsxGroup(click.Group):
-    """Turns every RsxError into one clear line and exit status 1, never a traceback."""
+    """Turns every RsxError into one clear line and exit status 1, never a traceback; a global
+    option given after the command (``rsx query --lab X``) gets a hint where it goes."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except RsxError as error:
             raise click.ClickException(str(error)) from None
+        except click.NoSuchOption as error:
+            if error.option_name in _GLOBAL_OPTIONS and _GLOBAL_HINT not in error.message:
+                command = error.ctx.command_path.split()[1:] if error.ctx else ["COMMAND"]
+                error.message += (
+                    f" ({_GLOBAL_HINT}: rsx {error.option_name} X {' '.join(command)} ...)"
+                )
+            raise
+
+
+_GLOBAL_OPTIONS = ("--lab", "--device")
+_GLOBAL_HINT = "--lab and --device go before the command"
 
 
 @click.group(cls=RsxGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,6 +79,43 @@ def progress_bar(label: str, total: int):
     if not sys.stderr.isatty() or total <= 1:
         return None
     return click.progressbar(length=total, label=label, file=sys.stderr)
+
+
+class StatusLine:
+    """One line of progress on stderr, rewritten in place; silent unless stderr is a terminal.
+
+    Other messages clear it first (``clear``), so a one-line message never lands mid-status.
+    """
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        try:
+            self.enabled = bool(self.stream.isatty())
+        except (AttributeError, ValueError):  # a closed or unusual stream: stay silent
+            self.enabled = False
+        self.shown = False
+
+    def show(self, text: str) -> None:
+        """Replace the status with ``text`` (cut to the terminal's width)."""
+        if not self.enabled:
+            return
+        width = shutil.get_terminal_size((80, 24)).columns
+        self.stream.write("\r\x1b[K" + text[: max(width - 1, 10)])
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        """Remove the status line, leaving the cursor at the start of an empty line."""
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+    def __enter__(self) -> StatusLine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.clear()
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import click
@@ -34,3 +35,4 @@ def demo(ctx, out: Path | None) -> None:
     accuracy = run_demo(lab_dir, out=out, echo=click.echo)
     if accuracy < 1.0:
         click.echo("note: not every toy image was attributed correctly", err=True)
+    click.echo(f"open it in the web service: rsx --lab {shlex.quote(str(lab_dir))} serve")

@@ -23,7 +23,8 @@ from resynth_index.cli.app import cli, open_lab
     "--methods",
     default="resynthesis,knn,clip-svm,clip-logreg,clip-mlp,hybrid",
     show_default=True,
-    help="Comma-separated methods.",
+    help="Comma-separated methods; also aeroblade, fused, fused-loo (autoencoder"
+    " reconstruction and its fusion with resynthesis).",
 )
 @click.option("--perturb", help="Post-process the queries: 'all' or e.g. jpeg,resize,social.")
 @click.option(
@@ -54,6 +55,27 @@ from resynth_index.cli.app import cli, open_lab
     show_default=True,
     help="Share of each generator's references that calibrates, per split.",
 )
+@click.option(
+    "--families",
+    help="Look-alike generators, reported within and across families: groups by commas,"
+    " members by '+', e.g. sd15+sd15-ft,flux+flux-lora.",
+)
+@click.option(
+    "--fusion-weights",
+    help="Fixed weights of 'fused' (and the tie-break prior of 'fused-loo'), e.g."
+    " resynthesis=1,reconstruction=1 (default: equal).",
+)
+@click.option(
+    "--fusion-layers",
+    help="Embedder blocks whose resynthesis distances join fused-loo's signals, e.g. 1,2.",
+)
+@click.option(
+    "--reconstruction-metric",
+    type=click.Choice(["embedder", "pixel-l1", "pixel-l2"]),
+    default="embedder",
+    show_default=True,
+    help="How the reconstruction signal compares an image with its reconstruction.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the full results as one JSON object.")
 @click.option(
     "--out",
@@ -63,7 +85,8 @@ from resynth_index.cli.app import cli, open_lab
 @click.pass_context
 def eval_command(
     ctx, shots, repeats, methods, perturb, holdout_unknown, generators, resyntheses, generate,
-    seed, conformal, per_generator, conformal_splits, calibration_share, as_json, out,
+    seed, conformal, per_generator, conformal_splits, calibration_share, families,
+    fusion_weights, fusion_layers, reconstruction_metric, as_json, out,
 ) -> None:  # fmt: skip
     """Measure attribution on the lab's references, next to few-shot baselines.
 
@@ -79,10 +102,13 @@ def eval_command(
       rsx eval --perturb jpeg,resize,social --out ./eval-report
       rsx eval --holdout-unknown 2 --json
       rsx eval --conformal 0.9,0.95 --per-generator --perturb jpeg
+      rsx eval --methods resynthesis,aeroblade,fused,fused-loo --families sd15+sd15-ft
     """
     from resynth_index.evaluation.conformal_eval import parse_coverages
+    from resynth_index.evaluation.fusion import parse_families
     from resynth_index.evaluation.protocol import EvalConfig, evaluate, parse_list, parse_shots
     from resynth_index.evaluation.report import require_matplotlib, terminal_text, write_report
+    from resynth_index.pipeline.fusion_query import parse_weights
 
     config = EvalConfig(
         shots=parse_shots(shots),
@@ -98,6 +124,10 @@ def eval_command(
         per_generator=per_generator,
         conformal_splits=conformal_splits,
         calibration_share=calibration_share,
+        families=parse_families(families),
+        fusion_weights=tuple(parse_weights(fusion_weights).items()),
+        fusion_layers=_parse_layers(fusion_layers),
+        reconstruction_metric=reconstruction_metric,
     )
     config.validate()
     if out is not None:
@@ -111,3 +141,17 @@ def eval_command(
     if out is not None:
         written = write_report(summary, out)
         click.echo(f"report: {written[0]}", err=as_json)
+
+
+def _parse_layers(text: str | None) -> tuple[int, ...]:
+    """``"2,3"`` -> (2, 3); one line and exit 1 for anything but positive block numbers."""
+    from resynth_index.errors import RsxError
+    from resynth_index.evaluation.protocol import parse_list
+
+    try:
+        layers = tuple(sorted({int(part) for part in parse_list(text)}))
+    except ValueError:
+        raise RsxError(
+            f"cannot read --fusion-layers {text!r}: give block numbers like 2,3"
+        ) from None
+    return layers

@@ -9,6 +9,9 @@ import click
 
 from resynth_index.cli.app import cli, open_lab, progress_bar
 
+#: Exit status after Ctrl-C, as a shell reports a process ended by SIGINT (128 + 2).
+INTERRUPTED_EXIT = 130
+
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -19,8 +22,18 @@ from resynth_index.cli.app import cli, open_lab, progress_bar
     show_default=True,
     help="Role of the plain files given.",
 )
-@click.option("--generator", "generator_name", help="Generator of the plain files given.")
+@click.option(
+    "--generator",
+    "generator_name",
+    help="Generator of the plain files given (with --role reference or resynthesis).",
+)
 @click.option("--caption", help="Caption of the plain files given.")
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    help="With --role resynthesis: the seed the plain files were made with (a runnable "
+    "generator's resyntheses need it; an imported one's take the next free seeds without it).",
+)
 @click.option(
     "--layout",
     type=click.Choice(["files", "resynthesis-dataset"]),
@@ -30,51 +43,55 @@ from resynth_index.cli.app import cli, open_lab, progress_bar
 )
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per batch.")
 @click.pass_context
-def ingest(ctx, paths, role, generator_name, caption, layout, batch_size) -> None:
+def ingest(ctx, paths, role, generator_name, caption, seed, layout, batch_size) -> None:
     """Add images, folders and manifests (CSV / JSON lines) to the lab.
 
     Manifest columns: path, role (query | resynthesis | reference), generator, caption, seed;
-    relative paths resolve against the manifest. Re-running is cheap: what is stored is skipped.
+    relative paths resolve against the manifest. A row with a caption_hash (an exported work
+    order) must keep the caption it was exported with. Re-running is cheap: what is stored is
+    skipped, so an interrupted ingest (Ctrl-C) continues where it stopped when run again.
+    Arguments and inputs are checked before any model loads.
 
     \b
     Examples:
       rsx ingest ./suspects/
       rsx ingest mj_batch.csv
       rsx ingest ./refs/*.png --role reference --generator midjourney
+      rsx ingest made.png --role resynthesis --generator sd15 --caption "a cat" --seed 0
       rsx ingest ~/data/resynthesis-dataset --layout resynthesis-dataset
     """
     from resynth_index.pipeline import ingest as ingest_module
 
-    lab = open_lab(ctx)
-    if layout == "resynthesis-dataset":
-        items = [i for p in paths for i in ingest_module.resynthesis_dataset(p)]
-    else:
-        items = list(
-            ingest_module.expand_paths(paths, role=role, generator=generator_name, caption=caption)
-        )
-    bar = progress_bar("ingesting", len(items))
-
-    def report_failure(failure) -> None:
-        click.echo(f"failed: {failure.path}: {failure.reason}", err=True)
-
-    if bar is None:
-        summary = ingest_module.ingest(
-            lab,
-            items,
-            batch_size=batch_size,
-            on_failure=report_failure,
-            register_missing_as_imported=layout == "resynthesis-dataset",
-        )
-    else:
-        with bar:
-            summary = ingest_module.ingest(
-                lab,
-                items,
-                batch_size=batch_size,
-                progress=bar.update,
-                on_failure=report_failure,
-                register_missing_as_imported=layout == "resynthesis-dataset",
+    plain = [p for p in paths if p.suffix.lower() not in ingest_module.MANIFEST_SUFFIXES]
+    _check_options(layout, role, generator_name, caption, seed, bool(plain))
+    summary = None
+    try:
+        lab = open_lab(ctx)
+        if layout == "resynthesis-dataset":
+            items = [i for p in paths for i in ingest_module.resynthesis_dataset(p)]
+        else:
+            if plain:  # said once here, not once per file
+                ingest_module.check_plain_options(
+                    lab, role=role, generator=generator_name, seed=seed
+                )
+            items = list(
+                ingest_module.expand_paths(
+                    paths, role=role, generator=generator_name, caption=caption, seed=seed
+                )
             )
+        if not any(isinstance(item, ingest_module.IngestItem) for item in items):
+            _nothing_to_ingest(items)
+        summary = _run(ingest_module, lab, items, batch_size, layout == "resynthesis-dataset")
+    except KeyboardInterrupt as interrupt:
+        stored = (
+            interrupt.summary.added if isinstance(interrupt, ingest_module.IngestInterrupted) else 0
+        )
+        click.echo(
+            f"interrupted: {stored} images stored; rerun the same command to continue:"
+            " ingest is resumable",
+            err=True,
+        )
+        sys.exit(INTERRUPTED_EXIT)
     for name in summary.generators_added:
         click.echo(f"registered imported generator {name}")
     click.echo(
@@ -83,3 +100,78 @@ def ingest(ctx, paths, role, generator_name, caption, layout, batch_size) -> Non
     )
     if summary.failed:
         sys.exit(1)
+
+
+def _check_options(
+    layout: str,
+    role: str,
+    generator: str | None,
+    caption: str | None,
+    seed: int | None,
+    has_plain_files: bool,
+) -> None:
+    """Refuse option combinations that cannot mean anything, once, before the lab opens."""
+    if layout == "resynthesis-dataset":
+        given = [
+            flag
+            for flag, value in (
+                ("--generator", generator),
+                ("--caption", caption),
+                ("--seed", seed),
+                ("--role", None if role == "query" else role),
+            )
+            if value is not None
+        ]
+        if given:
+            raise click.UsageError(
+                "--layout resynthesis-dataset reads roles, generators and captions from the"
+                f" folders; drop {', '.join(given)}"
+            )
+        return
+    if seed is not None and role != "resynthesis":
+        raise click.UsageError("--seed goes with --role resynthesis")
+    if not has_plain_files:
+        return  # manifests say each line's role, generator, caption and seed
+    if role == "query" and generator is not None:
+        raise click.UsageError(
+            "--generator goes with --role reference or --role resynthesis; a query's generator"
+            " is what rsx query finds out"
+        )
+    if role != "query" and generator is None:
+        raise click.UsageError(
+            f"--role {role} needs --generator NAME: the generator that made these images"
+        )
+
+
+def _nothing_to_ingest(items: list) -> None:
+    """No image to load at all: when every failure is an input naming nothing, say so in one
+    line and exit 1 (other failures are reported as usual, without loading any model)."""
+    from resynth_index.pipeline.ingest import NO_IMAGES_IN_FOLDER, NO_IMAGES_MATCH
+
+    empty = [item.path for item in items if item.reason == NO_IMAGES_IN_FOLDER]
+    unmatched = [item.path for item in items if item.reason == NO_IMAGES_MATCH]
+    if items and len(empty) + len(unmatched) == len(items):
+        said = []
+        if empty:
+            said.append(f"no images found in {', '.join(empty)}")
+        if unmatched:
+            said.append(f"no images found matching {', '.join(unmatched)}")
+        raise click.ClickException("; ".join(said))
+
+
+def _run(ingest_module, lab, items: list, batch_size: int | None, dataset: bool):
+    """Ingest ``items`` with a progress bar on a terminal; failures print as they come."""
+    bar = progress_bar("ingesting", len(items))
+
+    def report_failure(failure) -> None:
+        click.echo(f"failed: {failure.path}: {failure.reason}", err=True)
+
+    options = {
+        "batch_size": batch_size,
+        "on_failure": report_failure,
+        "register_missing_as_imported": dataset,
+    }
+    if bar is None:
+        return ingest_module.ingest(lab, items, **options)
+    with bar:
+        return ingest_module.ingest(lab, items, progress=bar.update, **options)

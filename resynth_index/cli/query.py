@@ -1,15 +1,30 @@
-"""`rsx query`: who made this image? Rendering of the answers for people."""
+"""`rsx query`: who made this image? Rendering of the answers for people.
+
+Long work shows on a terminal: a status line (stderr) of images read, resyntheses generated per
+generator and batch, and embedding; piped output stays clean. What a call will generate is said
+before it starts, and a call that would generate more than ``GENERATION_CAP`` images asks for
+``--yes``. Ctrl-C says how many resyntheses were kept (each batch is stored whole) and exits 130.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from resynth_index.cli.app import cli, open_lab
+from resynth_index.cli.app import StatusLine, cli, open_lab
 from resynth_index.cli.render import render_answer
+
+if TYPE_CHECKING:
+    from resynth_index.pipeline.resynthesis import PlannedGenerations, ProgressEvent
+
+#: The most generations one ``rsx query`` makes unless ``--yes`` is given.
+GENERATION_CAP = 1000
 
 
 @cli.command()
@@ -17,7 +32,11 @@ from resynth_index.cli.render import render_answer
 @click.option(
     "--caption", help="The description to resynthesise from (else sidecar/metadata/model)."
 )
-@click.option("--candidates", help="Comma-separated generator names (default: all active).")
+@click.option(
+    "--candidates",
+    help="Comma-separated generator names (default: the lab's default_candidates, else all"
+    " active; see 'rsx config').",
+)
 @click.option("--resyntheses", type=click.IntRange(min=1), help="Resyntheses per generator (K).")
 @click.option("--no-generate", is_flag=True, help="Use only stored resyntheses.")
 @click.option(
@@ -31,20 +50,54 @@ from resynth_index.cli.render import render_answer
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write a self-contained HTML report.",
 )
+@click.option("--force", is_flag=True, help="Replace the --report file if it exists.")
+@click.option(
+    "--yes",
+    is_flag=True,
+    help=f"Generate even when the call plans more than {GENERATION_CAP} generations.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["resynthesis", "fused"]),
+    default="resynthesis",
+    show_default=True,
+    help="fused: also each candidate autoencoder's reconstruction of the image (look-alikes).",
+)
 @click.pass_context
 def query(
-    ctx, images, caption, candidates, resyntheses, no_generate, captioner, as_json, report
+    ctx,
+    images,
+    caption,
+    candidates,
+    resyntheses,
+    no_generate,
+    captioner,
+    as_json,
+    report,
+    force,
+    yes,
+    method,
 ) -> None:
     """Name the generator that most likely made each image.
+
+    IMAGES are image files or folders (walked for their image files); caption sidecars and
+    other .txt, .json and .csv files among them are skipped.
 
     \b
     Examples:
       rsx query suspect.png --caption "a lighthouse at dusk, oil painting"
       rsx query a.png b.png --candidates sd15,sdxl,midjourney --json
       rsx query suspect.png --report suspect.html
+      rsx query ./suspects/ --resyntheses 16 --yes
+
+    The exit status is 1 when an image failed or got no evidence (no candidate had a
+    resynthesis of its caption to compare with, e.g. under --no-generate).
     """
+    from resynth_index.pipeline.attribution import NO_EVIDENCE
     from resynth_index.pipeline.query import QueryFailure, run_queries
 
+    if report is not None:
+        _check_report_path(report, force)
     lab = open_lab(ctx)
     names = [n.strip() for n in candidates.split(",") if n.strip()] if candidates else None
     model = None
@@ -53,16 +106,29 @@ def query(
         from resynth_index.models.captioners import TransformersCaptioner
 
         model = TransformersCaptioner(captioner_path, device=lab.device)
-    results = run_queries(
-        lab,
-        list(images),
-        caption=caption,
-        candidates=names,
-        resyntheses=resyntheses,
-        generate=not no_generate,
-        captioner=model,
-    )
+    status = StatusLine()
+    watch = _Progress(status)
+    try:
+        with status:
+            results = run_queries(
+                lab,
+                list(images),
+                caption=caption,
+                candidates=names,
+                resyntheses=resyntheses,
+                generate=not no_generate,
+                captioner=model,
+                progress=watch,
+                on_plan=partial(_announce_plan, status, yes),
+                method=method,
+            )
+    except KeyboardInterrupt:
+        stored = watch.stored
+        kept = f"{stored} resynthes{'is' if stored == 1 else 'es'} stored"
+        click.echo(f"interrupted: {kept}; rerun to continue", err=True)
+        ctx.exit(130)
     failed = 0
+    unanswered = []  # answers without evidence: no candidate had a resynthesis to compare
     for result in results:
         if isinstance(result, QueryFailure):
             failed += 1
@@ -70,6 +136,8 @@ def query(
             if as_json:
                 click.echo(json.dumps({"image": result.image, "error": result.error}))
             continue
+        if result.verdict == NO_EVIDENCE:
+            unanswered.append(result)
         if as_json:
             click.echo(json.dumps(result.to_json(), sort_keys=True))
         else:
@@ -77,7 +145,100 @@ def query(
     if report:
         from resynth_index.report import write_report
 
-        write_report(lab, [r for r in results if not isinstance(r, QueryFailure)], report)
-        click.echo(f"report written to {report}", err=as_json)
-    if failed:
+        answered = [r for r in results if not isinstance(r, QueryFailure)]
+        if answered:
+            write_report(lab, answered, report)
+            click.echo(f"report written to {report}", err=as_json)
+        else:
+            click.echo(f"no report written to {report}: every image failed", err=True)
+    for result in unanswered:
+        lacking = ", ".join(result.without_resynthesis or result.candidates)
+        hint = " (--no-generate: drop it to generate them)" if result.not_generated else ""
+        click.echo(
+            f"no evidence: {result.image}: no resynthesis of its caption by {lacking}{hint}",
+            err=True,
+        )
+    if failed or unanswered:
         sys.exit(1)
+
+
+def _check_report_path(report: Path, force: bool) -> None:
+    """Refuse, before any work, a report that could not be written or would replace a file."""
+    folder = report.parent  # Path("r.html").parent is Path(".")
+    if not folder.is_dir():
+        raise click.ClickException(
+            f"cannot write the report {report}: folder {folder} does not exist"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.ClickException(
+            f"cannot write the report {report}: folder {folder} is not writable"
+        )
+    if report.exists() or report.is_symlink():
+        if report.is_dir():
+            raise click.ClickException(f"cannot write the report {report}: it is a folder")
+        if not force:
+            raise click.ClickException(
+                f"report {report} already exists; pass --force to replace it"
+            )
+        if not os.access(report, os.W_OK):
+            raise click.ClickException(f"cannot write the report {report}: it is read-only")
+
+
+class _Progress:
+    """Shows the pipeline's progress events on the status line and counts what was stored."""
+
+    def __init__(self, status: StatusLine) -> None:
+        self.status = status
+        self._stored: dict[str, int] = {}  # generator -> resyntheses committed in this call
+
+    @property
+    def stored(self) -> int:
+        """Resyntheses committed so far in this call (each event follows a batch's commit)."""
+        return sum(self._stored.values())
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.stage == "generate" and event.generator is not None:
+            self._stored[event.generator] = event.done
+            text = f"{event.generator}: generating {event.done} of {event.total}"
+        elif event.stage == "load":
+            text = f"loading and captioning images: {event.done} of {event.total}"
+        elif event.stage == "embed":
+            text = f"embedding: {event.done} of {event.total} images"
+        else:
+            text = f"{event.stage}: {event.done} of {event.total}"
+        self.status.show(text)
+
+
+def _announce_plan(status: StatusLine, yes: bool, planned: PlannedGenerations) -> None:
+    """Say what will be generated; refuse more than ``GENERATION_CAP`` without ``--yes``.
+
+    Called by the pipeline before anything is stored, so a refusal leaves nothing written.
+    """
+    if planned.total <= 0:
+        return
+    status.clear()
+    click.echo(f"planning {describe_plan(planned)}", err=True)
+    if planned.total > GENERATION_CAP and not yes:
+        raise click.ClickException(
+            f"{planned.total} generations is more than the {GENERATION_CAP} a query makes "
+            "without asking; pass --yes to go ahead, or lower --resyntheses or --candidates"
+        )
+
+
+def describe_plan(planned: PlannedGenerations) -> str:
+    """``12 generations (2 generators x 3 resyntheses x 2 captions)``, and what is reused."""
+    counts = sorted(set(planned.resyntheses.values()))
+    per = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    parts = [
+        _plural(len(planned.generators), "generator", "generators"),
+        f"{per} {'resynthesis' if per == '1' else 'resyntheses'}",
+        _plural(planned.captions, "caption", "captions"),
+    ]
+    text = f"{_plural(planned.total, 'generation', 'generations')} ({' x '.join(parts)}"
+    if planned.stored:
+        text += f", less {planned.stored} already stored"
+    return text + ")"
+
+
+def _plural(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"

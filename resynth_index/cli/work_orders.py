@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import click
@@ -53,8 +54,35 @@ def export_prompts(ctx, generator_name: str | None, out: Path | None) -> None:
 @click.option("--pending", is_flag=True, help="Every caption queries have asked for.")
 @click.option("--generator", "generator_name", help="Only this generator (default: all runnable).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images generated per batch.")
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Generate here, or on a Ray cluster's actors (the [scale] extra).",
+)
+@click.option(
+    "--ray-address",
+    metavar="ADDRESS",
+    help="With --executor ray: 'auto' joins this node's cluster, HOST:PORT another "
+    "(default: start a Ray for this call).",
+)
+@click.option(
+    "--ray-actors",
+    type=click.IntRange(min=1),
+    help="With --executor ray: actors per generator (default: the cluster's GPUs, else CPUs).",
+)
 @click.pass_context
-def resynthesize(ctx, captions_file: Path | None, pending: bool, generator_name, batch_size):
+def resynthesize(
+    ctx,
+    captions_file: Path | None,
+    pending: bool,
+    generator_name,
+    batch_size,
+    executor: str = "local",
+    ray_address: str | None = None,
+    ray_actors: int | None = None,
+):
     """Precompute the missing resyntheses of many captions (fill the cache overnight).
 
     Work is grouped per generator and made in batches; each batch is stored (images, rows,
@@ -65,11 +93,14 @@ def resynthesize(ctx, captions_file: Path | None, pending: bool, generator_name,
     Examples:
       rsx resynthesize --captions prompts.txt --batch-size 16
       rsx resynthesize --pending --generator sd15
+      rsx resynthesize --captions prompts.txt --executor ray --ray-address auto
     """
     from resynth_index.pipeline import resynthesis
 
     if (captions_file is None) == (not pending):
         raise click.UsageError("give either --captions FILE or --pending")
+    if executor == "local" and (ray_address is not None or ray_actors is not None):
+        raise click.UsageError("--ray-address and --ray-actors need --executor ray")
     lab = open_lab(ctx)
     generators = resynthesis.runnable_generators(lab, generator_name)
     if pending:
@@ -84,8 +115,15 @@ def resynthesize(ctx, captions_file: Path | None, pending: bool, generator_name,
         if bar is not None:
             bar.__enter__()
 
+    run = resynthesis.resynthesize
+    if executor == "ray":
+        from resynth_index.distributed.executor import RayOptions, resynthesize_with_ray
+
+        run = partial(
+            resynthesize_with_ray, options=RayOptions(address=ray_address, actors=ray_actors)
+        )
     try:
-        summary = resynthesis.resynthesize(
+        summary = run(
             lab,
             captions,
             generators,

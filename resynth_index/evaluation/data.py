@@ -39,6 +39,8 @@ class EvalData:
     aggregation: str
     temperature: float
     notes: list[str] = field(default_factory=list)
+    #: per query, per generator: the image ids behind ``resyntheses`` (empty when not known)
+    resynthesis_ids: list[list[list[int]]] = field(default_factory=list)
 
     @property
     def n_classes(self) -> int:
@@ -133,6 +135,9 @@ def load_eval_data(
         aggregation=lab.settings.aggregation,
         temperature=lab.settings.temperature,
         notes=notes,
+        resynthesis_ids=[
+            [list(plan.stored.get((r.caption_hash, n), [])) for n in names] for r in refs
+        ],
     )
 
 

@@ -12,6 +12,11 @@ candidates and their references become "unknown" queries.
 candidates. The weight w is chosen by leave-one-out over the training references (each has its
 own caption's resyntheses), never by looking at test queries; with one shot leave-one-out is
 impossible and ``HYBRID_ONE_SHOT_WEIGHT`` is used.
+
+``aeroblade``, ``fused`` and ``fused-loo`` add an autoencoder reconstruction signal and its fusion
+with resynthesis (``evaluation.fusion``, where their rules are written down); with ``families``
+every method's accuracy is also broken down within families of look-alike generators and across
+them.
 """
 
 from __future__ import annotations
@@ -39,12 +44,22 @@ from resynth_index.evaluation.fewshot import (
     leave_one_out_class_mean_similarity,
     require_sklearn,
 )
+from resynth_index.evaluation.fusion import (
+    FUSION_METHODS,
+    FusionSignals,
+    family_breakdown,
+    family_index,
+    score_fusion_split,
+)
+from resynth_index.models.reconstruction import DEFAULT_METRIC, METRICS
 
 if TYPE_CHECKING:
     from resynth_index.evaluation.data import EvalData
     from resynth_index.lab import Lab
 
-METHODS = ("resynthesis", *FEWSHOT_METHODS, "hybrid")
+METHODS = ("resynthesis", *FEWSHOT_METHODS, "hybrid", *FUSION_METHODS)
+#: What ``rsx eval`` runs unless --methods says otherwise (the fusion methods load autoencoders).
+DEFAULT_METHODS = ("resynthesis", *FEWSHOT_METHODS, "hybrid")
 DEFAULT_SHOTS = (1, 5, 10, 20)
 HYBRID_GRID = np.round(np.linspace(0.0, 1.0, 21), 2)
 HYBRID_ONE_SHOT_WEIGHT = 0.0  # no leave-one-out with one shot: trust resynthesis alone
@@ -56,7 +71,7 @@ UNKNOWN_PERCENTILE = 95.0
 class EvalConfig:
     shots: tuple[int, ...] = DEFAULT_SHOTS
     repeats: int = 5
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     perturb: tuple[str, ...] = ()
     holdout_unknown: int = 0
     seed: int = 0
@@ -67,6 +82,13 @@ class EvalConfig:
     per_generator: bool = False  # also Mondrian (per-generator) calibration and its coverage
     conformal_splits: int = DEFAULT_SPLITS
     calibration_share: float = DEFAULT_CALIBRATION_SHARE
+    families: tuple[tuple[str, ...], ...] = ()  # groups of look-alike generators
+    fusion_weights: tuple[tuple[str, float], ...] = ()  # fixed weights of `fused`; () = equal
+    fusion_layers: tuple[int, ...] = ()  # embedder blocks added as signals of fused-loo
+    reconstruction_metric: str = DEFAULT_METRIC
+
+    def uses_fusion(self) -> bool:
+        return any(m in FUSION_METHODS for m in self.methods)
 
     def conformal_settings(self) -> ConformalSettings:
         return ConformalSettings(
@@ -93,6 +115,16 @@ class EvalConfig:
             raise RsxError("--per-generator goes with --conformal, e.g. --conformal 0.9,0.95")
         if self.conformal:
             self.conformal_settings().validate()
+        if self.reconstruction_metric not in METRICS:
+            raise RsxError(
+                f"unknown reconstruction metric {self.reconstruction_metric!r}:"
+                f" use {', '.join(METRICS)}"
+            )
+        if any(layer < 1 for layer in self.fusion_layers):
+            raise RsxError("--fusion-layers must be block numbers from 1, e.g. 2,3")
+        for family in self.families:
+            if len(family) < 2:
+                raise RsxError(f"family {'+'.join(family)!r} needs at least two generators")
 
 
 def parse_list(text: str | None) -> list[str]:
@@ -162,6 +194,8 @@ def _score_split(
     test: np.ndarray,
     known: np.ndarray,
     seed: int,
+    signals: FusionSignals | None = None,
+    fusion_weights: dict[str, float] | None = None,
 ) -> dict[str, _Outcome]:
     """Scores of one method for every condition, on the test split, over the known candidates."""
     position = {int(c): k for k, c in enumerate(known)}
@@ -198,11 +232,24 @@ def _score_split(
                 {"weight": w, "loo_accuracy": loo_accuracy},
             )
         return out
+    if method in FUSION_METHODS:
+        if signals is None:
+            raise RsxError(f"{method} needs the reconstruction signals (evaluate() loads them)")
+        missing = np.array([[len(v) == 0 for v in row] for row in data.resyntheses], dtype=bool)
+        fused = score_fusion_split(
+            method, signals, distances, missing, y_train, train, test, known,
+            data.generators, fusion_weights or {},
+        )  # fmt: skip
+        return {c: _Outcome(o.scores, o.unknownness, o.extra) for c, o in fused.items()}
     raise ValueError(f"unknown method {method!r}")
 
 
 def _metrics_for(
-    data: EvalData, outcome: _Outcome, test: np.ndarray, known: np.ndarray
+    data: EvalData,
+    outcome: _Outcome,
+    test: np.ndarray,
+    known: np.ndarray,
+    family_of: np.ndarray | None = None,
 ) -> dict[str, Any]:
     n_all = data.n_classes
     labels = data.labels[test]
@@ -225,6 +272,8 @@ def _metrics_for(
         "confusion": confusion,
         **outcome.extra,
     }
+    if family_of is not None:
+        record["families"] = family_breakdown(labels[is_known], known[pred], family_of, known)
     if len(known) < n_all:
         unknown = ~is_known
         threshold = metrics.known_threshold(outcome.unknownness[is_known], UNKNOWN_PERCENTILE)
@@ -244,12 +293,20 @@ def run_protocol(
     config: EvalConfig,
     queries: dict[str, np.ndarray],
     progress: Callable[[str], None] | None = None,
+    signals: FusionSignals | None = None,
 ) -> dict[str, Any]:
     """Every method on every (shot count, repeat, condition); returns the summary (JSON-able).
 
-    ``queries`` maps each condition ("none" first, then operators) to the (n, d) query features.
+    ``queries`` maps each condition ("none" first, then operators) to the (n, d) query features;
+    ``signals``, the extra signals of the fusion methods for the same conditions.
     """
     config.validate()
+    if config.uses_fusion():
+        if signals is None:
+            raise RsxError("the fusion methods need reconstruction signals (evaluate() loads them)")
+        if set(signals.values) != set(queries):
+            raise RsxError("the fusion signals must cover the same conditions as the queries")
+    family_of = family_index(config.families, data.generators) if config.families else None
     require_sklearn()  # the metrics, whatever the methods
     n_classes = data.n_classes
     if config.holdout_unknown and n_classes - config.holdout_unknown < 2:
@@ -299,13 +356,27 @@ def run_protocol(
                 progress(f"evaluating {shots}-shot, {config.repeats} repeat(s)")
             for method in config.methods:
                 outcomes = _score_split(
-                    data, method, queries, distances, train, test, known, config.seed + repeat
-                )
+                    data, method, queries, distances, train, test, known, config.seed + repeat,
+                    signals, dict(config.fusion_weights),
+                )  # fmt: skip
                 for cond, outcome in outcomes.items():
-                    record = _metrics_for(data, outcome, test, known)
+                    record = _metrics_for(data, outcome, test, known, family_of)
                     record["unknown_generators"] = [data.generators[i] for i in unknown]
                     runs.setdefault((cond, method, shots), []).append(record)
+    if signals is not None and signals.unsupported and config.uses_fusion():
+        notes.append(
+            "no autoencoder (reconstruction signal) for "
+            + "; ".join(f"{g}: {why}" for g, why in sorted(signals.unsupported.items()))
+            + ": aeroblade ranks them last, the fused methods use their other signals"
+        )
     summary = _summarise(data, config, usable, list(queries), runs, splits, notes)
+    if signals is not None:
+        summary["fusion"] = {
+            "signals": signals.names(),
+            "reconstruction_metric": signals.metric,
+            "unsupported": dict(signals.unsupported),
+            "reconstructions": signals.reconstructions,
+        }
     if config.conformal:  # closed set: every generator is a candidate, whatever the holdout
         section = evaluate_conformal(
             data.generators, data.labels, distances, config.conformal_settings(),
@@ -348,6 +419,30 @@ def _summarise(data, config, usable, conditions, runs, splits, notes) -> dict[st
         entry["confusion"] = np.sum([r["confusion"] for r in records], axis=0).tolist()
         if "weight" in records[0]:
             entry["hybrid_weights"] = [r["weight"] for r in records]
+        if "fusion_weights" in records[0]:
+            entry["fusion_weights"] = [r["fusion_weights"] for r in records]
+        if "train_accuracy" in records[0]:
+            entry["train_accuracy"] = [r["train_accuracy"] for r in records]
+        if "unsupported" in records[0]:
+            entry["unsupported"] = records[0]["unsupported"]
+        if "families" in records[0]:
+            entry["families"] = {
+                key: {
+                    **dict(
+                        zip(
+                            ("mean", "std"),
+                            metrics.mean_std([r["families"][key] for r in records]),
+                            strict=True,
+                        )
+                    ),
+                    "values": [r["families"][key] for r in records],
+                }
+                for key in ("within", "across", "family")
+            }
+            entry["families"]["queries"] = {
+                key: [r["families"][f"{key}_queries"] for r in records]
+                for key in ("within", "across")
+            }
         if "open_set" in records[0]:
             entry["open_set"] = {
                 key: dict(
@@ -374,11 +469,13 @@ def _summarise(data, config, usable, conditions, runs, splits, notes) -> dict[st
         "methods": list(config.methods),
         "conditions": conditions,
         "holdout_unknown": config.holdout_unknown,
+        "families": [list(f) for f in config.families],
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
         "notes": notes,
         "results": _clean(results),
     }
     summary["hybrid_goal"] = hybrid_goal(summary)
+    summary["fusion_goal"] = fusion_goal(summary)
     return summary
 
 
@@ -428,6 +525,56 @@ def hybrid_goal(summary: dict) -> list[dict[str, Any]]:
     return rows
 
 
+#: Issue 15's target: the best training-free look-alike method gains this much within families
+#: (at one shot) and loses at most ``FUSION_ACROSS_TOLERANCE`` across them, against resynthesis.
+FUSION_WITHIN_GAIN = 0.10
+FUSION_ACROSS_TOLERANCE = 0.01
+TRAINING_FREE = ("aeroblade", "fused", "fused-loo")
+
+
+def fusion_goal(summary: dict) -> list[dict[str, Any]]:
+    """Per condition: does the best training-free method at the fewest shots beat resynthesis by
+    ``FUSION_WITHIN_GAIN`` within families while losing at most ``FUSION_ACROSS_TOLERANCE``
+    across them? The best is the one with the highest within-family accuracy among those that
+    keep the across-family bound (else the highest within-family accuracy). Needs families."""
+    methods = [m for m in TRAINING_FREE if m in summary["methods"]]
+    if not summary.get("families") or "resynthesis" not in summary["methods"] or not methods:
+        return []
+    shots = min(summary["shots"])
+    rows = []
+    for cond in summary["conditions"]:
+        base = result_for(summary, cond, "resynthesis", shots)["families"]
+        scored = []
+        for method in methods:
+            fam = result_for(summary, cond, method, shots)["families"]
+            within, across = fam["within"]["mean"], fam["across"]["mean"]
+            if within is None or base["within"]["mean"] is None:
+                continue
+            keeps = (
+                across is None
+                or base["across"]["mean"] is None
+                or across >= base["across"]["mean"] - FUSION_ACROSS_TOLERANCE - 1e-9
+            )
+            scored.append((keeps, within, method, across))
+        if not scored:
+            continue
+        keeps, within, method, across = max(scored)
+        gain = within - base["within"]["mean"]
+        rows.append(
+            {
+                "condition": cond,
+                "shots": shots,
+                "method": method,
+                "within": within,
+                "within_resynthesis": base["within"]["mean"],
+                "across": across,
+                "across_resynthesis": base["across"]["mean"],
+                "met": bool(keeps and gain >= FUSION_WITHIN_GAIN - 1e-9),
+            }
+        )
+    return rows
+
+
 def evaluate(
     lab: Lab, config: EvalConfig, echo: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
@@ -444,7 +591,15 @@ def evaluate(
         if echo:
             echo(f"post-processing {len(data.image_ids)} queries with {', '.join(ops)}")
         queries.update(perturbed_features(lab, data.image_ids, ops, config.seed))
-    summary = run_protocol(data, config, queries, progress=echo)
+    signals = None
+    if config.uses_fusion():
+        from resynth_index.evaluation.fusion import load_fusion_signals
+
+        signals = load_fusion_signals(
+            lab, data, ops, config.seed, metric=config.reconstruction_metric,
+            layers=config.fusion_layers, echo=echo,
+        )  # fmt: skip
+    summary = run_protocol(data, config, queries, progress=echo, signals=signals)
     summary["embedder"] = lab.fingerprint
     summary["lab"] = str(lab.root)
     return summary

@@ -109,6 +109,86 @@ def open_set_rows(summary: dict, cond: str) -> list[list[str]]:
     return rows
 
 
+FAMILY_NOTE = (
+    "within: queries whose generator has a look-alike (family member) among the candidates;"
+    " across: the other queries; family: the answer names the true generator or one of its family"
+)
+
+
+def family_header(summary: dict) -> list[str]:
+    """[method, then 'N-shot within', 'N-shot across', 'N-shot family' per shot count]."""
+    return [
+        "method",
+        *[f"{s}-shot {part}" for s in summary["shots"] for part in ("within", "across", "family")],
+    ]
+
+
+def family_rows(summary: dict, cond: str) -> list[list[str]]:
+    """Rows [method, within, across, family accuracy per shot count] under one condition."""
+    rows = []
+    for method in summary["methods"]:
+        cells = []
+        for shots in summary["shots"]:
+            fam = (result_for(summary, cond, method, shots) or {}).get("families") or {}
+            cells += [_cell(fam.get(part)) for part in ("within", "across", "family")]
+        rows.append([method, *cells])
+    return rows
+
+
+def family_counts_line(summary: dict) -> str:
+    """How many test queries were within and across families, per shot count."""
+    parts = []
+    for shots in summary["shots"]:
+        entry = result_for(summary, CLEAN, summary["methods"][0], shots) or {}
+        counts = (entry.get("families") or {}).get("queries")
+        if counts:
+            parts.append(
+                f"{shots}-shot {_span(counts['within'])} within / {_span(counts['across'])} across"
+            )
+    families = "; ".join("+".join(f) for f in summary.get("families", []))
+    return f"families: {families}; test queries per repeat: {', '.join(parts)}"
+
+
+def fusion_goal_lines(summary: dict, cond: str) -> list[str]:
+    """The look-alike goal of the training-free methods under one condition, one line each."""
+    lines = []
+    for row in summary.get("fusion_goal", []):
+        if row["condition"] != cond:
+            continue
+        across = "-" if row["across"] is None else f"{row['across'] * 100:.1f}"
+        base_across = (
+            "-" if row["across_resynthesis"] is None else f"{row['across_resynthesis'] * 100:.1f}"
+        )
+        lines.append(
+            f"look-alike goal at {row['shots']} shot ({row['method']} vs resynthesis: within"
+            f" +10 points, across at most -1): within {row['within'] * 100:.1f} vs"
+            f" {row['within_resynthesis'] * 100:.1f}, across {across} vs {base_across}:"
+            f" {'met' if row['met'] else 'not met'}"
+        )
+    return lines
+
+
+def fusion_weight_lines(summary: dict) -> list[str]:
+    """The weights the fused methods used, averaged over repeats, per shot count (clean)."""
+    lines = []
+    for method in ("fused", "fused-loo"):
+        if method not in summary["methods"]:
+            continue
+        parts = []
+        for shots in summary["shots"]:
+            entry = result_for(summary, CLEAN, method, shots) or {}
+            chosen = entry.get("fusion_weights") or []
+            if not chosen:
+                continue
+            names = sorted(chosen[0])
+            mean = {n: sum(w.get(n, 0.0) for w in chosen) / len(chosen) for n in names}
+            parts.append(f"{shots}-shot " + " ".join(f"{n}={mean[n]:.2f}" for n in names))
+        if parts:
+            how = "fixed" if method == "fused" else "chosen on the training references"
+            lines.append(f"{method} weights ({how}, mean over repeats): " + "; ".join(parts))
+    return lines
+
+
 def _text_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True))]
@@ -141,12 +221,21 @@ def terminal_text(summary: dict) -> str:
     ]
     for note in summary["notes"]:
         parts.append(f"note: {note}")
+    if summary.get("families"):
+        parts.append(family_counts_line(summary))
+    parts += fusion_weight_lines(summary)
     for cond in summary["conditions"]:
         title = "clean queries" if cond == CLEAN else f"queries post-processed: {cond}"
         parts.append(f"\n{title}\n" + _text_table(header, metric_rows(summary, cond)))
         goal = _goal_line(summary, cond)
         if goal:
             parts.append(goal)
+        if summary.get("families"):
+            parts.append(
+                f"accuracy % within and across families ({FAMILY_NOTE})\n"
+                + _text_table(family_header(summary), family_rows(summary, cond))
+            )
+            parts += fusion_goal_lines(summary, cond)
         if summary["holdout_unknown"]:
             parts.append(
                 f"open set ({summary['holdout_unknown']} generator(s) held out per repeat): "
@@ -348,6 +437,9 @@ def _markdown(summary: dict, plot_names: list[str]) -> list[str]:
         f" training); numbers are in % ({spread_text(summary)})",
     ]
     lines += [f"- note: {n}" for n in summary["notes"]]
+    if summary.get("families"):
+        lines += [f"- {family_counts_line(summary)}", f"- {FAMILY_NOTE}"]
+    lines += [f"- {line}" for line in fusion_weight_lines(summary)]
     if "accuracy_vs_shots.png" in plot_names:
         lines += ["", "![accuracy versus shots](accuracy_vs_shots.png)"]
     if "robustness.png" in plot_names:
@@ -373,6 +465,16 @@ def _markdown(summary: dict, plot_names: list[str]) -> list[str]:
         goal = _goal_line(summary, cond)
         if goal:
             lines += ["", goal]
+        if summary.get("families"):
+            lines += [
+                "",
+                "### accuracy within and across families",
+                "",
+                _markdown_table(family_header(summary), family_rows(summary, cond)),
+            ]
+            goal_lines = fusion_goal_lines(summary, cond)
+            if goal_lines:
+                lines += ["", *goal_lines]
         if summary["holdout_unknown"]:
             lines += [
                 "",

@@ -30,6 +30,36 @@ VERDICT_STATES = (UNKNOWN, INCONCLUSIVE, NO_EVIDENCE)
 CLOSED_SET_NOTE = "closed set: the source may be none of these candidates"
 
 
+def score_meaning(temperature: float) -> str:
+    """What an answer's ``score`` is, in words an answer carries (``score_meaning``): a softmax
+    over the candidates asked, so one candidate alone always scores 1."""
+    return f"relative among candidates (softmax of -distance/{temperature:g})"
+
+
+SCORE_MEANING = score_meaning(0.05)  # at the default temperature
+#: The line a rendered answer puts under its scores (the terminal table, the HTML report).
+SCORE_FOOTNOTE = "rel.score: relative score among these candidates, not a probability"
+
+
+def no_evidence_note(verdict: str, lacking: Sequence[str]) -> str:
+    """What a 'no-evidence' answer lacked: the candidates without a resynthesis of its caption
+    ("" for any other verdict)."""
+    if verdict != NO_EVIDENCE:
+        return ""
+    return f"no evidence: no resynthesis of this caption by {', '.join(lacking) or 'any candidate'}"
+
+
+def exact_match_note(generators: Sequence[str]) -> str:
+    """The warning an answer carries when the query's bytes are a stored resynthesis by
+    ``generators`` ("" when none): its distance 0 to itself is no evidence of its origin."""
+    if not generators:
+        return ""
+    return (
+        f"this image is itself a stored resynthesis by {', '.join(generators)}:"
+        " a distance of 0 says nothing about its origin"
+    )
+
+
 def similarity_to_distance(similarity: float, metric: str = "cosine") -> float:
     """Distance between two L2-normalised vectors from their inner product."""
     if metric == "cosine":
@@ -121,17 +151,26 @@ def attribute(
         return Attribution(ranking=[], verdict=NO_EVIDENCE, margin=None, reason=reason, **settings)
     margin = ranking[1].distance - ranking[0].distance if len(ranking) > 1 else None
     best = ranking[0]
-    tied = [g.generator for g in ranking if g.distance - best.distance < margin_floor]
+    # an exact tie is undecided whatever the floor (even 0): nothing tells the two apart
+    tied = [
+        g.generator
+        for g in ranking
+        if g.distance - best.distance < margin_floor or g.distance == best.distance
+    ]
     if threshold is not None and best.distance > threshold:
         verdict = UNKNOWN
         reason = f"beyond threshold {threshold:g}: best {best.generator} at {best.distance:.4g}"
         tied = []
     elif len(tied) > 1:
         verdict = INCONCLUSIVE
-        reason = (
-            f"{' and '.join(tied)} lie within the margin floor {margin_floor:g} of each other"
-            f" (margin {margin:.2g})"
-        )
+        names = f"{', '.join(tied[:-1])} and {tied[-1]}"
+        if margin == 0:
+            reason = f"{names} are exactly tied at {best.distance:.4g}: nothing tells them apart"
+        else:
+            reason = (
+                f"{names} lie within the margin floor {margin_floor:g} of each other"
+                f" (margin {margin:.2g})"
+            )
     else:
         verdict = best.generator
         tied = []

@@ -9,6 +9,13 @@ delivery of another image for a slot already filled is refused (it fails, with a
 and never counted as added. A resynthesis of an imported generator given without a seed takes the
 caption's next free seed (0, 1, 2... in the order they arrive), so a service's several images of
 one caption all count; a runnable generator's resynthesis must name its seed.
+
+Input is checked before any model loads: paths that name nothing (a missing file, an empty
+folder, a shell pattern that matched nothing), manifest lines that cannot be read, a work-order
+row whose ``caption_hash`` no longer matches its caption, and roles without the generator (or
+seed) they need are failures with one line each, found without decoding an image. An ingest left
+with nothing to load never loads the embedder. Interrupted (Ctrl-C), it raises
+``IngestInterrupted`` with what the finished batches stored: a re-run continues from there.
 """
 
 from __future__ import annotations
@@ -61,6 +68,15 @@ class IngestFailure:
     reason: str
 
 
+#: The reason of an ``IngestFailure`` for a folder holding no image file.
+NO_IMAGES_IN_FOLDER = "no images found in this folder"
+#: The reason of an ``IngestFailure`` for a shell pattern (passed on unexpanded) matching nothing.
+NO_IMAGES_MATCH = "no images found matching this pattern"
+#: The reason of an ``IngestFailure`` for a work-order row whose caption was edited.
+CAPTION_HASH_MISMATCH = "caption_hash does not match the caption text; was the caption edited?"
+_GLOB_CHARACTERS = frozenset("*?[")
+
+
 @dataclass
 class IngestSummary:
     added: int = 0
@@ -74,6 +90,18 @@ class IngestSummary:
         return len(self.failures)
 
 
+class IngestInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an ingest; ``summary`` counts what the batches finished before it stored.
+
+    A KeyboardInterrupt still (callers unaware of it stop as before). Nothing is half-written: a
+    batch's rows land in one transaction, and a re-run of the same ingest skips what is stored.
+    """
+
+    def __init__(self, summary: IngestSummary) -> None:
+        super().__init__(f"ingest interrupted after storing {summary.added} image(s)")
+        self.summary = summary
+
+
 # ------------------------------------------------------------------------- item sources
 def expand_paths(
     paths: Iterable[Path],
@@ -81,20 +109,30 @@ def expand_paths(
     role: str = "query",
     generator: str | None = None,
     caption: str | None = None,
+    seed: int | None = None,
 ) -> Iterator[IngestItem | IngestFailure]:
     """Images as given, folders walked recursively (sorted), manifests read line by line.
 
     A folder walk follows links but enters each real directory once (``walk_files``): a link
-    cycle ends, and a folder that cannot be listed is one failure line.
+    cycle ends, and a folder that cannot be listed is one failure line, as is a folder without
+    any image (``NO_IMAGES_IN_FOLDER``), a path that does not exist, and a shell pattern that
+    reached us unexpanded because it matched nothing (``NO_IMAGES_MATCH``).
     """
     for path in paths:
         path = Path(path)
+        like = IngestItem(path, role, generator, caption, seed)
         if path.suffix.lower() in MANIFEST_SUFFIXES and path.is_file():
             yield from read_manifest(path)
         elif path.is_dir() and path.suffix.lower() not in IMAGE_SUFFIXES:
-            yield from _folder_items(path, IngestItem(path, role, generator, caption))
+            found = _folder_items(path, like)
+            if not any(isinstance(item, IngestItem) for item in found):
+                found.append(IngestFailure(str(path), NO_IMAGES_IN_FOLDER))
+            yield from found
+        elif not path.exists() and not path.is_symlink():
+            pattern = _GLOB_CHARACTERS.intersection(str(path))
+            yield IngestFailure(str(path), NO_IMAGES_MATCH if pattern else "no such file or folder")
         else:  # a file, or something that only looks like one: loading will say what is wrong
-            yield IngestItem(path, role, generator, caption)
+            yield like
 
 
 def _folder_items(folder: Path, like: IngestItem) -> list[IngestItem | IngestFailure]:
@@ -126,6 +164,7 @@ def read_manifest(manifest: Path) -> Iterator[IngestItem | IngestFailure]:
         for line_number, record in numbered:
             where = f"{manifest.name}:{line_number}"
             try:
+                _check_caption_hash(record)
                 yield _manifest_item(record, base)
             except (RsxError, ValueError, TypeError) as error:
                 yield IngestFailure(where, str(error))
@@ -139,6 +178,20 @@ def _restore_cells(record: dict) -> dict:
         if isinstance(record.get(key), str):
             record[key] = restore_cell(record[key])
     return record
+
+
+def _check_caption_hash(record: dict) -> None:
+    """A row that carries a ``caption_hash`` (as an exported work order does) must carry the
+    caption that hash was made from: an edited caption would be ingested as another caption,
+    and the work order would stay open. Refused with ``CAPTION_HASH_MISMATCH``."""
+    expected = record.get("caption_hash")
+    if expected is None or (isinstance(expected, str) and not expected.strip()):
+        return
+    text = record.get("caption")
+    if not isinstance(expected, str) or not isinstance(text, str):
+        raise ValueError(CAPTION_HASH_MISMATCH)
+    if caption_hash(text) != expected.strip().lower():
+        raise ValueError(CAPTION_HASH_MISMATCH)
 
 
 def _json_record(line: str) -> dict:
@@ -242,11 +295,13 @@ def ingest(
 ) -> IngestSummary:
     """Store every item, batch by batch; failures are collected, never raised.
 
-    A loader thread reads, hashes, decodes and preprocesses the next batch while this thread
-    stores the current one and runs the embedder on it (PIL, hashlib and torch release the GIL).
-    Each batch's rows are written in one transaction; the index is synced once at the end.
-    The whole ingest holds the blob store's writers' lock: blobs written ahead of their rows are
-    never taken for debris by ``rsx check --repair``.
+    Every item is checked first with reads of the store only (``check_items``): an ingest left
+    with nothing to load reports its failures without loading the embedder. Then a loader thread
+    reads, hashes, decodes and preprocesses the next batch while this thread stores the current
+    one and runs the embedder on it (PIL, hashlib and torch release the GIL). Each batch's rows
+    are written in one transaction; the index is synced once at the end. The whole ingest holds
+    the blob store's writers' lock: blobs written ahead of their rows are never taken for debris
+    by ``rsx check --repair``. Ctrl-C raises ``IngestInterrupted`` with the summary so far.
     """
     batch_size = batch_size or lab.settings.embedding_batch_size
     if batch_size < 1:
@@ -259,15 +314,89 @@ def ingest(
         if on_failure:
             on_failure(failure)
 
-    embedder = lab.embedder  # loaded here, before the loader thread may use it
-    batches = _batches(items, batch_size)
-    with lab.blobs.writing():
-        for loaded in _prefetch(lab, embedder, batches, register_missing_as_imported):
-            _ingest_batch(lab, loaded, summary, fail, register_missing_as_imported, generators)
-            if progress:
-                progress(len(loaded.entries))
+    try:
+        checked = check_items(lab, items, register_missing=register_missing_as_imported)
+        if not any(isinstance(item, IngestItem) for item in checked):
+            for item in checked:
+                if isinstance(item, IngestFailure):  # all of them: nothing is left to load
+                    fail(item)
+            if progress and checked:
+                progress(len(checked))
+            return summary
+        embedder = lab.embedder  # loaded here, before the loader thread may use it
+        batches = _batches(checked, batch_size)
+        with lab.blobs.writing():
+            for loaded in _prefetch(lab, embedder, batches, register_missing_as_imported):
+                _ingest_batch(lab, loaded, summary, fail, register_missing_as_imported, generators)
+                if progress:
+                    progress(len(loaded.entries))
+    except KeyboardInterrupt:
+        raise IngestInterrupted(summary) from None
     lab.sync_index()
     return summary
+
+
+def check_items(
+    lab: Lab,
+    items: Iterable[IngestItem | IngestFailure],
+    *,
+    register_missing: bool = False,
+) -> list[IngestItem | IngestFailure]:
+    """The items, in order, with those the store would refuse turned into failures: a
+    reference or resynthesis without a generator, a generator the lab does not know (unless
+    ``register_missing``), a runnable generator's resynthesis without its seed.
+
+    Reads the store only (one lookup per generator name); no image is opened, no model loaded.
+    """
+    rows: dict[str, GeneratorRow | None] = {}
+    checked: list[IngestItem | IngestFailure] = []
+    for item in items:
+        if isinstance(item, IngestItem) and item.role in ("resynthesis", "reference"):
+            try:
+                _check_item(lab, item, rows, register_missing)
+            except RsxError as error:
+                item = IngestFailure(str(item.path), _reason(item, error))
+        checked.append(item)
+    return checked
+
+
+def _check_item(
+    lab: Lab, item: IngestItem, rows: dict[str, GeneratorRow | None], register_missing: bool
+) -> None:
+    if not item.generator:
+        raise RsxError(f"{item.path}: a {item.role} needs a generator")
+    if item.generator not in rows:
+        with lab.session() as session:
+            rows[item.generator] = repository.generator_by_name(session, item.generator)
+    generator = rows[item.generator]
+    if generator is None:
+        if register_missing:
+            return  # registered as imported when its batch is stored
+        raise _unknown_generator(item)
+    if item.role == "resynthesis":
+        _check_seed_given(item, generator)
+
+
+def check_plain_options(
+    lab: Lab, *, role: str, generator: str | None, seed: int | None
+) -> GeneratorRow | None:
+    """Check what ``rsx ingest`` options give every plain file (not manifests) at once, so a
+    problem is said once: the role's generator exists, and a runnable generator's resynthesis
+    has its seed. Returns the generator's row (None for role 'query'). Raises RsxError."""
+    if role == "query":
+        return None
+    if generator is None:
+        raise RsxError(f"--role {role} needs --generator NAME: the generator that made the images")
+    with lab.session() as session:
+        row = repository.generator_by_name(session, generator)
+    if row is None:
+        raise RsxError(f"unknown generator {generator!r}; add it with 'rsx generator add'")
+    if role == "resynthesis" and seed is None and row.kind != "imported":
+        raise RsxError(
+            f"a resynthesis for runnable generator {generator!r} needs the seed it was made"
+            " with: give --seed N (or ingest a manifest with a seed column)"
+        )
+    return row
 
 
 def _batches(items: Iterable[IngestItem | IngestFailure], size: int) -> Iterator[list]:
@@ -395,6 +524,7 @@ def _ingest_batch(
     if not resolved:
         return
     pictures: dict[int, LoadedImage] = {}
+    added = skipped = 0
     with lab.session() as session:
         stored = store_images(
             lab, [image for _, image, _, _ in resolved], session=session, blobs_written=True
@@ -409,10 +539,13 @@ def _ingest_batch(
                 fail(IngestFailure(str(item.path), _reason(item, error)))
                 continue
             if new_image or new_role:
-                summary.added += 1
+                added += 1
             else:
-                summary.skipped += 1
+                skipped += 1
         known = embeddings.embedding_ids(session, list(pictures), lab.fingerprint)
+    # counted once the transaction committed: an interrupted batch counts for nothing
+    summary.added += added
+    summary.skipped += skipped
     missing = [image_id for image_id in pictures if image_id not in known]
     if not missing:
         return

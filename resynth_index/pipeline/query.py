@@ -4,25 +4,46 @@
 2. reuse stored resyntheses of its caption by every candidate, generate the missing ones
    (batched per generator across all the images of the call), mark imported ones pending;
 3. embed what is not embedded yet, then compare the query only with its caption's resyntheses;
-4. rank, score, decide ('unknown' past the lab's threshold) and record the audit row.
+4. rank, score, decide (a generator, or 'inconclusive' under the lab's margin floor, 'unknown'
+   past its threshold, 'no-evidence' with nothing to compare) and record the audit row, which
+   holds the answer whole: how firm it is and what reproduces it (settings, seeds, versions).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from resynth_index import __version__
 from resynth_index.errors import RsxError
 from resynth_index.media.captions import resolve_caption
-from resynth_index.media.images import LoadedImage, load_image_file
+from resynth_index.media.folders import walk_files
+from resynth_index.media.images import IMAGE_SUFFIXES, LoadedImage, load_image_file
 from resynth_index.media.metadata import embedded_metadata
-from resynth_index.pipeline.attribution import attribute, similarity_to_distance
+from resynth_index.models.generators import factory
+from resynth_index.pipeline import calibrated
+from resynth_index.pipeline.attribution import (
+    SCORE_MEANING,
+    attribute,
+    score_meaning,
+    similarity_to_distance,
+)
+from resynth_index.pipeline.fusion_query import (
+    QUERY_METHODS,
+    apply_fusion,
+    query_reconstruction,
+    scorer_for,
+)
 from resynth_index.pipeline.intake import embedding_vectors, ensure_embeddings, store_images
 from resynth_index.pipeline.resynthesis import (
+    PlannedGenerations,
+    ProgressCallback,
+    ProgressEvent,
     ResynthesisPlan,
     generate_missing,
     plan_resyntheses,
@@ -43,18 +64,38 @@ if TYPE_CHECKING:
 class RankedGenerator:
     generator: str
     distance: float
-    score: float
+    score: float  # relative among the candidates asked (see QueryResult.score_meaning)
     distances: list[float]
     nearest_sha256: str  # the resynthesis closest to the query (for reports)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RankedGenerator:
+        """One ranking entry from its JSON form (``asdict``), as stored in an answer."""
+        if not isinstance(data, Mapping) or "generator" not in data or "distance" not in data:
+            raise RsxError("not a stored ranking entry: it needs a generator and a distance")
+        distance = float(data["distance"])
+        return cls(
+            generator=str(data["generator"]),
+            distance=distance,
+            score=float(data.get("score", 0.0)),
+            distances=[float(d) for d in data.get("distances") or [distance]],
+            nearest_sha256=str(data.get("nearest_sha256") or ""),
+        )
 
 
 @dataclass
 class QueryResult:
+    """One answer: the verdict, how firm it is, the evidence, and what reproduces it.
+
+    Every field after ``fingerprints`` was added after the first release; ``from_json`` fills
+    them with defaults when it reads an answer stored before they existed.
+    """
+
     image: str
     sha256: str
     caption: str
     caption_source: str
-    verdict: str
+    verdict: str  # the best generator, or inconclusive / unknown / no-evidence
     ranking: list[RankedGenerator]
     margin: float | None
     generated: int
@@ -67,10 +108,75 @@ class QueryResult:
     fingerprints: dict[str, str]
     metadata: dict[str, str] = field(default_factory=dict)  # embedded evidence, never trusted
     query_id: int | None = None
+    verdict_reason: str = ""  # why this verdict, in one line
+    tied: list[str] = field(default_factory=list)  # the candidates an inconclusive answer names
+    threshold: float | None = None  # the 'unknown' threshold applied; None: closed set
+    margin_floor: float = 0.0  # the margin under which the answer is inconclusive
+    closed_set: bool = True  # no threshold: the source may be none of the candidates
+    without_resynthesis: list[str] = field(default_factory=list)  # candidates not compared
+    exact_match_of: list[str] = field(default_factory=list)  # its bytes are their resynthesis
+    score_meaning: str = SCORE_MEANING
+    temperature: float = 0.05  # of the softmax behind ``score``
+    rsx_version: str = ""  # the rsx that answered ("" in answers stored before it was kept)
+    resyntheses_per_generator: dict[str, int] = field(default_factory=dict)  # K used
+    generation: dict[str, dict[str, Any]] = field(default_factory=dict)  # settings + seeds used
+    # with a stored calibration (rsx calibrate, pipeline/calibrated.py); None without one
+    prediction_set: list[str] | None = None  # the candidates at ``coverage``, best first
+    coverage: float | None = None
+    calibration_id: int | None = None  # the calibration behind the set and the scores
+    calibration_note: str | None = None  # why the lab's calibration was not used
+    method: str = "resynthesis"  # or "fused" (pipeline/fusion_query.py)
+    fusion: dict[str, Any] | None = None  # fused only: weights, per-generator signals, scores
 
     def to_json(self) -> dict[str, Any]:
         """The answer as ``rsx query --json`` prints it and the audit row stores it."""
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> QueryResult:
+        """The answer ``to_json`` made (``--json`` output, an audit row's ``result_json``).
+
+        The inverse of ``to_json``. An answer stored by an older rsx lacks the newer fields:
+        they take their defaults (``closed_set`` follows the threshold: without one, the answer
+        was closed-set). Keys this version does not know are ignored, so a newer answer reads
+        too. Raises RsxError when ``data`` is not an answer at all.
+        """
+        if not isinstance(data, Mapping):
+            raise RsxError("not a stored answer: expected a JSON object")
+        lacking = [key for key in ("image", "sha256", "verdict") if key not in data]
+        if lacking:
+            raise RsxError(f"not a stored answer: it lacks {', '.join(lacking)}")
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {
+            key: copy.deepcopy(value) for key, value in data.items() if key in known
+        }
+        ranking = data.get("ranking") or []
+        if not isinstance(ranking, list):
+            raise RsxError("not a stored answer: its ranking is not a list")
+        values["ranking"] = [RankedGenerator.from_json(entry) for entry in ranking]
+        for key, default in _OLD_ANSWER_DEFAULTS.items():
+            if values.get(key) is None:
+                values[key] = copy.deepcopy(default)
+        values.setdefault("margin", None)
+        values.setdefault("closed_set", values.get("threshold") is None)
+        return cls(**values)
+
+
+#: What an answer stored before a field was required gets for it (older rows always had these,
+#: but an answer written by hand or cut short should still read).
+_OLD_ANSWER_DEFAULTS: dict[str, Any] = {
+    "caption": "",
+    "caption_source": "",
+    "generated": 0,
+    "reused": 0,
+    "pending": [],
+    "not_generated": [],
+    "candidates": [],
+    "distance": "cosine",
+    "aggregation": "min",
+    "fingerprints": {},
+    "metadata": {},
+}
 
 
 @dataclass
@@ -93,8 +199,17 @@ class _Prepared:
 
 
 def select_candidates(lab: Lab, names: Sequence[str] | None) -> list[GeneratorRow]:
-    """The named generators (each must be registered and active), or every active one."""
+    """The named generators (each must be registered and active); else the lab's default
+    candidates ('rsx config set default_candidates'), else every active generator."""
     active = {row.name: row for row in lab.generators()}
+    if not names and lab.settings.default_candidates:
+        names = lab.settings.default_candidates
+        gone = [n for n in names if n not in active]
+        if gone:
+            raise RsxError(
+                f"the lab's default candidates name retired or unknown generator(s):"
+                f" {', '.join(gone)}; change them with 'rsx config set default_candidates'"
+            )
     if not names:
         if not active:
             raise RsxError("this lab has no generators; add one with 'rsx generator add'")
@@ -102,7 +217,8 @@ def select_candidates(lab: Lab, names: Sequence[str] | None) -> list[GeneratorRo
     unknown = [n for n in names if n not in active]
     if unknown:
         raise RsxError(
-            f"unknown or retired generator(s): {', '.join(unknown)}; see 'rsx generator list'"
+            f"unknown or retired generator(s): {', '.join(unknown)}; see 'rsx generator list"
+            " --all' (a retired one comes back with 'rsx generator restore NAME')"
         )
     return [active[n] for n in dict.fromkeys(names)]
 
@@ -116,33 +232,71 @@ def run_queries(
     resyntheses: int | None = None,
     generate: bool = True,
     captioner: Captioner | None = None,
-    progress: Callable[[str, int], None] | None = None,
+    progress: ProgressCallback | None = None,
+    on_plan: Callable[[PlannedGenerations], None] | None = None,
     sync_index: bool = True,
+    image_captions: Mapping[Path, str] | None = None,
+    image_names: Mapping[Path, str] | None = None,
+    method: str = "resynthesis",
 ) -> list[QueryResult | QueryFailure]:
     """Attribute each image; a bad image fails alone and the rest go on.
+
+    ``paths`` may name folders (their image files are queried, see ``expand_query_paths``).
+    ``progress`` receives ``ProgressEvent``s: ``load`` per image read and captioned, ``generate``
+    per generator and batch (see ``generate_missing``), ``embed`` around the final embedding.
+    With generation on, ``on_plan`` is told what will be generated once every image is read and
+    captioned, before anything is stored: it may raise to refuse, and then nothing is written.
+    ``image_captions`` gives some paths their own explicit caption (it wins over ``caption``),
+    so one call answers images asked about with different captions (``rsx serve`` batches
+    them); ``image_names`` names some paths in their answers and audit rows (default: the path).
 
     Lookups read the few vectors each answer needs (from the index, or from the database for
     embeddings stored since the index was last synced); they never scan the index. With
     ``sync_index`` (the default) the index file is brought up to date once, at the end of the
     call. A long-running caller answering images one call at a time can pass ``False`` and call
     ``lab.sync_index()`` when done: per call, the index is then only read.
+
+    ``method`` "fused" adds the reconstruction signal of each candidate's autoencoder and ranks
+    by the fused score (``pipeline/fusion_query.py``); the answer records each signal's values.
     """
+    if method not in QUERY_METHODS:
+        raise RsxError(f"unknown query method {method!r}: use {', '.join(QUERY_METHODS)}")
     generators = select_candidates(lab, candidates)
+    items = expand_query_paths(paths)
+    if paths and not items:
+        raise RsxError("no image files among the paths given")
+    total = sum(isinstance(item, Path) for item in items)
+    loaded = 0
     outcomes: list[QueryResult | QueryFailure | _Prepared] = []
-    for path in paths:
+    for item in items:
+        if isinstance(item, QueryFailure):  # a folder that cannot be listed
+            outcomes.append(item)
+            continue
         try:
-            outcomes.append(_prepare(lab, Path(path), caption, captioner))
-        except RsxError as error:
-            outcomes.append(QueryFailure(image=str(path), error=str(error)))
+            explicit = image_captions.get(item, caption) if image_captions else caption
+            outcomes.append(_prepare(lab, item, explicit, captioner))
+        except RsxError as error:  # the image is named once, in ``image``, not again in ``error``
+            reason = str(error).removeprefix(f"{item}: ")
+            outcomes.append(QueryFailure(image=str(item), error=reason))
+        loaded += 1
         if progress:
-            progress("prepare", 1)
-    outcomes = _store_prepared(lab, outcomes)
+            progress(ProgressEvent("load", loaded, total))
     prepared = [o for o in outcomes if isinstance(o, _Prepared)]
     if not prepared:
         return outcomes  # type: ignore[return-value]
+    # planned from the captions alone (reads only), so a refusal leaves nothing written
+    plan = plan_resyntheses(lab, [p.caption_hash for p in prepared], generators, resyntheses)
+    if generate and on_plan is not None:
+        on_plan(plan.planned())
+    outcomes = _store_prepared(lab, outcomes)
+    kept = [o for o in outcomes if isinstance(o, _Prepared)]
+    if not kept:
+        return outcomes  # type: ignore[return-value]
+    if len(kept) < len(prepared):  # an image could not be stored: plan for the others only
+        plan = plan_resyntheses(lab, [p.caption_hash for p in kept], generators, resyntheses)
+    prepared = kept
 
     captions = {p.caption_hash: p.caption_text for p in prepared}
-    plan = plan_resyntheses(lab, list(captions), generators, resyntheses)
     generated_for: dict[str, int] = {}
     if generate:
         for work in plan.missing.values():
@@ -154,7 +308,7 @@ def run_queries(
                 plan,
                 generators,
                 captions,
-                progress=(lambda n: progress("generate", n)) if progress else None,
+                events=progress,
             )
     record_pending(lab, plan, generators)
 
@@ -165,13 +319,24 @@ def run_queries(
         for image_id in image_ids:
             to_embed.setdefault(image_id, None)
     fresh: dict[int, np.ndarray] = {}
+    if progress:
+        progress(ProgressEvent("embed", 0, len(to_embed)))
     embedding_of = ensure_embeddings(lab, to_embed, computed=fresh)
+    if progress:
+        progress(ProgressEvent("embed", len(to_embed), len(to_embed)))
     vectors = _lookup_vectors(lab, [embedding_of[i] for i in to_embed], fresh)
     image_sha = dict(plan.sha256)
     image_sha.update(
         _image_shas(lab, [i for ids in plan.stored.values() for i in ids if i not in image_sha])
     )
 
+    calibration = calibrated.for_query(lab, generators, plan.wanted)
+    scorer = scorer_for(lab) if method == "fused" else None
+    reconstruction = (
+        query_reconstruction(lab, generators, [(p.sha256, p.picture) for p in prepared], scorer)
+        if scorer is not None
+        else {}
+    )
     results: list[QueryResult | QueryFailure] = []
     answers: list[tuple[QueryResult, str, dict]] = []
     counted: set[str] = set()
@@ -186,12 +351,52 @@ def run_queries(
         result, distances = _answer(
             lab, outcome, generators, plan, embedding_of, vectors, image_sha, generated
         )
+        if scorer is not None:
+            apply_fusion(result, reconstruction[outcome.sha256], unsupported=scorer.unsupported)
+        calibrated.apply(calibration, result)
+        if image_names and outcome.path in image_names:
+            result.image = image_names[outcome.path]
         results.append(result)
         answers.append((result, outcome.caption_hash, distances))
     _record_answers(lab, answers)
     if sync_index:
         lab.sync_index()
     return results
+
+
+#: Files a query skips without a word when they are given (``rsx query DIR/*`` sweeps them up):
+#: caption sidecars (``x.txt``, ``x.png.txt``), manifests, notes. In folders only images are read.
+SKIPPED_SUFFIXES = frozenset({".txt", ".json", ".csv"})
+
+
+def expand_query_paths(paths: Sequence[Path]) -> list[Path | QueryFailure]:
+    """The images to query: files as given, folders walked for their image files (sorted).
+
+    Given ``.txt``/``.json``/``.csv`` files are skipped (see ``SKIPPED_SUFFIXES``); a folder
+    walk follows links but enters each real directory once (``walk_files``) and keeps the files
+    with an image suffix; a folder that cannot be listed, or holds no image, becomes one failure.
+    """
+    found: list[Path | QueryFailure] = []
+
+    def unlistable(folder: Path, error: OSError) -> None:
+        found.append(
+            QueryFailure(image=str(folder), error=f"cannot list folder: {error.strerror or error}")
+        )
+
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            before = len(found)
+            for child in walk_files(path, on_error=unlistable):
+                if child.suffix.lower() in IMAGE_SUFFIXES:
+                    found.append(child)
+            if len(found) == before:  # as rsx ingest says of an empty folder
+                found.append(
+                    QueryFailure(image=str(path), error="no images found in this directory")
+                )
+        elif path.suffix.lower() not in SKIPPED_SUFFIXES:
+            found.append(path)  # a file, or something missing: loading says what is wrong
+    return found
 
 
 def _prepare(lab: Lab, path: Path, caption: str | None, captioner: Captioner | None) -> _Prepared:
@@ -316,6 +521,7 @@ def _answer(
         aggregation=settings.aggregation,
         temperature=settings.temperature,
         threshold=settings.unknown_threshold,
+        margin_floor=settings.margin_floor,
     )
     ranking = [
         RankedGenerator(
@@ -353,8 +559,50 @@ def _answer(
         aggregation=settings.aggregation,
         fingerprints=fingerprints,
         metadata=query.metadata,
+        verdict_reason=outcome.reason,
+        tied=list(outcome.tied),
+        threshold=outcome.threshold,
+        margin_floor=outcome.margin_floor,
+        closed_set=outcome.threshold is None,
+        without_resynthesis=list(outcome.unranked),
+        # same bytes, same image row (content addressing): the query is one of the resyntheses
+        exact_match_of=[name for name, ids in per_generator.items() if query.image_id in ids],
+        score_meaning=score_meaning(settings.temperature),
+        temperature=settings.temperature,
+        rsx_version=__version__,
+        resyntheses_per_generator={row.name: plan.wanted[row.name] for row in generators},
+        generation={
+            row.name: _generation_record(lab, row, plan, query.caption_hash) for row in generators
+        },
     )
     return result, distances
+
+
+def _generation_record(
+    lab: Lab, row: GeneratorRow, plan: ResynthesisPlan, caption_hash: str
+) -> dict[str, Any]:
+    """How ``row`` made the resyntheses this answer compared, enough to make them again: its
+    kind and model files, its generation settings with the dtype it ran in, and the seeds.
+
+    An imported generator runs elsewhere: the lab knows only that its images were supplied.
+    """
+    settings = factory.generation_settings(row.kind, row.settings_json)
+    if settings is None:
+        return {"kind": row.kind, "imported": True}
+    missing = {seed for caption, seed in plan.missing.get(row.name, []) if caption == caption_hash}
+    device = settings.run_device(lab.device)
+    return {
+        "kind": row.kind,
+        "imported": False,
+        "source": row.source,
+        "steps": settings.steps,
+        "guidance": settings.guidance,
+        "size": f"{settings.width}x{settings.height}",
+        "scheduler": settings.scheduler,  # None: the pipeline's own
+        "negative_prompt": settings.negative_prompt,
+        "dtype": settings.resolved_dtype(device),
+        "seeds": [seed for seed in range(plan.wanted[row.name]) if seed not in missing],
+    }
 
 
 def _record_answers(lab: Lab, answers: list[tuple[QueryResult, str, dict]]) -> None:

@@ -10,6 +10,10 @@ caption in a call is grouped per generator and made ``batch_size`` images at a t
 is stored whole (blobs, then its image and resynthesis rows in one transaction, then its
 embeddings) before the next begins, and its pictures are dropped: memory holds one batch at a
 time, and an interrupted run keeps every finished batch.
+
+Generation can run for minutes, so it reports as it goes, through plain callbacks (no terminal
+code here): ``ProgressEvent`` says which stage, which generator and how far, and
+``PlannedGenerations`` says how much will be generated before the first image is.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import csv
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +45,40 @@ if TYPE_CHECKING:
 Key = tuple[str, str]  # (caption hash, generator name)
 
 
+@dataclass(frozen=True)
+class ProgressEvent:
+    """How far a long step has come: ``done`` of ``total`` units of ``stage``.
+
+    Stages: ``load`` (images read and captioned), ``generate`` (resyntheses made and stored by
+    ``generator``, reported once before its first batch with ``done`` 0 and then after each batch
+    is committed), ``embed`` (images embedded). ``done`` only grows within a stage (and generator).
+    """
+
+    stage: str
+    done: int
+    total: int
+    generator: str | None = None
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+@dataclass(frozen=True)
+class PlannedGenerations:
+    """What a plan will generate: ``total`` images, made by ``generators`` for ``captions``.
+
+    ``resyntheses`` is each of those generators' K (resyntheses per caption); ``stored`` counts
+    the resyntheses of those generators and captions that are already stored and will be reused,
+    so ``total + stored == sum(K of each generator) * captions``.
+    """
+
+    total: int
+    generators: tuple[str, ...]
+    resyntheses: dict[str, int]
+    captions: int
+    stored: int
+
+
 @dataclass
 class ResynthesisPlan:
     """Stored resynthesis images per (caption, generator), what is missing, what is pending."""
@@ -48,10 +87,26 @@ class ResynthesisPlan:
     missing: dict[str, list[tuple[str, int]]] = field(default_factory=lambda: defaultdict(list))
     pending: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     sha256: dict[int, str] = field(default_factory=dict)  # of every stored image in the plan
+    wanted: dict[str, int] = field(default_factory=dict)  # generator -> K, resyntheses/caption
 
     def missing_count(self) -> int:
         """How many resyntheses are still to be generated."""
         return sum(len(v) for v in self.missing.values())
+
+    def planned(self) -> PlannedGenerations:
+        """What generating the missing resyntheses amounts to (see ``PlannedGenerations``)."""
+        names = tuple(name for name, work in self.missing.items() if work)
+        captions = {caption for name in names for caption, _seed in self.missing[name]}
+        stored = sum(
+            len(self.stored.get((caption, name), ())) for name in names for caption in captions
+        )
+        return PlannedGenerations(
+            total=self.missing_count(),
+            generators=names,
+            resyntheses={name: self.wanted.get(name, 0) for name in names},
+            captions=len(captions),
+            stored=stored,
+        )
 
 
 def plan_resyntheses(
@@ -78,6 +133,7 @@ def plan_resyntheses(
         row.id: resyntheses or factory.resyntheses_per_caption(row.settings_json)
         for row in generators
     }
+    plan.wanted = {row.name: wanted_of[row.id] for row in generators}
     for caption in captions:
         for generator in generators:
             wanted = wanted_of[generator.id]
@@ -104,12 +160,18 @@ def generate_missing(
     *,
     batch_size: int | None = None,
     progress: Callable[[int], None] | None = None,
+    events: ProgressCallback | None = None,
 ) -> list[int]:
     """Generate every missing resynthesis, batched per generator; store each batch as it lands.
 
     Each batch is stored and embedded before the next is generated, then let go: at most one
     batch of pictures is alive at a time. Returns the image ids generated. The plan is updated
     in place: generated images join ``stored`` and ``missing`` is emptied.
+
+    ``progress(n)`` is told the size of each batch once it is stored and embedded. ``events``
+    gets a ``generate`` ``ProgressEvent`` per generator before its model is loaded (``done`` 0)
+    and after each of its batches is committed, so an interrupted caller that counted them knows
+    how many resyntheses were kept.
     """
     from resynth_index.models.generators.protocol import GenerationRequest
 
@@ -119,14 +181,24 @@ def generate_missing(
     by_name = {row.name: row for row in generators}
     made: list[int] = []
     for name, work in plan.missing.items():
+        if not work:
+            continue
         row = by_name[name]
+        if events is not None:
+            events(ProgressEvent("generate", 0, len(work), name))
         model = lab.generator_model(row)
         row_settings = _settings_hash(lab, row)
         for start in range(0, len(work), batch_size):
             chunk = work[start : start + batch_size]
             requests = [GenerationRequest(caption_texts[c], seed) for c, seed in chunk]
             images = model.generate(requests, batch_size=batch_size)
-            image_ids = store_resyntheses(lab, row, row_settings, chunk, images, plan.sha256)
+            committed = None
+            if events is not None:
+                done = ProgressEvent("generate", start + len(chunk), len(work), name)
+                committed = partial(events, done)
+            image_ids = store_resyntheses(
+                lab, row, row_settings, chunk, images, plan.sha256, on_committed=committed
+            )
             del images  # the batch is stored and embedded: nothing keeps its pictures alive
             for (caption, _seed), image_id in zip(chunk, image_ids, strict=True):
                 plan.stored[(caption, name)].append(image_id)
@@ -144,9 +216,13 @@ def store_resyntheses(
     chunk: Sequence[tuple[str, int]],
     images: Sequence[PIL.Image.Image],
     sha256_of: dict[int, str] | None = None,
+    *,
+    on_committed: Callable[[], None] | None = None,
 ) -> list[int]:
     """Store one generated batch: blobs, then image + resynthesis rows in one transaction,
     then the batch's embeddings. Returns the image ids in ``chunk`` order.
+
+    ``on_committed`` is called once the rows' transaction has committed, before embedding.
 
     Should another process have stored one of these resyntheses first (same generator, caption,
     settings and seed: the insert is then ignored), the image of the row that won is returned for
@@ -185,6 +261,8 @@ def store_resyntheses(
                 raise StoreError(f"resynthesis {caption[:12]}/{row.name}/{seed} vanished")
             image_ids[n], sha256_of[winner[0]] = winner
         known = embeddings.embedding_ids(session, made, lab.fingerprint)
+    if on_committed is not None:
+        on_committed()
     # every image stored here is embedded (a race's loser too, so no image lacks an embedding);
     # two seeds can draw the same picture: embed each distinct new image once
     to_embed = [i for i in dict.fromkeys(made) if i not in known]
@@ -261,6 +339,26 @@ def runnable_generators(lab: Lab, name: str | None = None) -> list[GeneratorRow]
     return runnable
 
 
+def plan_captions(
+    lab: Lab, captions: dict[str, str], generators: Sequence[GeneratorRow]
+) -> tuple[ResynthesisPlan, ResynthesizeSummary]:
+    """Record the captions, then plan their resyntheses: what is stored, what must be made.
+
+    Shared by the local path and the Ray executor, so both plan (and count) the same work.
+    """
+    with lab.session() as session:
+        for digest, text in captions.items():
+            repository.ensure_caption(session, digest, text)
+    plan = plan_resyntheses(lab, list(captions), generators)
+    summary = ResynthesizeSummary(
+        captions=len(captions),
+        generators=[row.name for row in generators],
+        reused=sum(len(v) for v in plan.stored.values()),
+        generated=plan.missing_count(),
+    )
+    return plan, summary
+
+
 def resynthesize(
     lab: Lab,
     captions: dict[str, str],
@@ -275,16 +373,7 @@ def resynthesize(
     Captions are recorded first; ``on_plan(n)`` is told how many images will be generated before
     the first one is; ``progress(n)`` after each stored batch.
     """
-    with lab.session() as session:
-        for digest, text in captions.items():
-            repository.ensure_caption(session, digest, text)
-    plan = plan_resyntheses(lab, list(captions), generators)
-    summary = ResynthesizeSummary(
-        captions=len(captions),
-        generators=[row.name for row in generators],
-        reused=sum(len(v) for v in plan.stored.values()),
-        generated=plan.missing_count(),
-    )
+    plan, summary = plan_captions(lab, captions, generators)
     if on_plan is not None:
         on_plan(summary.generated)
     if summary.generated:

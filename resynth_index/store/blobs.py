@@ -146,6 +146,25 @@ class BlobStore:
             return []
         return sorted(self.root.glob(f"*/*/{_TEMP_PREFIX}*"))
 
+    def stray_files(self) -> list[Path]:
+        """Files under the root that are neither a blob where its name says it belongs nor a
+        temporary file of ``put``: things the blob store never writes. Judged by name and place
+        alone, so a writer at work never makes one; nothing is removed."""
+        if not self.root.is_dir():
+            return []
+        strays = []
+        for directory, _subdirs, names in os.walk(self.root):
+            for name in names:
+                path = Path(directory, name)
+                parts = path.relative_to(self.root).parts
+                if len(parts) == 3 and (
+                    name.startswith(_TEMP_PREFIX)
+                    or (_SHA_RE.fullmatch(name) and parts[:2] == (name[:2], name[2:4]))
+                ):
+                    continue  # a temporary file of put, or a blob in its place
+                strays.append(path)
+        return sorted(strays)
+
     def remove_temp_files(self) -> int:
         """Delete the temporary files of ``put``; returns how many. Only safe inside ``cleaning``
         (when it yields True): a writer's file may be one it is still writing."""

@@ -2,12 +2,13 @@
 
 Vectors are stored as little-endian float32 BLOBs whatever the host, with their dimension and the
 fingerprint of the embedder that made them; embeddings of different embedders are never mixed.
-Like ``repository``, every function takes the caller's ``Session``.
+Like ``repository``, every function takes the caller's ``Session``; ``EmbeddingFeed`` (what the
+vector index reads) opens a short session of its own for each question.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from sqlalchemy import func, select
@@ -130,6 +131,45 @@ def all_embedding_ids(session: Session, fingerprint: str) -> np.ndarray:
     return np.fromiter(ids, dtype=np.int64)
 
 
+def embedding_count(session: Session, fingerprint: str, lower: int, upper: int) -> int:
+    """How many embeddings this embedder has stored with lower < id <= upper."""
+    count = session.scalar(
+        select(func.count(EmbeddingRow.id)).where(
+            EmbeddingRow.embedder_fingerprint == fingerprint,
+            EmbeddingRow.id > lower,
+            EmbeddingRow.id <= upper,
+        )
+    )
+    return int(count or 0)
+
+
+def embedding_ids_between(session: Session, fingerprint: str, lower: int, upper: int) -> np.ndarray:
+    """This embedder's embedding ids with lower < id <= upper (int64; ids only, no vectors)."""
+    rows = session.execute(
+        select(EmbeddingRow.id).where(
+            EmbeddingRow.embedder_fingerprint == fingerprint,
+            EmbeddingRow.id > lower,
+            EmbeddingRow.id <= upper,
+        )
+    ).all()
+    return np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+
+
+def iter_embeddings_by_id(
+    session: Session, fingerprint: str, ids: Iterable[int]
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Batches of (ids, vectors) of those of ``ids`` this embedder has stored, in id order."""
+    for chunk in in_chunks(sorted(int(i) for i in ids)):
+        rows = session.execute(
+            select(EmbeddingRow.id, EmbeddingRow.dim, EmbeddingRow.vector)
+            .where(EmbeddingRow.embedder_fingerprint == fingerprint, EmbeddingRow.id.in_(chunk))
+            .order_by(EmbeddingRow.id)
+        ).all()
+        if rows:
+            found = np.fromiter((row.id for row in rows), dtype=np.int64, count=len(rows))
+            yield found, np.stack([blob_to_vector(row.vector, row.dim) for row in rows])
+
+
 def iter_embeddings(
     session: Session, fingerprint: str, after_id: int, batch: int = 10_000
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -164,3 +204,34 @@ def wrong_dimension_count(session: Session, fingerprint: str, dim: int) -> int:
         )
     )
     return int(count or 0)
+
+
+class EmbeddingFeed:
+    """One embedder's stored embeddings as the vector index reads them: an ``EmbeddingSource``
+    (called with a watermark) and a ``StoredEmbeddings`` (count, ids, fetch by id), each question
+    answered in a session of its own, so every answer sees what is committed when it is asked."""
+
+    def __init__(self, sessions: Callable[[], Session], fingerprint: str) -> None:
+        """``sessions`` makes a new session (the lab's sessionmaker)."""
+        self._sessions = sessions
+        self.fingerprint = fingerprint
+
+    def __call__(self, after_id: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every stored embedding with id > after_id, in batches in id order."""
+        with self._sessions() as session:
+            yield from iter_embeddings(session, self.fingerprint, after_id)
+
+    def count(self, lower: int, upper: int) -> int:
+        """How many embeddings with lower < id <= upper are stored now."""
+        with self._sessions() as session:
+            return embedding_count(session, self.fingerprint, lower, upper)
+
+    def ids(self, lower: int, upper: int) -> np.ndarray:
+        """The stored embedding ids with lower < id <= upper (ids only: 8 bytes a row)."""
+        with self._sessions() as session:
+            return embedding_ids_between(session, self.fingerprint, lower, upper)
+
+    def fetch(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Those of ``ids`` that are stored, with their vectors, in batches in id order."""
+        with self._sessions() as session:
+            yield from iter_embeddings_by_id(session, self.fingerprint, ids.tolist())

@@ -3,18 +3,29 @@
 Writes begin with ``BEGIN IMMEDIATE`` (pysqlite's legacy transaction mode with that isolation
 level), so two processes never both hold a read snapshot they then try to upgrade to a write:
 the second writer waits for the busy timeout instead of failing with "database is locked".
+
+A lab may instead keep its database on a PostgreSQL server (``rsx init --database URL``, the
+``[scale]`` extra), so that several machines share one store. Its URL never holds a password:
+libpq finds that where it always does (``PGPASSWORD``, ``~/.pgpass``, a service file).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import CursorResult, Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from resynth_index.errors import StoreError
+
 BUSY_TIMEOUT_S = 60.0
+CONNECT_TIMEOUT_S = 30  # a PostgreSQL server that does not answer: one clear error, not a hang
+POSTGRESQL_DRIVER = "postgresql+psycopg"  # psycopg 3, from the [scale] extra
 IN_CHUNK = 500  # values per IN (...) list: well under SQLite's bound-parameter limit
 
 _T = TypeVar("_T")
@@ -25,8 +36,50 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
+def database_url(text: str) -> str:
+    """The PostgreSQL URL a lab records for ``text`` (``rsx init --database``), checked.
+
+    ``postgresql://``, ``postgres://`` and ``postgresql+psycopg://`` all mean psycopg 3. A URL
+    holding a password is refused (settings.json is no place for one): the password comes from
+    libpq's usual places. Raises StoreError (one line) for anything else.
+    """
+    try:
+        url = make_url(text.strip())
+    except ArgumentError:
+        raise StoreError(
+            f"cannot read the database URL {text!r}: use "
+            f"{POSTGRESQL_DRIVER}://USER@HOST:PORT/DATABASE"
+        ) from None
+    if url.drivername not in ("postgresql", "postgres", POSTGRESQL_DRIVER):
+        raise StoreError(
+            f"unsupported database {url.drivername!r}: a lab keeps its database in its own SQLite"
+            f" file (the default) or on PostgreSQL ({POSTGRESQL_DRIVER}://USER@HOST:PORT/DATABASE)"
+        )
+    if url.password is not None or "password" in url.query:
+        raise StoreError(
+            "the database URL must not hold a password (it would be written to settings.json):"
+            " give it in PGPASSWORD or ~/.pgpass instead"
+        )
+    if not url.database:
+        raise StoreError(f"the database URL {text!r} names no database")
+    return url.set(drivername=POSTGRESQL_DRIVER).render_as_string(hide_password=False)
+
+
 def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets the pragmas above, other databases are used as is."""
+    """An engine for ``url``; SQLite gets the pragmas above, PostgreSQL a connect timeout."""
+    if url.startswith("postgres"):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise StoreError(
+                "this lab's database is on PostgreSQL, which needs psycopg 3: "
+                "pip install 'resynth-index[scale]'"
+            ) from None
+        return create_engine(
+            url,
+            pool_pre_ping=True,
+            connect_args={"connect_timeout": CONNECT_TIMEOUT_S, "application_name": "rsx"},
+        )
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True)
     engine = create_engine(
@@ -44,6 +97,18 @@ def make_engine(url: str) -> Engine:
         cursor.close()
 
     return engine
+
+
+@contextmanager
+def reaching_database(engine: Engine) -> Iterator[None]:
+    """Turn a failure to reach ``engine``'s database (server down, refused, bad credentials, no
+    such database) into one line: a StoreError that names the database, never its password."""
+    try:
+        yield
+    except (OperationalError, InterfaceError) as error:
+        lines = str(error.orig or error).strip().splitlines() or ["unknown error"]
+        where = engine.url.render_as_string(hide_password=True)
+        raise StoreError(f"cannot use the database {where}: {lines[0]}") from None
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
@@ -74,6 +139,9 @@ def insert_ignore(
     else:  # pragma: no cover - other databases are not supported
         raise NotImplementedError(f"database {dialect!r} is not supported")
     statement = statement.values(values).on_conflict_do_nothing(index_elements=conflict)
+    # SQLAlchemy keeps an INSERT's rowcount only when asked: without this, psycopg's result
+    # says -1 (which reads as "inserted") whether or not a row went in
+    statement = statement.execution_options(preserve_rowcount=True)
     return cast("CursorResult[Any]", session.execute(statement))
 
 

@@ -2,12 +2,19 @@
 
 The database is the source of truth. What is derived from it (the vector index, embeddings of
 stored images) or is mere debris (orphan blobs, temp files left by a crash) can be repaired; a
-blob that is missing or whose bytes no longer match their hash cannot, and is named.
+blob that is missing or whose bytes no longer match their hash cannot, and is named. Files in the
+blob store that it never writes (stray files) are named too, and never removed: rsx does not
+know what they are.
 
 A writer stores a blob before the row that points at it, so while an ingest, a query or a
 resynthesis is at work its fresh blobs look like debris. They are judged only under the blob
 store's exclusive lock (``BlobStore.cleaning``), which no writer holds: while one is at work
-they are left alone and counted in a note, never reported as problems nor removed.
+they are left alone and counted in a note, never reported as problems nor removed. A blob folder
+outside the lab (``rsx init --blobs``) may hold other labs' blobs: unreferenced ones are only
+counted in a note there, never removed.
+
+Each problem is a ``Finding`` of a kind (``KINDS``), so that a report of thousands of orphan
+blobs can be summed up per kind ("33 problems: 32 orphan blobs, index file missing").
 """
 
 from __future__ import annotations
@@ -24,27 +31,154 @@ if TYPE_CHECKING:
 
     from resynth_index.lab import Lab
 
-#: What ``rsx check`` says about a blob, by what ``BlobStore.verify`` found.
-BLOB_PROBLEMS = {
-    "missing": "missing from the blob store",
-    "hash mismatch": "altered: its bytes no longer match their SHA-256",
-    "unreadable": "unreadable (permissions or a disk error)",
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of problem: its plural (None: a statement, said once however many lines explain
+    it) and what mends it: ``repair`` is what ``rsx check --repair`` does about it, ``by_hand``
+    what a person must do instead (one of the two is set), ``otherwise`` another way to mend it.
+    """
+
+    plural: str | None
+    repair: str | None = None
+    by_hand: str | None = None
+    otherwise: str | None = None
+
+
+ORPHAN = "orphan blob"
+STRAY = "stray file"
+INDEX_MISSING = "index file missing"
+INDEX_UNREADABLE = "index file unreadable"
+INDEX_FOREIGN = "index made by another embedder"
+INDEX_OUT_OF_STEP = "index out of step with the database"
+NOT_EMBEDDED = "image without an embedding"
+
+#: Every kind of problem ``rsx check`` reports, in the order a summary names them.
+KINDS: dict[str, Kind] = {
+    "missing blob": Kind("missing blobs", by_hand="restore the original files and re-ingest them"),
+    "altered blob": Kind("altered blobs", by_hand="restore the original files and re-ingest them"),
+    "unreadable blob": Kind("unreadable blobs", by_hand="fix the blob store's permissions or disk"),
+    "misrecorded blob": Kind(
+        "misrecorded blobs", by_hand="restore the original files and re-ingest them"
+    ),
+    ORPHAN: Kind(
+        "orphan blobs",
+        repair="removes the orphan blobs",
+        otherwise="rerun the interrupted ingest or query: it stores the orphan blobs' rows",
+    ),
+    STRAY: Kind(
+        "stray files",
+        by_hand="move the stray files out of the blob store (a blob filed in the wrong folder"
+        " belongs where its line says)",
+    ),
+    NOT_EMBEDDED: Kind("images without an embedding", repair="embeds them"),
+    "wrong-dimension embedding": Kind(
+        "wrong-dimension embeddings", by_hand="these vectors cannot be used: re-create the lab"
+    ),
+    "image that cannot be embedded": Kind(
+        "images that cannot be embedded", by_hand="restore their files and re-ingest them"
+    ),
+    "no embedder": Kind(None, by_hand="run the repair through the Lab, which has the embedder"),
+    INDEX_MISSING: Kind(None, repair="rebuilds the index from the database"),
+    INDEX_UNREADABLE: Kind(None, repair="rebuilds the index from the database"),
+    INDEX_FOREIGN: Kind(None, repair="rebuilds the index from the database"),
+    INDEX_OUT_OF_STEP: Kind(None, repair="rebuilds the index from the database"),
 }
+
+#: What ``rsx check`` says about a blob, by what ``BlobStore.verify`` found: (kind, words).
+BLOB_PROBLEMS = {
+    "missing": ("missing blob", "missing from the blob store"),
+    "hash mismatch": ("altered blob", "altered: its bytes no longer match their SHA-256"),
+    "unreadable": ("unreadable blob", "unreadable (permissions or a disk error)"),
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem: its kind (a key of ``KINDS``), the line that names it, and how many of its
+    kind the line stands for (``"3 image(s) have no embedding"`` stands for 3)."""
+
+    kind: str
+    text: str
+    count: int = 1
+
+    def __str__(self) -> str:
+        return self.text
 
 
 @dataclass
 class CheckReport:
     """Problems found (one line each), what was repaired, what cannot be, and plain notes."""
 
-    problems: list[str] = field(default_factory=list)
+    problems: list[Finding] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
-    unrepairable: list[str] = field(default_factory=list)
+    unrepairable: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # not problems: e.g. what a writer is storing
 
     @property
     def ok(self) -> bool:
         """No problem left: none found, or all repaired."""
         return not self.problems or (not self.unrepairable and bool(self.repaired))
+
+    def problem(self, kind: str, text: str, count: int = 1) -> Finding:
+        """Record a problem (and return it)."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind of problem {kind!r}")
+        finding = Finding(kind, text, count)
+        self.problems.append(finding)
+        return finding
+
+    def cannot_repair(self, kind: str, text: str, count: int = 1) -> None:
+        """Record what rsx cannot mend."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind of problem {kind!r}")
+        self.unrepairable.append(Finding(kind, text, count))
+
+    def counts(self) -> dict[str, int]:
+        """Problems per kind, in ``KINDS`` order: a statement kind counts once."""
+        found: dict[str, int] = {}
+        for finding in self.problems:
+            found[finding.kind] = found.get(finding.kind, 0) + finding.count
+        return {
+            kind: (count if KINDS[kind].plural else 1)
+            for kind in KINDS
+            if (count := found.get(kind, 0))
+        }
+
+    def summary(self) -> str:
+        """One line: ``"33 problems: 32 orphan blobs, index file missing"`` ("" when none)."""
+        counts = self.counts()
+        if not counts:
+            return ""
+        total = sum(counts.values())
+        parts = []
+        for kind, count in counts.items():
+            plural = KINDS[kind].plural
+            parts.append(kind if plural is None else f"{count} {kind if count == 1 else plural}")
+        return f"{total} problem{'s' if total != 1 else ''}: {', '.join(parts)}"
+
+    def repairs(self) -> list[str]:
+        """What ``--repair`` would do (or did) about the problems found, once per distinct step."""
+        steps = [KINDS[kind].repair for kind in self.counts()]
+        return list(dict.fromkeys(step for step in steps if step))
+
+    def otherwise(self) -> list[str]:
+        """Other ways to mend the problems found, once per distinct way."""
+        ways = [KINDS[kind].otherwise for kind in self.counts()]
+        return list(dict.fromkeys(way for way in ways if way))
+
+    def unrepairable_count(self) -> int:
+        """How many problems rsx cannot mend (counted like ``counts``)."""
+        found: dict[str, int] = {}
+        for finding in self.unrepairable:
+            found[finding.kind] = found.get(finding.kind, 0) + finding.count
+        return sum(count if KINDS[kind].plural else 1 for kind, count in found.items())
+
+    def by_hand(self) -> list[str]:
+        """What a person must do about the problems rsx cannot mend, once per distinct step."""
+        kinds = dict.fromkeys([*self.counts(), *(f.kind for f in self.unrepairable)])
+        steps = [KINDS[kind].by_hand for kind in kinds]
+        return list(dict.fromkeys(step for step in steps if step))
 
 
 def check_lab(
@@ -57,6 +191,7 @@ def check_lab(
     """
     report = CheckReport()
     _check_blobs(lab, report, repair)
+    _check_stray_files(lab, report)
     _check_embeddings(lab, report, repair, embed)
     _check_index(lab, report, repair)
     return report
@@ -67,36 +202,76 @@ def _check_blobs(lab: Lab, report: CheckReport, repair: bool) -> None:
         known = repository.image_blob_paths(session)
     for sha256, blob_path in sorted(known.items()):
         found = lab.blobs.verify(sha256)
-        problem = BLOB_PROBLEMS.get(found, found) if found else None
-        if problem is None and blob_path != lab.blobs.relpath_for(sha256):
-            problem = f"recorded at {blob_path}, expected {lab.blobs.relpath_for(sha256)}"
-        if problem:
-            line = f"blob {sha256}: {problem}"
-            report.problems.append(line)
-            report.unrepairable.append(f"{line} (restore it from the original file and re-ingest)")
+        expected = lab.blobs.relpath_for(sha256)
+        if found:
+            kind, problem = BLOB_PROBLEMS.get(found, ("unreadable blob", found))
+        elif blob_path != expected:
+            kind, problem = "misrecorded blob", f"recorded at {blob_path}, expected {expected}"
+        else:
+            continue
+        line = f"blob {sha256}: {problem}"
+        report.problem(kind, line)
+        report.cannot_repair(kind, f"{line} (restore it from the original file and re-ingest)")
     with lab.blobs.cleaning() as no_writer:
         with lab.session() as session:  # again, under the lock: rows committed meanwhile count
             known = repository.image_blob_paths(session)
         orphans = [sha for sha in lab.blobs.iter_shas() if sha not in known]
+        temp_files = lab.blobs.temp_files()
         if not no_writer:
-            unfinished = len(orphans) + len(lab.blobs.temp_files())
+            unfinished = len(orphans) + len(temp_files)
             if unfinished:
                 report.notes.append(
                     f"{unfinished} blob(s) or temporary file(s) not yet referenced left alone:"
                     " a writer is storing images (check again once it has finished)"
                 )
             return
+        if orphans and _shared_blob_folder(lab):
+            report.notes.append(
+                f"{len(orphans)} blob(s) not referenced by this lab's database left alone: the"
+                f" blob folder {lab.blobs.root} lies outside the lab and may serve other labs"
+            )
+            orphans = []
         for sha256 in orphans:
-            report.problems.append(f"blob {sha256}: not referenced by the database (orphan)")
-            if repair:
-                lab.blobs.path_for(sha256).unlink(missing_ok=True)
-                report.repaired.append(f"removed orphan blob {sha256}")
+            report.problem(ORPHAN, f"blob {sha256}: not referenced by the database (orphan)")
         if repair:
-            removed = lab.blobs.remove_temp_files()
+            for sha256 in orphans:
+                lab.blobs.path_for(sha256).unlink(missing_ok=True)
+            if orphans:
+                report.repaired.append(f"removed {_count(len(orphans), 'orphan blob')}")
+            removed = lab.blobs.remove_temp_files()  # no writer: none is being written
             if removed:
                 report.repaired.append(
                     f"removed {removed} temporary file(s) left by an interruption"
                 )
+        elif temp_files:  # debris of a crash, harmless: said, not a problem
+            report.notes.append(
+                f"{len(temp_files)} temporary file(s) left in the blob store by an interrupted"
+                " write ('rsx check --repair' removes them)"
+            )
+
+
+def _shared_blob_folder(lab: Lab) -> bool:
+    """Whether the lab's blobs live outside it (``rsx init --blobs``): another lab, with its own
+    database, may keep blobs there that this lab's database does not know."""
+    try:
+        return lab.blobs.root.resolve() != (lab.root / "blobs").resolve()
+    except OSError:
+        return True
+
+
+def _check_stray_files(lab: Lab, report: CheckReport) -> None:
+    """Files the blob store never writes: named and left where they are, whatever ``repair``."""
+    root = lab.blobs.root
+    for path in lab.blobs.stray_files():
+        shown = path.relative_to(root.parent)
+        name = path.name
+        if len(name) == 64 and all(c in "0123456789abcdef" for c in name):
+            why = f"named as a blob but filed elsewhere (its place: {lab.blobs.relpath_for(name)})"
+        else:
+            why = "not a blob nor a temporary file of the blob store"
+        line = f"stray file {shown}: {why}"
+        report.problem(STRAY, line)
+        report.cannot_repair(STRAY, f"stray file {shown}: rsx leaves what it did not write alone")
 
 
 def _check_embeddings(
@@ -109,15 +284,19 @@ def _check_embeddings(
         missing = embeddings.images_without_embedding(session, lab.fingerprint)
     if wrong_dim:
         line = f"{wrong_dim} embedding(s) have the wrong dimension for this lab's embedder"
-        report.problems.append(line)
-        report.unrepairable.append(line)
+        report.problem("wrong-dimension embedding", line, wrong_dim)
+        report.cannot_repair("wrong-dimension embedding", line, wrong_dim)
     if not missing:
         return
-    report.problems.append(f"{len(missing)} image(s) have no embedding from the lab's embedder")
+    report.problem(
+        NOT_EMBEDDED,
+        f"{len(missing)} image(s) have no embedding from the lab's embedder",
+        len(missing),
+    )
     if not repair:
         return
     if embed is None:
-        report.unrepairable.append("no embedder was given to embed them")
+        report.cannot_repair("no embedder", "no embedder was given to embed them")
         return
     done = 0
     for image_id in missing:
@@ -125,7 +304,7 @@ def _check_embeddings(
             embed(image_id)
             done += 1
         except RsxError as error:
-            report.unrepairable.append(f"image {image_id}: {error}")
+            report.cannot_repair("image that cannot be embedded", f"image {image_id}: {error}")
     if done:
         report.repaired.append(f"embedded {done} image(s)")
 
@@ -145,9 +324,24 @@ def _check_index(lab: Lab, report: CheckReport, repair: bool) -> None:
 
     health = index.check(count, max_id, stored_ids)
     for problem in health.problems:
-        report.problems.append(f"index {lab.index_path.name}: {problem}")
+        report.problem(_index_kind(problem), f"index {lab.index_path.name}: {problem}")
     if health.problems and repair:
         VectorIndex.rebuild(
             lab.index_path, lab.fingerprint, lab.settings.embedder_dim, lab.embedding_source
         )
         report.repaired.append(f"rebuilt index {lab.index_path.name} from {count} embedding(s)")
+
+
+def _index_kind(problem: str) -> str:
+    """The kind of one of ``VectorIndex.check``'s lines."""
+    if problem == "index file missing":
+        return INDEX_MISSING
+    if problem.startswith("index file unreadable"):
+        return INDEX_UNREADABLE
+    if problem.startswith("index was built by embedder") or "-dimensional vectors" in problem:
+        return INDEX_FOREIGN
+    return INDEX_OUT_OF_STEP
+
+
+def _count(n: int, singular: str) -> str:
+    return f"{n} {singular if n == 1 else KINDS[singular].plural}"

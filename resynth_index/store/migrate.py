@@ -17,7 +17,10 @@ def alembic_config(engine: Engine) -> Config:
     """An Alembic config pointing at the packaged scripts and at ``engine``'s database."""
     config = Config()
     config.set_main_option("script_location", str(files("resynth_index.migrations")))
-    config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    # the option is only informative (env.py uses the engine itself); ConfigParser reads '%' as
+    # interpolation, and URLs escape characters with it (a socket path: host=%2Frun%2F...)
+    url = engine.url.render_as_string(hide_password=True)
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     config.attributes["engine"] = engine
     return config
 

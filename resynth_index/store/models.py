@@ -12,7 +12,9 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from sqlalchemy import (
+    Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -161,3 +163,30 @@ class PendingResynthesisRow(Base):
     generator_id: Mapped[int] = mapped_column(ForeignKey("generators.id"))
     caption_hash: Mapped[str] = mapped_column(ForeignKey("captions.hash"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class CalibrationRow(Base):
+    """A calibration of prediction sets (``rsx calibrate``), kept for audit once superseded.
+
+    ``record_json`` is the calibration itself (``pipeline.conformal.Calibration.to_dict``):
+    thresholds, fitted temperature, the reference ids used, every fingerprint, the scoring
+    settings. ``settings_json`` holds what else a query must match to use it (resyntheses per
+    generator); ``summary_json`` what ``rsx calibrate`` reported (references per generator, ECE).
+    ``candidates_json`` is the sorted candidate set, as JSON: a newer calibration of the same
+    set supersedes this one (``superseded_by``), and queries use the newest active one.
+    """
+
+    __tablename__ = "calibrations"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    method: Mapped[str] = mapped_column(String(32))
+    coverage: Mapped[float] = mapped_column(Float)
+    per_generator: Mapped[bool] = mapped_column(Boolean)
+    candidates_json: Mapped[str] = mapped_column(Text)
+    embedder_fingerprint: Mapped[str] = mapped_column(String(64))
+    record_json: Mapped[str] = mapped_column(Text)
+    settings_json: Mapped[str] = mapped_column(Text)
+    summary_json: Mapped[str] = mapped_column(Text)
+    superseded_by: Mapped[int | None] = mapped_column(ForeignKey("calibrations.id"))

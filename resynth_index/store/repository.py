@@ -10,9 +10,9 @@ the audit of queries too (``store/audit.py``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
-from sqlalchemy import exists, func, select
+from sqlalchemy import CursorResult, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from resynth_index.store.engine import in_chunks, insert_ignore
@@ -68,6 +68,36 @@ def retire_generator(session: Session, row: GeneratorRow) -> None:
     """Mark a generator retired now: it stays in the lab, but is no longer a candidate."""
     row.retired_at = utcnow()
     session.add(row)
+
+
+def restore_generator(session: Session, row: GeneratorRow) -> None:
+    """Bring a retired generator back: a candidate again, with everything it made."""
+    row.retired_at = None
+    session.add(row)
+
+
+def update_generator_settings(
+    session: Session,
+    generator_id: int,
+    *,
+    expected_settings_json: str,
+    expected_fingerprint: str,
+    settings_json: str,
+    fingerprint: str,
+) -> bool:
+    """Replace a generator's settings record and fingerprint, only if both are still the ones
+    the caller read (compare and set); False when another writer changed them meanwhile."""
+    result = session.execute(  # an UPDATE: its result is a CursorResult with a rowcount
+        update(GeneratorRow)
+        .where(
+            GeneratorRow.id == generator_id,
+            GeneratorRow.settings_json == expected_settings_json,
+            GeneratorRow.fingerprint == expected_fingerprint,
+        )
+        .values(settings_json=settings_json, fingerprint=fingerprint)
+        .execution_options(synchronize_session="fetch")
+    )
+    return bool(cast("CursorResult[Any]", result).rowcount)
 
 
 # ------------------------------------------------------------------------------ images, captions

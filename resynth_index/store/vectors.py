@@ -11,9 +11,14 @@ The header records the fingerprint, the dimension, the vector count, the waterma
 added, -1 when empty) and the SHA-256 of the faiss bytes, so a truncated, corrupt or foreign file
 is detected on load and rebuilt from the database instead of being trusted.
 
-Ids are added in strictly increasing order, so the index's id list is sorted: membership tests
-use a binary search over a cached copy of it (8 bytes a vector) rather than a second copy of the
-vectors, which would double the memory at a million 768-dimensional vectors.
+Catching up reads the rows above the watermark, in id order: the fast path. That alone could
+miss a row for good: on PostgreSQL an id comes from a sequence when the row is inserted, and
+transactions commit in any order, so a row with a lower id can become visible after a higher one
+was added. So ``catch_up`` also compares the number of stored rows with the index's and, when
+they differ, the ids alone (8 bytes a row, no vectors): the late rows are fetched by id and added
+below the watermark, and ids the database no longer holds make the index rebuild. Membership
+tests use a binary search over a cached sorted copy of the id list (8 bytes a vector) rather than
+a second copy of the vectors, which would double the memory at a million 768-dimensional vectors.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from resynth_index.errors import StoreError
 from resynth_index.hashing import CHUNK, hash_stream
@@ -40,10 +45,31 @@ EmbeddingSource = Callable[[int], Iterator[tuple["numpy.ndarray", "numpy.ndarray
 """``source(after_id)`` yields batches ``(ids int64 (n,), vectors float32 (n, dim))`` of every
 stored embedding of one fingerprint with id > after_id, in increasing id order."""
 
+
+class StoredEmbeddings(Protocol):
+    """The database's side of ``VectorIndex.catch_up`` for one fingerprint, besides the
+    ``EmbeddingSource``: how many rows an id range holds, their ids alone, a few rows by id."""
+
+    def count(self, lower: int, upper: int) -> int:
+        """How many embeddings of the fingerprint with lower < id <= upper are stored now."""
+        ...
+
+    def ids(self, lower: int, upper: int) -> numpy.ndarray:
+        """The stored ids with lower < id <= upper (int64, any order): ids alone, no vectors."""
+        ...
+
+    def fetch(self, ids: numpy.ndarray) -> Iterator[tuple[numpy.ndarray, numpy.ndarray]]:
+        """Batches ``(ids, vectors)`` of those of ``ids`` that are stored, in id order."""
+        ...
+
+
 MAGIC = b"RSXVEC1\n"
 _LENGTH = struct.Struct("<I")
 _MAX_HEADER = 1 << 16
 _HEADER_KEYS = {"fingerprint": str, "dim": int, "count": int, "watermark": int, "checksum": str}
+#: How many of its newest ids catch-up first compares with the database when rows are missing:
+#: late rows come from transactions that were in flight at the last sync, so they are recent.
+_FIRST_WINDOW = 1024
 
 
 @dataclass
@@ -107,35 +133,52 @@ class VectorIndex:
         fingerprint: str,
         dim: int,
         source: EmbeddingSource,
-        db_count: int,
-        db_max_id: int,
+        db_count: int | None = None,
+        db_max_id: int | None = None,
+        *,
+        stored: StoredEmbeddings | None = None,
     ) -> VectorIndex:
         """Load the index file, catch it up with the database, or rebuild it when inconsistent.
 
-        A missing, truncated or corrupt file, one made for another fingerprint or dimension, or
-        one that disagrees with the database after catching up (rows deleted, file from the
-        future) is rebuilt from ``source(-1)``. The file is saved whenever anything changed.
+        A missing, truncated or corrupt file, or one made for another fingerprint or dimension,
+        is rebuilt from ``source(-1)``. The file is saved whenever anything changed.
 
-        ``db_count`` and ``db_max_id`` may be older than the file: another process can store
-        embeddings and save the index between the moment the caller counted and the moment the
-        file is read. Ids only grow, so every row above ``db_max_id`` is such a newcomer: rows
-        the catch-up meets above ``db_max_id`` are added to the expected count instead of
-        forcing a needless rebuild.
+        With ``stored`` (what the lab gives), the loaded index is brought up to date by
+        ``catch_up``, which misses no row, whatever order rows committed in: only ids the
+        database no longer holds (rows deleted, a file from the future) force a rebuild.
+
+        Without it, the counts ``db_count`` and ``db_max_id`` taken by the caller decide: an
+        index that disagrees with them after reading the rows above its watermark is rebuilt.
+        They may be older than the file: another process can store embeddings and save the index
+        between the moment the caller counted and the moment the file is read. Rows the catch-up
+        meets above ``db_max_id`` are such newcomers: they are added to the expected count
+        instead of forcing a needless rebuild.
         """
         import numpy as np
 
+        if stored is None and (db_count is None or db_max_id is None):
+            raise TypeError("VectorIndex.open needs stored=..., or db_count and db_max_id")
         index = cls(path, fingerprint, dim)
         index._remove_stale_temp_files()
         seen = _identity(index.path)
         try:
             header, loaded = _read_index_file(index.path)
+            if header["fingerprint"] != fingerprint or header["dim"] != index.dim:
+                raise _Unusable("index file made for another embedder")
         except _Unusable:
-            return cls.rebuild(path, fingerprint, dim, source, _seen=seen)
-        if header["fingerprint"] != fingerprint or header["dim"] != index.dim:
-            return cls.rebuild(path, fingerprint, dim, source, _seen=seen)
+            index = cls.rebuild(path, fingerprint, dim, source, _seen=seen)
+            # reading by pages of ids can pass a row that commits late below the page: look again
+            if stored is not None and index.catch_up(source, stored):
+                index.save()
+            return index
         index._index = loaded
         index._watermark = header["watermark"]
         index._seen = seen
+        if stored is not None:
+            if index.catch_up(source, stored):
+                index.save()
+            return index
+        assert db_count is not None and db_max_id is not None
         changed = False
         newcomers = 0  # rows with ids above db_max_id: stored after the caller counted
         for ids, vectors in source(min(index._watermark, db_max_id)):
@@ -186,8 +229,8 @@ class VectorIndex:
         Several processes may save the same index: saves are serialised by an exclusive lock on
         the index directory, and a save never replaces a file that another process wrote after
         this one last looked (loaded, rebuilt or saved it) when that file is at least as new
-        (watermark at least ours); the index on disk never goes back in time. Returns True when
-        the file was written, False when a newer one was kept.
+        (watermark and count at least ours); the index on disk never goes back in time. Returns
+        True when the file was written, False when a newer one was kept.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with directory_lock(self.path.parent):
@@ -200,7 +243,8 @@ class VectorIndex:
         return True
 
     def _newer_on_disk(self) -> bool:
-        """Whether the file holds this index's vectors up to at least our watermark (header)."""
+        """Whether the file (its header) is at least as new as this index: a watermark and a
+        vector count at least ours (late rows below the watermark raise the count alone)."""
         try:
             header = _read_header(self.path)
         except _Unusable:
@@ -209,6 +253,7 @@ class VectorIndex:
             header["fingerprint"] == self.fingerprint
             and header["dim"] == self.dim
             and header["watermark"] >= self._watermark
+            and header["count"] >= self.count
         )
 
     def _write(self) -> None:
@@ -259,15 +304,9 @@ class VectorIndex:
         """Append vectors under ``ids`` (strictly increasing, all above the watermark)."""
         import numpy as np
 
-        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids, vectors = self._checked(ids, vectors)
         if len(ids) == 0:
             return
-        if vectors.ndim != 2 or vectors.shape != (len(ids), self.dim):
-            raise StoreError(
-                f"cannot add to index {self.path}: expected vectors of shape ({len(ids)}, "
-                f"{self.dim}), got {tuple(vectors.shape)}"
-            )
         if ids[0] <= self._watermark or (len(ids) > 1 and bool(np.any(np.diff(ids) <= 0))):
             raise StoreError(
                 f"cannot add to index {self.path}: ids must increase strictly and exceed the "
@@ -276,6 +315,84 @@ class VectorIndex:
         self._index.add_with_ids(vectors, ids)
         self._watermark = int(ids[-1])
         self._id_cache = None
+
+    def add_late(self, ids: numpy.ndarray, vectors: numpy.ndarray) -> None:
+        """Add vectors under ``ids`` in any order, below the watermark too: rows that became
+        visible after rows with higher ids were added. Every id must be new to the index."""
+        import numpy as np
+
+        ids, vectors = self._checked(ids, vectors)
+        if len(ids) == 0:
+            return
+        if len(np.unique(ids)) != len(ids) or bool(self._contains(ids).any()):
+            raise StoreError(f"cannot add to index {self.path}: some ids are there already")
+        self._index.add_with_ids(vectors, ids)
+        self._watermark = max(self._watermark, int(ids.max()))
+        self._id_cache = None
+
+    def _checked(
+        self, ids: numpy.ndarray, vectors: numpy.ndarray
+    ) -> tuple[numpy.ndarray, numpy.ndarray]:
+        """``ids`` as int64 (n,) and ``vectors`` as float32 (n, dim), or a StoreError."""
+        import numpy as np
+
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if len(ids) and (vectors.ndim != 2 or vectors.shape != (len(ids), self.dim)):
+            raise StoreError(
+                f"cannot add to index {self.path}: expected vectors of shape ({len(ids)}, "
+                f"{self.dim}), got {tuple(vectors.shape)}"
+            )
+        return ids, vectors
+
+    def catch_up(self, source: EmbeddingSource, stored: StoredEmbeddings) -> bool:
+        """Bring the index up to date with the database; True when it changed (save it then).
+
+        The fast path reads the rows above the watermark. Then the database counts its rows up
+        to the new watermark (one count, no rows read): the same number as the index holds
+        means nothing is missing (rsx never deletes an embedding). A different number means a
+        row with a lower id committed after a higher one was added (PostgreSQL), or rows were
+        deleted. The ids alone (no vectors) are then compared over the newest ids first, where
+        late rows are, widening the range until the counts below it agree: missing rows are
+        fetched by id and added; ids the database no longer holds rebuild the index from
+        ``source(-1)``, in place. A row that commits later still is found by the next
+        catch-up the same way: none is skipped for good. Rows above the watermark that commit
+        meanwhile are left to the next fast path.
+        """
+        import numpy as np
+
+        changed = False
+        for ids, vectors in source(self._watermark):
+            self.add(ids, vectors)
+            changed = True
+        top = self._watermark
+        held = self._sorted_ids()
+        total = stored.count(-1, top)
+        if total == len(held):
+            return changed
+        lower = -1  # compare every id, unless the rows below a window of the newest agree
+        window = _FIRST_WINDOW
+        while total > len(held) and window < len(held):
+            bound = int(held[len(held) - window - 1])
+            if total - stored.count(bound, top) == len(held) - window:
+                lower = bound
+                break
+            window *= 16
+        expected = np.unique(np.asarray(stored.ids(lower, top), dtype=np.int64))
+        mine = held[held > lower]
+        if len(np.setdiff1d(mine, expected, assume_unique=True)):
+            self._index = _new_faiss_index(self.dim)  # rows deleted: start again
+            self._watermark = -1
+            self._id_cache = None
+            for ids, vectors in source(-1):
+                self.add(ids, vectors)
+            return True
+        missing = np.setdiff1d(expected, mine, assume_unique=True)
+        if len(missing):
+            for ids, vectors in stored.fetch(missing):
+                self.add_late(ids, vectors)
+                changed = True
+        return changed
 
     # ------------------------------------------------------------------ reading
     def vectors_for(self, ids: numpy.ndarray) -> numpy.ndarray:
@@ -296,16 +413,26 @@ class VectorIndex:
 
     def _contains(self, ids: numpy.ndarray) -> numpy.ndarray:
         """Boolean mask: which of ``ids`` the index holds (binary search in the sorted id list)."""
-        import faiss
         import numpy as np
 
-        if self._id_cache is None:
-            self._id_cache = faiss.vector_to_array(self._index.id_map)
-        stored = self._id_cache
+        stored = self._sorted_ids()
         if len(stored) == 0:
             return np.zeros(len(ids), dtype=bool)
         position = np.minimum(np.searchsorted(stored, ids), len(stored) - 1)
         return stored[position] == ids
+
+    def _sorted_ids(self) -> numpy.ndarray:
+        """The index's ids in increasing order (cached until the next add). They are stored in
+        that order unless late rows were added below the watermark; only then is a sort needed."""
+        import faiss
+        import numpy as np
+
+        if self._id_cache is None:
+            ids = faiss.vector_to_array(self._index.id_map)
+            if len(ids) > 1 and bool(np.any(np.diff(ids) < 0)):
+                ids.sort()
+            self._id_cache = ids
+        return self._id_cache
 
     # ------------------------------------------------------------------ checking
     def check(
@@ -429,8 +556,10 @@ def _read_index_file(path: Path) -> tuple[dict[str, Any], Any]:
             f"index file unreadable: header says {header['count']} vectors, data {index.ntotal}"
         )
     stored = faiss.vector_to_array(index.id_map)
-    if len(stored) > 1 and bool(np.any(np.diff(stored) <= 0)):
-        raise _Unusable("index file unreadable: ids are not in increasing order")
+    if len(stored) > 1 and bool(np.any(np.diff(stored) <= 0)):  # late rows added: sort to check
+        stored.sort()
+        if bool(np.any(np.diff(stored) == 0)):
+            raise _Unusable("index file unreadable: an id appears twice")
     if header["watermark"] != (int(stored[-1]) if len(stored) else -1):
         raise _Unusable("index file unreadable: header watermark does not match the data")
     return header, index
@@ -443,6 +572,15 @@ def _read_header(path: Path) -> dict[str, Any]:
             return _read_header_from(handle)
     except OSError as error:
         raise _Unusable(f"index file unreadable: {error}") from None
+
+
+def read_index_header(path: Path) -> dict[str, Any]:
+    """The header of the index file at ``path`` (fingerprint, dim, count, watermark, checksum),
+    without loading its vectors; a StoreError says, in one line, why it cannot be read."""
+    try:
+        return _read_header(Path(path))
+    except _Unusable as reason:
+        raise StoreError(str(reason)) from None
 
 
 def _read_header_from(handle: BinaryIO) -> dict[str, Any]:

@@ -132,9 +132,12 @@ def _amplify_image_path(model: BlipForConditionalGeneration, seed: int) -> None:
 
 def save_toy_captioner(folder: Path, seed: int = 0) -> Path:
     """Build the toy captioner for ``seed`` and save model and processor into ``folder``."""
+    from resynth_index.models.toyzoo.quiet import no_progress_bars
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model, processor = build_toy_captioner(seed)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    with no_progress_bars():  # no "Writing model shards" bar for a model this small
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
     return folder

@@ -9,6 +9,7 @@ standing in for a fine-tune of a known model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -83,17 +84,39 @@ def _seeded_components(seed: int) -> dict:
     return {"text_encoder": text_encoder, "unet": unet, "vae": vae}
 
 
-def _perturb(components: dict, seed: int, perturbation: float) -> None:
-    """Add ``perturbation * N(0, 1) * std(tensor)`` to every floating parameter (noise from seed).
+#: A perturbation: one relative scale for every component, or a scale per component name
+#: (``"unet"``, ``"vae"``, ``"text_encoder"``; a component not named is left as it is).
+Perturbation = float | Mapping[str, float]
 
-    Components and tensor names are visited in sorted order so the result depends on the seed only.
+
+def _scales(components: dict, perturbation: Perturbation) -> dict[str, float]:
+    """The relative noise scale of each component; unknown component names are refused."""
+    if not isinstance(perturbation, Mapping):
+        return dict.fromkeys(components, float(perturbation))
+    unknown = sorted(set(perturbation) - set(components))
+    if unknown:
+        raise ValueError(
+            f"unknown toy component(s) {', '.join(unknown)}: use {', '.join(sorted(components))}"
+        )
+    return {key: float(perturbation.get(key, 0.0)) for key in components}
+
+
+def _perturb(components: dict, seed: int, perturbation: Perturbation) -> None:
+    """Add ``scale * N(0, 1) * std(tensor)`` to every floating parameter (noise from seed).
+
+    ``scale`` is ``perturbation``, or its entry for the component when it is a mapping.
+    Components and tensor names are visited in sorted order so the result depends on the seed only;
+    the noise is drawn for every tensor whatever its scale, so a component's draw does not depend
+    on the other components' scales (a mapping of equal scales equals that one float).
     Constant tensors (std 0, e.g. fresh norm weights) are left as they are.
     """
     import torch
 
+    scales = _scales(components, perturbation)
     noise = torch.Generator("cpu").manual_seed(seed)
     with torch.no_grad():
         for key in sorted(components):
+            scale = scales[key]
             params = dict(components[key].named_parameters())
             for name in sorted(params):
                 tensor = params[name]
@@ -103,17 +126,19 @@ def _perturb(components: dict, seed: int, perturbation: float) -> None:
                 if float(std) == 0.0:
                     continue
                 draw = torch.randn(tensor.shape, generator=noise, dtype=tensor.dtype)
-                tensor.add_(draw * (perturbation * std))
+                if scale:
+                    tensor.add_(draw * (scale * std))
 
 
 def build_toy_pipeline(
-    seed: int, base_seed: int | None = None, perturbation: float = 0.0
+    seed: int, base_seed: int | None = None, perturbation: Perturbation = 0.0
 ) -> diffusers.StableDiffusionPipeline:
     """A tiny StableDiffusionPipeline on the CPU in float32.
 
     Without ``base_seed`` the weights come from ``seed``. With it, the weights come from
-    ``base_seed`` and are then nudged by ``perturbation`` (relative to each tensor's spread) with
-    noise drawn from ``seed``: a family member of the ``base_seed`` pipeline.
+    ``base_seed`` and are then nudged by ``perturbation`` (relative to each tensor's spread; one
+    float for all components or a mapping per component, see ``Perturbation``) with noise drawn
+    from ``seed``: a family member of the ``base_seed`` pipeline.
     """
     from diffusers import StableDiffusionPipeline
 
@@ -138,14 +163,18 @@ def build_toy_pipeline(
 
 def save_toy_pipeline(folder: Path, seed: int, **kw) -> Path:
     """Build a toy pipeline (see ``build_toy_pipeline`` for ``kw``) and save it as safetensors."""
+    from resynth_index.models.toyzoo.quiet import no_progress_bars
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    build_toy_pipeline(seed, **kw).save_pretrained(folder, safe_serialization=True)
+    pipe = build_toy_pipeline(seed, **kw)
+    with no_progress_bars():  # no "Writing model shards" bar for a model this small
+        pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
 
 def ensure_toy_pipeline(
-    folder: Path, seed: int, *, base_seed: int | None = None, perturbation: float = 0.0
+    folder: Path, seed: int, *, base_seed: int | None = None, perturbation: Perturbation = 0.0
 ) -> Path:
     """The toy pipeline saved in ``folder``, built there first unless a pipeline is there already
     (so registering it again, or in a copied lab, never rebuilds it). Returns ``folder``."""

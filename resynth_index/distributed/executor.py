@@ -1,0 +1,308 @@
+"""Resynthesis through Ray: actors generate, this process (the coordinator) stores.
+
+The work is what the local path would do: ``plan_resyntheses`` says what is missing, and the
+missing (caption, seed) pairs of each generator are cut into tasks of ``batch_size``, the size
+of a local batch. Each task goes to a pool of actors that hold that generator (one per GPU where
+the cluster has GPUs, one per CPU otherwise). Every actor can hold any generator: the tasks go out
+in plan order, generator after generator, so each actor loads each generator once, and one pool
+serves the whole run (and, for a ``RayResynthesizer`` kept open, the runs after it).
+
+Why the coordinator writes. Every result comes back here as PNG bytes and is stored by
+``pipeline.resynthesis.store_resyntheses``, the function the local path stores with: blobs,
+then image and resynthesis rows in one transaction, then embeddings. One writer means one
+embedder (the lab's), one FAISS index to catch up, no database credentials on worker nodes, and
+no write that a retried task can repeat: an actor only generates. The writes are idempotent all
+the same (images are content-addressed, a resynthesis slot is unique and a second insert is
+ignored), so two coordinators on one PostgreSQL lab, or a coordinator re-run after a crash,
+store nothing twice. A batch is committed as it lands; a coordinator killed mid-run keeps every
+committed batch and a re-run plans only the rest.
+
+Faults. Actors are created with ``max_restarts`` and ``max_task_retries``: an actor whose
+process dies is restarted (reloading its generator) and its unfinished tasks run again.
+Generation is deterministic per (generator, caption, seed), so a rerun task returns the same
+pictures.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from resynth_index.distributed.actors import GeneratorSpec, GeneratorWorker
+from resynth_index.errors import RsxError
+from resynth_index.models.generators import factory
+from resynth_index.pipeline.resynthesis import (
+    ProgressCallback,
+    ProgressEvent,
+    ResynthesizeSummary,
+    plan_captions,
+    store_resyntheses,
+)
+from resynth_index.store.models import GeneratorRow
+
+if TYPE_CHECKING:
+    from resynth_index.lab import Lab
+
+#: How often Ray restarts a dead actor, and reruns a task whose actor died, before giving up.
+ACTOR_RESTARTS = 4
+TASK_RETRIES = 4
+#: Tasks in flight per actor: one running, one queued, so an actor never idles between tasks.
+TASKS_PER_ACTOR = 2
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide a Ray run goes.
+
+    ``address`` None starts a Ray for this process alone (stopped at the end); ``"auto"`` joins
+    the cluster this node belongs to; anything else is a cluster address (``host:port`` or
+    ``ray://host:port``). ``actors`` is the pool size per generator; None sizes it to the
+    cluster (its GPUs, else its CPUs), never more than the generator has tasks.
+    """
+
+    address: str | None = None
+    actors: int | None = None
+    num_cpus: int | None = None  # only when starting a local Ray
+
+
+def require_ray() -> Any:
+    """The ray module, or a clear error naming the extra that brings it."""
+    try:
+        import ray
+    except ImportError:
+        raise RsxError("the ray executor needs Ray: pip install 'resynth-index[scale]'") from None
+    return ray
+
+
+class RayResynthesizer:
+    """Runs ``rsx resynthesize``'s work on a Ray cluster; see the module docstring.
+
+    ``pool`` holds the actor handles of the generator being served (empty between generators):
+    a test reaches them there to kill one mid-run.
+    """
+
+    def __init__(self, lab: Lab, options: RayOptions | None = None) -> None:
+        self.lab = lab
+        self.options = options or RayOptions()
+        self.pool: list[Any] = []
+        self.pool_pids: list[int] = []  # the pool's process ids when it was made
+        self._started_ray = False
+
+    # ------------------------------------------------------------------ the cluster
+    def connect(self) -> None:
+        """Join (or start) the Ray cluster, unless this process is already connected."""
+        ray = require_ray()
+        if ray.is_initialized():
+            return
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if self.options.address is None:
+            if self.options.num_cpus is not None:
+                kwargs["num_cpus"] = self.options.num_cpus
+            self._started_ray = True
+        else:
+            kwargs["address"] = self.options.address
+        try:
+            ray.init(**kwargs)
+        except ConnectionError as error:
+            where = self.options.address
+            raise RsxError(f"cannot reach the Ray cluster at {where}: {error}") from None
+
+    def close(self) -> None:
+        """Let the pool go, and stop Ray if this object started it."""
+        self._release_pool()
+        if self._started_ray:
+            require_ray().shutdown()
+            self._started_ray = False
+
+    def __enter__(self) -> RayResynthesizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _gpus(self) -> int:
+        return int(require_ray().cluster_resources().get("GPU", 0))
+
+    def _pool_size(self, tasks: int) -> int:
+        if self.options.actors is not None:
+            wanted = self.options.actors
+        else:
+            gpus = self._gpus()
+            wanted = gpus or int(require_ray().cluster_resources().get("CPU", 1))
+        return max(1, min(wanted, tasks))
+
+    def _ensure_pool(self, size: int) -> None:
+        """Start ``size`` actors unless a pool is already up (it serves every later run too)."""
+        if self.pool:
+            return
+        ray = require_ray()
+        remote = ray.remote(
+            num_cpus=1,
+            num_gpus=1 if self._gpus() else 0,
+            max_restarts=ACTOR_RESTARTS,
+            max_task_retries=TASK_RETRIES,
+        )(GeneratorWorker)
+        self.pool = [remote.remote() for _ in range(size)]
+        try:  # every actor up before the first task: a node that cannot start fails here
+            self.pool_pids = ray.get([actor.pid.remote() for actor in self.pool])
+        except ray.exceptions.RayActorError as error:
+            self._release_pool()
+            raise RsxError(f"cannot start the Ray actors: {error}") from None
+
+    def _release_pool(self) -> None:
+        if not self.pool:
+            return
+        ray = require_ray()
+        for actor in self.pool:
+            ray.kill(actor, no_restart=True)
+        self.pool = []
+        self.pool_pids = []
+
+    # ------------------------------------------------------------------ the work
+    def resynthesize(
+        self,
+        captions: dict[str, str],
+        generators: Sequence[GeneratorRow],
+        *,
+        batch_size: int | None = None,
+        progress: Callable[[int], None] | None = None,
+        on_plan: Callable[[int], None] | None = None,
+        events: ProgressCallback | None = None,
+    ) -> ResynthesizeSummary:
+        """Make every missing resynthesis of ``captions`` (hash -> text) by ``generators``.
+
+        The same contract as ``pipeline.resynthesis.resynthesize``: captions are recorded
+        first, ``on_plan(n)`` hears how many images will be made, ``progress(n)`` the size of
+        each stored batch, and ``events`` a ``generate`` event per generator (``done`` 0) and
+        after each committed batch.
+        """
+        lab = self.lab
+        batch_size = batch_size or lab.settings.generation_batch_size
+        if batch_size < 1:
+            raise RsxError(f"batch size must be at least 1, not {batch_size}")
+        plan, summary = plan_captions(lab, captions, generators)
+        if on_plan is not None:
+            on_plan(summary.generated)
+        if not summary.generated:
+            return summary
+        by_name = {row.name: row for row in generators}
+        tasks = [
+            _Task(self._spec(by_name[name]), by_name[name], chunk, len(work))
+            for name, work in plan.missing.items()
+            for chunk in (work[i : i + batch_size] for i in range(0, len(work), batch_size))
+        ]
+        self.connect()
+        self._ensure_pool(self._pool_size(len(tasks)))
+        self._run(tasks, captions, plan.sha256, batch_size, progress, events)
+        plan.missing.clear()
+        lab.sync_index()
+        return summary
+
+    def _spec(self, row: GeneratorRow) -> GeneratorSpec:
+        return GeneratorSpec(
+            name=row.name,
+            kind=row.kind,
+            source=_absolute(self.lab, row.source),
+            settings_json=row.settings_json,
+            device=self.lab.device,
+            fingerprint=row.fingerprint,
+            settings_hash=factory.settings_hash(row.kind, row.settings_json, self.lab.device),
+        )
+
+    def _run(
+        self,
+        tasks: list[_Task],
+        captions: dict[str, str],
+        sha256_of: dict[int, str],
+        batch_size: int,
+        progress: Callable[[int], None] | None,
+        events: ProgressCallback | None,
+    ) -> None:
+        """Submit ``tasks`` in plan order (a window of them in flight), store each as it lands.
+
+        Submitted in order, a generator's tasks reach every actor before the next generator's,
+        so an actor loads each generator once.
+        """
+        ray = require_ray()
+        waiting = list(reversed(tasks))  # popped from the end: plan order
+        running: dict[Any, _Task] = {}
+        done: dict[str, int] = {}
+        turn = 0
+        while waiting or running:
+            while waiting and len(running) < TASKS_PER_ACTOR * len(self.pool):
+                task = waiting.pop()
+                if task.spec.name not in done:
+                    done[task.spec.name] = 0
+                    if events is not None:
+                        events(ProgressEvent("generate", 0, task.of, task.spec.name))
+                actor = self.pool[turn % len(self.pool)]
+                turn += 1
+                requests = [(captions[c], seed) for c, seed in task.chunk]
+                running[actor.generate.remote(task.spec, requests, batch_size)] = task
+            ready, _ = ray.wait(list(running), num_returns=1)
+            task = running.pop(ready[0])
+            try:
+                images = [_decode(data) for data in ray.get(ready[0])]
+            except ray.exceptions.RayTaskError as error:
+                cause = getattr(error, "cause", None) or error
+                raise RsxError(f"generating with {task.spec.name!r} on Ray: {cause}") from None
+            done[task.spec.name] += len(task.chunk)
+            committed = None
+            if events is not None:
+                event = ProgressEvent("generate", done[task.spec.name], task.of, task.spec.name)
+                committed = partial(events, event)
+            store_resyntheses(
+                self.lab,
+                task.row,
+                task.spec.settings_hash,
+                task.chunk,
+                images,
+                sha256_of,
+                on_committed=committed,
+            )
+            del images
+            if progress is not None:
+                progress(len(task.chunk))
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One batch of one generator's work: ``chunk`` of the ``of`` (caption, seed) it needs."""
+
+    spec: GeneratorSpec
+    row: GeneratorRow
+    chunk: list[tuple[str, int]]
+    of: int
+
+
+def _absolute(lab: Lab, stored: str | None) -> Path | None:
+    """A generator's stored source made absolute (lab-relative ones against the lab root)."""
+    if stored is None:
+        return None
+    path = Path(stored)
+    return path if path.is_absolute() else lab.root / path
+
+
+def _decode(data: bytes) -> Any:
+    """A PIL image from PNG bytes an actor made (fully loaded: the buffer is let go)."""
+    import PIL.Image
+
+    image = PIL.Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def resynthesize_with_ray(
+    lab: Lab,
+    captions: dict[str, str],
+    generators: Sequence[GeneratorRow],
+    options: RayOptions | None = None,
+    **kwargs: Any,
+) -> ResynthesizeSummary:
+    """``RayResynthesizer(lab, options).resynthesize(...)``, connecting and closing around it."""
+    with RayResynthesizer(lab, options) as runner:
+        return runner.resynthesize(captions, generators, **kwargs)

@@ -1,0 +1,430 @@
+"""Telling look-alike generators apart in ``rsx eval``: aeroblade, fused, fused-loo, families.
+
+Signals (each a distance per query and candidate, NaN where it does not exist):
+
+- ``resynthesis``: the lab's own resynthesis distance (the protocol's ``distances``; a candidate
+  without a resynthesis of the caption has none);
+- ``reconstruction``: how much the candidate's own autoencoder changes the query
+  (``models.reconstruction``; imported generators have none);
+- ``layer-N`` (``--fusion-layers``): the resynthesis distance measured on block N of the lab's
+  embedder instead of the layer the lab was made with (computed in memory, never stored).
+
+Methods:
+
+- ``aeroblade`` ranks candidates by reconstruction distance alone. Candidates without an
+  autoencoder are ranked last and named in the result (``unsupported``): never guessed.
+- ``fused`` z-scores the resynthesis and reconstruction signals across candidates per query and
+  takes the weighted mean of the z-scores each candidate has (``pipeline.fusion_query.fuse``),
+  with weights fixed in advance: ``--fusion-weights`` or, by default, equal. This is exactly what
+  ``rsx query --method fused`` computes.
+- ``fused-loo`` fuses every signal measured (resynthesis, reconstruction and the ``layer-N`` ones)
+  with weights chosen per repeat on the training references only: every weight vector on a grid
+  over the simplex (steps of ``GRID_STEP``) is scored by its accuracy on the training references,
+  and the best wins; ties go to the tied vector closest (L1) to the fixed weights (equal unless
+  ``--fusion-weights``), then to the first in grid order. No signal is fitted to the references
+  (each is training-free), so this training accuracy is exactly the leave-one-out accuracy. Test
+  queries never enter the choice; the weights chosen on clean references serve every
+  post-processing.
+
+Families (``--families a+a-ft,b+b-ft1+b-ft2``) are declared explicitly: each group names
+generators that look alike (a base model and its fine-tunes). Queries whose true generator has a
+family member among the candidates are ``within`` families; every other query is ``across``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from resynth_index.errors import RsxError
+from resynth_index.evaluation import metrics
+from resynth_index.pipeline.fusion_query import (
+    RECONSTRUCTION,
+    RESYNTHESIS,
+    fuse,
+    nan_zscore_rows,
+    rank_missing_last,
+)
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+    from resynth_index.evaluation.data import EvalData
+    from resynth_index.lab import Lab
+
+FUSION_METHODS = ("aeroblade", "fused", "fused-loo")
+GRID_STEP = 0.1
+NO_SIGNAL_UNKNOWNNESS = 1e3  # beyond any distance: a query no candidate could reconstruct
+CLEAN_KEY = "none"  # the clean condition's name (``protocol.CLEAN``, which imports this module)
+
+
+def layer_signal(layer: int) -> str:
+    return f"layer-{layer}"
+
+
+# ----------------------------------------------------------------------------- families
+def parse_families(text: str | None) -> tuple[tuple[str, ...], ...]:
+    """``"a+a-ft,b+b-ft"`` -> (("a", "a-ft"), ("b", "b-ft")): groups by commas, members by '+'."""
+    families = []
+    seen: set[str] = set()
+    for group in (text or "").split(","):
+        members = tuple(dict.fromkeys(m.strip() for m in group.split("+") if m.strip()))
+        if not group.strip():
+            continue
+        if len(members) < 2:
+            raise RsxError(
+                f"family {group.strip()!r} needs at least two generators joined by '+',"
+                " e.g. --families sd15+sd15-ft,flux+flux-lora"
+            )
+        twice = sorted(seen.intersection(members))
+        if twice:
+            raise RsxError(f"generator(s) {', '.join(twice)} named in more than one family")
+        seen.update(members)
+        families.append(members)
+    return tuple(families)
+
+
+def family_index(families: Sequence[Sequence[str]], generators: Sequence[str]) -> np.ndarray:
+    """Per generator (in ``generators`` order): its family's number, or -1 for none."""
+    position = {g: i for i, g in enumerate(generators)}
+    unknown = sorted({m for fam in families for m in fam} - set(position))
+    if unknown:
+        raise RsxError(
+            f"--families names generator(s) not evaluated: {', '.join(unknown)}"
+            f" (evaluated: {', '.join(generators)})"
+        )
+    out = np.full(len(generators), -1, dtype=int)
+    for number, fam in enumerate(families):
+        for member in fam:
+            out[position[member]] = number
+    return out
+
+
+def family_breakdown(
+    labels: np.ndarray, predicted: np.ndarray, family_of: np.ndarray, known: np.ndarray
+) -> dict[str, Any]:
+    """Accuracy within families, across them, and at the family level, for one split.
+
+    ``labels`` and ``predicted`` are generator indices (into ``family_of``) of the known test
+    queries. A query is *within* when its generator's family has another member among ``known``
+    candidates; *across* otherwise. ``family`` counts a prediction right when it names the true
+    generator or one of its family. NaN where a group is empty.
+    """
+    members = {f: [int(c) for c in known if family_of[c] == f] for f in set(family_of[known])}
+    within = np.array(
+        [family_of[c] >= 0 and len(members.get(family_of[c], [])) > 1 for c in labels], dtype=bool
+    )
+    right = predicted == labels
+    same_family = right | ((family_of[predicted] == family_of[labels]) & (family_of[labels] >= 0))
+
+    def share(mask: np.ndarray, hits: np.ndarray) -> float:
+        return float(hits[mask].mean()) if mask.any() else float("nan")
+
+    return {
+        "within": share(within, right),
+        "across": share(~within, right),
+        "family": share(np.ones_like(within), same_family),
+        "within_queries": int(within.sum()),
+        "across_queries": int((~within).sum()),
+    }
+
+
+# ----------------------------------------------------------------------------- signals
+@dataclass
+class FusionSignals:
+    """The extra signals of an evaluation: per condition, signal -> (n queries, n generators)
+    distances (NaN where missing). The resynthesis signal comes from the protocol itself."""
+
+    values: dict[str, dict[str, np.ndarray]]
+    unsupported: dict[str, str] = field(default_factory=dict)  # generator -> why no autoencoder
+    metric: str = ""
+    reconstructions: int = 0  # reconstructions computed
+
+    def names(self) -> list[str]:
+        first = next(iter(self.values.values()), {})
+        return [RESYNTHESIS, *sorted(first)]
+
+
+def load_fusion_signals(
+    lab: Lab,
+    data: EvalData,
+    ops: Sequence[str],
+    seed: int,
+    *,
+    metric: str,
+    layers: Sequence[int] = (),
+    echo: Callable[[str], None] | None = None,
+) -> FusionSignals:
+    """Reconstruction distances (and layer distances) of every query, clean and post-processed.
+
+    Post-processing draws the same parameters per image as ``perturbed_features`` (the same
+    ``image_rng``), so each condition's signals describe the same images as its embeddings.
+    """
+    from resynth_index.evaluation.perturb import apply, image_rng
+    from resynth_index.models.reconstruction import ReconstructionScorer
+    from resynth_index.pipeline.intake import load_stored_image
+    from resynth_index.store import repository
+
+    rows = {row.name: row for row in lab.generators()}
+    models = [lab.generator_model(rows[name]) for name in data.generators]
+    embedder = lab.embedder if metric == "embedder" else None
+    scorer = ReconstructionScorer(
+        metric=metric,
+        embed=(lambda images: embedder.embed(images)) if embedder is not None else None,
+        embedder_fingerprint=lab.fingerprint if embedder is not None else None,
+        device=lab.device,
+    )
+    for model in models:
+        scorer.supports(model)
+    if echo:
+        supported = len(models) - len(scorer.unsupported)
+        echo(
+            f"reconstructing {len(data.image_ids)} queries through {supported} autoencoder(s)"
+            + (f" with {len(ops)} post-processing(s)" if ops else "")
+        )
+    with lab.session() as session:
+        shas = repository.image_sha256s(session, [int(i) for i in data.image_ids])
+    layer_embedders = {layer: _layer_embedder(lab, layer) for layer in layers}
+    conditions = [CLEAN_KEY, *ops]
+    recon: dict[str, list[np.ndarray]] = {c: [] for c in conditions}
+    layer_queries: dict[tuple[str, int], list[np.ndarray]] = {
+        (c, layer): [] for c in conditions for layer in layers
+    }
+    batch = lab.settings.embedding_batch_size
+    for start in range(0, len(data.image_ids), batch):
+        keys = [int(i) for i in data.image_ids[start : start + batch]]
+        originals = [load_stored_image(lab, key) for key in keys]
+        for cond in conditions:
+            if cond == CLEAN_KEY:
+                pictures = originals
+                named = [(shas[key], p) for key, p in zip(keys, pictures, strict=True)]
+            else:
+                pictures = [
+                    apply(cond, picture, image_rng(seed, cond, key))[0]
+                    for key, picture in zip(keys, originals, strict=True)
+                ]
+                named = [(_pixel_digest(p), p) for p in pictures]
+            recon[cond].append(scorer.distances(models, named))
+            for layer, model in layer_embedders.items():
+                layer_queries[(cond, layer)].append(model.embed(pictures, batch_size=batch))
+    values = {cond: {RECONSTRUCTION: np.concatenate(recon[cond])} for cond in conditions}
+    if layers:
+        resyntheses = _layer_resyntheses(lab, data, layer_embedders, echo)
+        for layer in layers:
+            layer_data = replace(data, resyntheses=resyntheses[layer])
+            for cond in conditions:
+                queries = np.concatenate(layer_queries[(cond, layer)])
+                distance = layer_data.resynthesis_distances(queries)
+                values[cond][layer_signal(layer)] = _missing_to_nan(distance, data)
+    return FusionSignals(
+        values=values,
+        unsupported=dict(scorer.unsupported),
+        metric=metric,
+        reconstructions=scorer.computed,
+    )
+
+
+def _pixel_digest(picture: PIL.Image.Image) -> str:
+    """A content key for an image that exists only in memory (a post-processed query)."""
+    digest = hashlib.sha256(f"{picture.mode}:{picture.width}x{picture.height}:".encode())
+    digest.update(picture.tobytes())
+    return digest.hexdigest()
+
+
+def _layer_embedder(lab: Lab, layer: int) -> Any:
+    """The lab's embedder read at vision block ``layer`` (same weights, precision and device)."""
+    from pathlib import Path
+
+    from resynth_index.models.embedders import EmbedderSpec, load_embedder
+
+    spec = EmbedderSpec.from_dict(lab.settings.embedder)
+    weights = spec.weights
+    if weights.startswith("local-dir:"):
+        folder = Path(weights.removeprefix("local-dir:"))
+        if not folder.is_absolute():
+            weights = f"local-dir:{lab.root / folder}"
+    precision = lab.settings.embedder_precision or "auto"
+    return load_embedder(EmbedderSpec(spec.arch, weights, layer), lab.device, precision)
+
+
+def _layer_resyntheses(
+    lab: Lab, data: EvalData, embedders: Mapping[int, Any], echo: Callable[[str], None] | None
+) -> dict[int, list[list[np.ndarray]]]:
+    """Per layer, per query, per generator: the (K, d) layer embeddings of its resyntheses."""
+    from resynth_index.pipeline.intake import load_stored_image
+
+    if not data.resynthesis_ids:
+        raise RsxError("layer signals need the resyntheses' image ids (load_eval_data gives them)")
+    ids = sorted(
+        {i for per_query in data.resynthesis_ids for per_gen in per_query for i in per_gen}
+    )
+    if echo:
+        echo(f"embedding {len(ids)} resynthes(es) at layer(s) {', '.join(map(str, embedders))}")
+    batch = lab.settings.embedding_batch_size
+    vectors: dict[int, dict[int, np.ndarray]] = {layer: {} for layer in embedders}
+    for start in range(0, len(ids), batch):
+        chunk = ids[start : start + batch]
+        pictures = [load_stored_image(lab, i) for i in chunk]
+        for layer, model in embedders.items():
+            for image_id, vector in zip(
+                chunk, model.embed(pictures, batch_size=batch), strict=True
+            ):
+                vectors[layer][image_id] = vector
+    out: dict[int, list[list[np.ndarray]]] = {}
+    for layer, model in embedders.items():
+        out[layer] = [
+            [
+                np.stack([vectors[layer][i] for i in per_gen])
+                if per_gen
+                else np.zeros((0, model.dim), dtype=np.float32)
+                for per_gen in per_query
+            ]
+            for per_query in data.resynthesis_ids
+        ]
+    return out
+
+
+def _missing_to_nan(distance: np.ndarray, data: EvalData) -> np.ndarray:
+    """Resynthesis distances with the placeholder of a missing resynthesis turned into NaN."""
+    missing = np.array(
+        [[len(v) == 0 for v in per_query] for per_query in data.resyntheses], dtype=bool
+    )
+    return np.where(missing, np.nan, distance) if missing.size else distance
+
+
+# ----------------------------------------------------------------------------- weights
+def weight_grid(names: Sequence[str], step: float = GRID_STEP) -> list[dict[str, float]]:
+    """Every weight vector over ``names`` with entries on multiples of ``step`` summing to 1."""
+    parts = round(1 / step)
+    grid = []
+    for combo in itertools.product(range(parts + 1), repeat=len(names)):
+        if sum(combo) == parts:
+            grid.append({n: round(c / parts, 10) for n, c in zip(names, combo, strict=True)})
+    return grid
+
+
+def _normalised(weights: Mapping[str, float], names: Sequence[str]) -> np.ndarray:
+    vector = np.array([float(weights.get(n, 0.0)) for n in names])
+    total = vector.sum()
+    return vector / total if total > 0 else np.full(len(names), 1.0 / len(names))
+
+
+def choose_fusion_weights(
+    train: Mapping[str, np.ndarray],
+    y_train: np.ndarray,
+    prior: Mapping[str, float],
+    step: float = GRID_STEP,
+) -> tuple[dict[str, float], float]:
+    """The grid weights with the best accuracy on the training references (see the module
+    docstring for the tie rule). ``train``: signal -> (m, K) distances of the training references
+    over the candidates; ``y_train``: their generators (column indices). Returns (weights,
+    training accuracy). Only training references are seen: nothing here can read a test label.
+    """
+    names = sorted(train)
+    z = {n: nan_zscore_rows(-np.asarray(train[n], dtype=np.float64)) for n in names}
+    present = {n: np.isfinite(z[n]) for n in names}
+    filled = {n: np.where(present[n], z[n], 0.0) for n in names}
+    prior_vector = _normalised(prior, names)
+    best: tuple[float, float, int] | None = None
+    chosen: dict[str, float] = {}
+    for order, weights in enumerate(weight_grid(names, step)):
+        total = sum(weights[n] * filled[n] for n in names)
+        mass = sum(weights[n] * present[n] for n in names)
+        scores = rank_missing_last(np.where(mass > 0, total / np.where(mass > 0, mass, 1), np.nan))
+        accuracy = metrics.accuracy(y_train, scores.argmax(axis=1))
+        distance = float(np.abs(_normalised(weights, names) - prior_vector).sum())
+        key = (-accuracy, round(distance, 9), order)
+        if best is None or key < best:
+            best, chosen = key, weights
+    assert best is not None
+    return chosen, -best[0]
+
+
+def fixed_weights(names: Sequence[str], given: Mapping[str, float]) -> dict[str, float]:
+    """The fixed fusion weights, summing to 1: those given (signals not named weigh 0), else
+    equal ones (the fusion is the same for any positive multiple of the weights)."""
+    if not given:
+        return {n: round(1.0 / len(names), 10) for n in names}
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise RsxError(
+            f"--fusion-weights names signal(s) not measured: {', '.join(unknown)}"
+            f" (measured: {', '.join(names)})"
+        )
+    weights = {n: float(given.get(n, 0.0)) for n in names}
+    if not any(w > 0 for w in weights.values()):
+        raise RsxError("--fusion-weights must give at least one signal a positive weight")
+    total = sum(weights.values())
+    return {n: round(w / total, 10) for n, w in weights.items()}
+
+
+# ----------------------------------------------------------------------------- scoring
+@dataclass
+class FusionOutcome:
+    """One fusion method's answers under one condition (the protocol wraps it)."""
+
+    scores: np.ndarray  # (n test, K known) higher = more likely
+    unknownness: np.ndarray  # (n test,)
+    extra: dict[str, Any]
+
+
+def score_fusion_split(
+    method: str,
+    signals: FusionSignals,
+    distances: Mapping[str, np.ndarray],
+    missing: np.ndarray,
+    y_train: np.ndarray,
+    train: np.ndarray,
+    test: np.ndarray,
+    known: np.ndarray,
+    generators: Sequence[str],
+    given_weights: Mapping[str, float],
+) -> dict[str, FusionOutcome]:
+    """``aeroblade``, ``fused`` or ``fused-loo`` on one split, for every condition.
+
+    ``distances``: condition -> (n, C) resynthesis distances; ``missing``: (n, C) True where the
+    query's caption has no resynthesis by that generator (its resynthesis signal is missing).
+    """
+    out: dict[str, FusionOutcome] = {}
+    unsupported = sorted(
+        g for i, g in enumerate(generators) if g in signals.unsupported and i in known
+    )
+    if method == "aeroblade":
+        for cond, values in signals.values.items():
+            d = values[RECONSTRUCTION][test][:, known]
+            scores = rank_missing_last(-d)
+            best = np.where(np.isfinite(d), d, np.inf).min(axis=1)
+            # no reconstruction for any candidate: as unknown as a query can be
+            unknownness = np.where(np.isfinite(best), best, NO_SIGNAL_UNKNOWNNESS)
+            out[cond] = FusionOutcome(scores, unknownness, {"unsupported": unsupported})
+        return out
+
+    def signal_arrays(cond: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+        arrays = {RESYNTHESIS: np.where(missing, np.nan, distances[cond])[rows][:, known]}
+        for name, values in signals.values[cond].items():
+            if name in names:
+                arrays[name] = values[rows][:, known]
+        return arrays
+
+    fixed_weights(signals.names(), given_weights)  # refuses weights of signals not measured
+    names = [RESYNTHESIS, RECONSTRUCTION] if method == "fused" else signals.names()
+    weights = fixed_weights(names, {k: v for k, v in given_weights.items() if k in names})
+    extra: dict[str, Any] = {"unsupported": unsupported}
+    if method == "fused-loo":
+        prior = weights
+        weights, train_accuracy = choose_fusion_weights(
+            signal_arrays(CLEAN_KEY, train), y_train, prior
+        )
+        extra["train_accuracy"] = train_accuracy
+    elif method != "fused":
+        raise ValueError(f"not a fusion method: {method!r}")
+    extra["fusion_weights"] = dict(weights)
+    for cond in signals.values:
+        scores, _covered = fuse(signal_arrays(cond, test), weights)
+        out[cond] = FusionOutcome(scores, -scores.max(axis=1), dict(extra))
+    return out

@@ -1,0 +1,271 @@
+"""Fused attribution: resynthesis distance and reconstruction distance, z-scored and weighted.
+
+Resynthesis tells generators apart by what they draw from a caption; look-alike generators (a base
+model and its fine-tunes) draw alike. The reconstruction distance (``models.reconstruction``: how
+much a candidate's own autoencoder changes the query) is a second, caption-free signal. The fusion
+rule, shared by ``rsx query --method fused`` and ``rsx eval --methods fused``:
+
+1. per query, each signal is turned into a similarity (minus the distance) and z-scored across the
+   candidates that have it (mean 0, spread 1; a signal whose values are all equal contributes 0);
+2. each candidate's fused score is the weighted mean of the z-scores it has:
+   ``sum_s w_s z_s / sum_s w_s`` over the signals present for that candidate, so a candidate
+   without a reconstruction (an imported generator) falls back to its resynthesis signal alone,
+   and one without a resynthesis of the caption to its reconstruction alone;
+3. a candidate with no signal at all ranks last.
+
+The weights are fixed in advance (``DEFAULT_WEIGHTS``: equal) for queries; ``rsx eval`` can also
+choose them on its training references (``evaluation.fusion``), never on test queries.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from resynth_index.errors import RsxError
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+    from resynth_index.lab import Lab
+    from resynth_index.models.reconstruction import ReconstructionScorer
+    from resynth_index.pipeline.query import QueryResult
+    from resynth_index.store.models import GeneratorRow
+
+RESYNTHESIS = "resynthesis"
+RECONSTRUCTION = "reconstruction"
+QUERY_METHODS = ("resynthesis", "fused")
+#: Fixed weights of the query-time fusion: equal (see the module docstring).
+DEFAULT_WEIGHTS: dict[str, float] = {RESYNTHESIS: 1.0, RECONSTRUCTION: 1.0}
+
+
+def nan_zscore_rows(similarity: np.ndarray) -> np.ndarray:
+    """Z-score each row over its finite entries; NaN stays NaN; a constant row gives zeros."""
+    values = np.asarray(similarity, dtype=np.float64)
+    present = np.isfinite(values)
+    count = present.sum(axis=1, keepdims=True)
+    safe = np.where(present, values, 0.0)
+    mean = safe.sum(axis=1, keepdims=True) / np.maximum(count, 1)
+    centred = np.where(present, values - mean, 0.0)
+    std = np.sqrt((centred * centred).sum(axis=1, keepdims=True) / np.maximum(count, 1))
+    z = centred / np.where(std > 0, std, 1.0)
+    return np.where(present, z, np.nan)
+
+
+def fuse(
+    distances: Mapping[str, np.ndarray], weights: Mapping[str, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fused scores (higher = more likely) of (n queries, C candidates) distance arrays.
+
+    ``distances``: signal name -> (n, C) distances, NaN where the signal is missing for that
+    candidate. Signals without a positive weight are ignored. Returns ``(scores, covered)``:
+    ``covered`` is False where a candidate had no weighted signal; its score is then set below the
+    row's lowest (finite) score, so it ranks last.
+    """
+    unknown = sorted(set(weights) - set(distances))
+    if unknown:
+        raise RsxError(f"fusion weight(s) for unknown signal(s): {', '.join(unknown)}")
+    used = [name for name in sorted(distances) if weights.get(name, 0.0) > 0]
+    if not used:
+        raise RsxError("fusion needs a positive weight on at least one signal")
+    shape = np.asarray(distances[used[0]]).shape
+    total = np.zeros(shape)
+    weight_sum = np.zeros(shape)
+    for name in used:
+        z = nan_zscore_rows(-np.asarray(distances[name], dtype=np.float64))
+        present = np.isfinite(z)
+        total += weights[name] * np.where(present, z, 0.0)
+        weight_sum += weights[name] * present
+    covered = weight_sum > 0
+    scores = np.where(covered, total / np.where(covered, weight_sum, 1.0), np.nan)
+    return rank_missing_last(scores), covered
+
+
+def rank_missing_last(scores: np.ndarray) -> np.ndarray:
+    """Replace NaN by one less than the row's lowest finite score (0 when the row has none)."""
+    scores = np.array(scores, dtype=np.float64)
+    finite = np.isfinite(scores)
+    lowest = np.where(finite, scores, np.inf).min(axis=1, keepdims=True)
+    floor = np.where(np.isfinite(lowest), lowest - 1.0, 0.0)
+    return np.where(finite, scores, floor)
+
+
+def parse_weights(text: str | None) -> dict[str, float]:
+    """``"resynthesis=1,reconstruction=0.5"`` -> weights; empty -> {}. Negative ones refused."""
+    weights: dict[str, float] = {}
+    for part in (text or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        try:
+            number = float(value) if sep else float("nan")
+        except ValueError:
+            number = float("nan")
+        if not sep or not name.strip() or not np.isfinite(number) or number < 0:
+            raise RsxError(
+                f"cannot read fusion weight {part!r}: give signal=weight pairs such as"
+                " resynthesis=1,reconstruction=0.5 (non-negative numbers)"
+            )
+        weights[name.strip()] = number
+    return weights
+
+
+@dataclass
+class FusedRanking:
+    """The fused ranking of one query's candidates and the evidence behind it."""
+
+    order: list[str]  # best first (ties broken by name)
+    scores: dict[str, float]  # fused score per candidate (higher = more likely)
+    signals: dict[str, dict[str, float | None]]  # signal -> candidate -> distance (None: missing)
+    weights: dict[str, float]
+    unsupported: dict[str, str] = field(default_factory=dict)  # no reconstruction, and why
+
+    def to_json(self) -> dict:
+        return {
+            "order": list(self.order),
+            "scores": dict(self.scores),
+            "signals": {k: dict(v) for k, v in self.signals.items()},
+            "weights": dict(self.weights),
+            "unsupported": dict(self.unsupported),
+        }
+
+
+def fuse_one(
+    candidates: Sequence[str],
+    signals: Mapping[str, Mapping[str, float | None]],
+    weights: Mapping[str, float] | None = None,
+    unsupported: Mapping[str, str] | None = None,
+) -> FusedRanking:
+    """Fuse one query's signals (signal -> candidate -> distance or None) into a ranking."""
+    weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
+    weights = {k: v for k, v in weights.items() if k in signals}
+    arrays = {
+        name: np.array(
+            [[np.nan if values.get(c) is None else float(values[c]) for c in candidates]]  # type: ignore[arg-type]
+        )
+        for name, values in signals.items()
+    }
+    scores, _covered = fuse(arrays, weights)
+    by_name = {c: float(scores[0, k]) for k, c in enumerate(candidates)}
+    order = sorted(candidates, key=lambda c: (-by_name[c], c))
+    clean = {
+        name: {c: (None if values.get(c) is None else float(values[c])) for c in candidates}  # type: ignore[arg-type]
+        for name, values in signals.items()
+    }
+    return FusedRanking(order, by_name, clean, weights, dict(unsupported or {}))
+
+
+def query_reconstruction(
+    lab: Lab,
+    generators: Sequence[GeneratorRow],
+    images: Sequence[tuple[str, PIL.Image.Image]],
+    scorer: ReconstructionScorer,
+) -> dict[str, dict[str, float | None]]:
+    """image SHA-256 -> candidate -> reconstruction distance (None: unsupported or too small).
+
+    Generators are taken from the lab (``lab.generator_model``), so a pipeline loaded for
+    generation lends its autoencoder; only the autoencoder of the others is loaded.
+    """
+    models = [lab.generator_model(row) for row in generators]
+    values = scorer.distances(models, images)
+    return {
+        sha: {
+            row.name: (None if not np.isfinite(values[i, k]) else float(values[i, k]))
+            for k, row in enumerate(generators)
+        }
+        for i, (sha, _picture) in enumerate(images)
+    }
+
+
+#: What ``score`` means in a fused answer (``QueryResult.score_meaning``).
+FUSED_SCORE_MEANING = "relative among candidates (softmax of the fused z-score)"
+
+#: Reconstruction scorers kept per open lab, so a long-lived process (``rsx serve``) loads each
+#: autoencoder once and never reconstructs the same image twice.
+_SCORERS: weakref.WeakKeyDictionary[Any, ReconstructionScorer] = weakref.WeakKeyDictionary()
+
+
+def scorer_for(lab: Lab) -> ReconstructionScorer:
+    """The lab's reconstruction scorer (default metric, the lab's embedder), made once per lab."""
+    from resynth_index.models.reconstruction import DEFAULT_METRIC, ReconstructionScorer
+
+    scorer = _SCORERS.get(lab)
+    if scorer is None:
+        embed = None
+        if DEFAULT_METRIC == "embedder":
+
+            def embed(images: Sequence[PIL.Image.Image]) -> np.ndarray:
+                return lab.embedder.embed(images)
+
+        scorer = ReconstructionScorer(
+            metric=DEFAULT_METRIC,
+            embed=embed,
+            embedder_fingerprint=lab.fingerprint if embed is not None else None,
+            device=lab.device,
+        )
+        _SCORERS[lab] = scorer
+    return scorer
+
+
+def apply_fusion(
+    result: QueryResult,
+    reconstruction: Mapping[str, float | None],
+    weights: Mapping[str, float] | None = None,
+    unsupported: Mapping[str, str] | None = None,
+) -> None:
+    """Turn a resynthesis answer into a fused one (``method`` "fused"), in place.
+
+    The ranking is re-ordered by fused score and each entry's ``score`` becomes a softmax of the
+    fused z-scores; ``fusion`` records the weights, every signal's value per candidate, the fused
+    scores and the candidates without an autoencoder. The verdict follows the fused ranking when
+    the resynthesis answer named a generator or was inconclusive; 'unknown' (the lab's threshold
+    on the resynthesis distance) and 'no-evidence' stay as they are. ``margin`` stays the
+    resynthesis margin; ``fusion["margin"]`` is the fused one (best minus second-best z-score).
+    """
+    from resynth_index.pipeline.attribution import INCONCLUSIVE, NO_EVIDENCE, UNKNOWN
+
+    candidates = list(result.candidates)
+    resynthesis: dict[str, float | None] = dict.fromkeys(candidates)
+    resynthesis.update({entry.generator: entry.distance for entry in result.ranking})
+    fused = fuse_one(
+        candidates,
+        {RESYNTHESIS: resynthesis, RECONSTRUCTION: dict(reconstruction)},
+        weights,
+        unsupported,
+    )
+    ranked = {entry.generator for entry in result.ranking}
+    order = [c for c in fused.order if c in ranked]
+    margin = fused.scores[order[0]] - fused.scores[order[1]] if len(order) > 1 else None
+    result.method = "fused"
+    result.fusion = {**fused.to_json(), "margin": margin}
+    if not order:
+        return
+    by_name = {entry.generator: entry for entry in result.ranking}
+    result.ranking = [by_name[c] for c in order]
+    logits = np.array([fused.scores[c] for c in order])
+    probabilities = np.exp(logits - logits.max())
+    probabilities /= probabilities.sum()
+    for entry, probability in zip(result.ranking, probabilities, strict=True):
+        entry.score = float(probability)
+    result.score_meaning = FUSED_SCORE_MEANING
+    if result.verdict in (UNKNOWN, NO_EVIDENCE):
+        return
+    best = order[0]
+    tied = [c for c in order if fused.scores[c] == fused.scores[best]]
+    if len(tied) > 1:
+        result.verdict = INCONCLUSIVE
+        result.tied = tied
+        result.verdict_reason = f"fused: {' and '.join(tied)} are exactly tied"
+        return
+    result.verdict = best
+    result.tied = []
+    second = f" over {order[1]}" if len(order) > 1 else ""
+    result.verdict_reason = (
+        f"fused (resynthesis + reconstruction): best {best}, z-score margin"
+        f" {margin if margin is not None else 0:.2g}{second}"
+    )

@@ -1,0 +1,110 @@
+"""Toy-zoo resynthesis through Ray (N actors) against the local executor, in one run.
+
+    .venv/bin/python scripts/bench_ray.py [--captions 24] [--batch-size 4] [--actors 2]
+
+Two copies of one fresh toy lab make the same resyntheses: one with the local executor, one with
+the Ray executor on a local Ray of ``--actors`` CPUs (started before the clock runs). Prints a
+table: wall time, images per second, and the ratio to local. "ray (cold)" includes starting the
+actor pool (a process per actor, importing torch and loading each generator); "ray (warm)" is a
+second, equal run on fresh captions through the same runner, its pool already up (what a
+long run's steady state costs). Every process is
+held to one compute thread (as the tests are), so N actors may use N cores where local uses one:
+on a machine with fewer free cores than actors the ratio says more about the machine than Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+GENERATORS = {"toy-a": 11, "toy-b": 22}
+
+
+def _captions(n: int, run: str) -> list[str]:
+    return [f"{run}: a toy picture number {i} of a red house" for i in range(n)]
+
+
+def _lab(root: Path) -> Path:
+    from resynth_index.lab import Lab
+
+    with Lab.create(root, embedder="toy") as lab:
+        for name, seed in GENERATORS.items():
+            lab.add_toy_generator(name, seed)
+    return root
+
+
+def _run(lab_dir: Path, captions: list[str], batch_size: int, runner_of=None) -> tuple:
+    """(seconds, images generated) for one resynthesize call: local, or through the Ray runner
+    ``runner_of(lab)`` makes (None: local)."""
+    from resynth_index.lab import Lab
+    from resynth_index.pipeline import resynthesis
+
+    texts = resynthesis.captions_by_hash(captions)
+    with Lab.open(lab_dir) as lab:
+        generators = resynthesis.runnable_generators(lab)
+        lab.embedder  # noqa: B018 - load the embedder before the clock starts, on both paths
+        start = time.perf_counter()
+        if runner_of is None:
+            summary = resynthesis.resynthesize(lab, texts, generators, batch_size=batch_size)
+        else:
+            summary = runner_of(lab).resynthesize(texts, generators, batch_size=batch_size)
+        return time.perf_counter() - start, summary.generated
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--captions", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--actors", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    import ray
+
+    from resynth_index.distributed.executor import RayOptions, RayResynthesizer
+
+    with tempfile.TemporaryDirectory(prefix="rsx-bench-ray-") as tmp:
+        template = _lab(Path(tmp) / "template")
+        local_lab = shutil.copytree(template, Path(tmp) / "local")
+        ray_lab = shutil.copytree(template, Path(tmp) / "ray")
+        ray.init(num_cpus=args.actors, include_dashboard=False, log_to_driver=False)
+        runner = None
+
+        def runner_of(lab):
+            # one runner, so the second run finds the actor pool up (its labs are equal copies)
+            nonlocal runner
+            if runner is None:
+                runner = RayResynthesizer(lab, RayOptions(actors=args.actors))
+            runner.lab = lab
+            return runner
+
+        try:
+            rows = []
+            for run in ("cold", "warm"):
+                captions = _captions(args.captions, run)
+                local_s, local_n = _run(local_lab, captions, args.batch_size)
+                ray_s, ray_n = _run(ray_lab, captions, args.batch_size, runner_of)
+                assert local_n == ray_n, (local_n, ray_n)
+                rows.append((f"local ({run})", local_n, local_s, 1.0))
+                rows.append((f"ray x{args.actors} ({run})", ray_n, ray_s, ray_s / local_s))
+        finally:
+            if runner is not None:
+                runner.close()
+            ray.shutdown()
+    print(f"toy zoo, {len(GENERATORS)} generators, batch {args.batch_size}, {os.cpu_count()} CPUs")
+    print(f"{'executor':<18} {'images':>7} {'seconds':>8} {'img/s':>7} {'time / local':>13}")
+    for name, images, seconds, ratio in rows:
+        print(f"{name:<18} {images:>7} {seconds:>8.2f} {images / seconds:>7.2f} {ratio:>13.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The Ray executor (``rsx resynthesize --executor ray``): same pictures, faults survived.
+
+One local Ray (two CPUs, no dashboard) serves the whole module and is shut down at its end. The
+actors generate; this process (or an ``rsx`` process joining the same Ray) stores, through the
+code the local path stores with. Starting Ray and its actors takes seconds on two cores, hence
+the slow marks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import copy_lab
+from hostile_files import index_problems, rsx, rsx_process, store_state
+from services import require_service
+
+from resynth_index.distributed.executor import RayOptions, RayResynthesizer
+from resynth_index.lab import Lab
+from resynth_index.pipeline import resynthesis
+from resynth_index.pipeline.intake import load_stored_image
+from resynth_index.store.faults import CRASH_ENV
+
+try:
+    import ray
+except ImportError:  # the [scale] extra is missing: the Ray tests skip (or fail, when required)
+    ray = None
+
+CAPTIONS = [
+    "a red bicycle leaning on a wall",
+    "two cats asleep on a sofa",
+    "a lighthouse at dusk",
+    "a bowl of lemons",
+]
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """A local Ray for this module; its address lets an ``rsx`` process join it."""
+    require_service("ray", ray is not None, "pip install 'resynth-index[scale]'")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def _generators(lab: Lab, *names: str):
+    rows = resynthesis.runnable_generators(lab)
+    return [row for row in rows if not names or row.name in names]
+
+
+def _pictures(lab_dir: Path, captions: list[str], *names: str) -> dict[tuple, np.ndarray]:
+    """(caption hash, generator, n-th resynthesis) -> pixels, for every stored resynthesis."""
+    texts = resynthesis.captions_by_hash(captions)
+    with Lab.open(lab_dir) as lab:
+        plan = resynthesis.plan_resyntheses(lab, list(texts), _generators(lab, *names))
+        assert plan.missing_count() == 0
+        return {
+            (caption, name, n): np.asarray(load_stored_image(lab, image_id), dtype=np.int16)
+            for (caption, name), ids in plan.stored.items()
+            for n, image_id in enumerate(ids)
+        }
+
+
+def _resynthesis_rows(lab_dir: Path) -> list[tuple]:
+    from sqlalchemy import select
+
+    from resynth_index.store.models import ResynthesisRow
+
+    with Lab.open(lab_dir) as lab, lab.session() as session:
+        return list(
+            session.execute(
+                select(
+                    ResynthesisRow.generator_id,
+                    ResynthesisRow.caption_hash,
+                    ResynthesisRow.settings_hash,
+                    ResynthesisRow.seed,
+                )
+            )
+        )
+
+
+def _assert_whole(lab_dir: Path, expected: int) -> None:
+    """``expected`` resyntheses, each slot once, every image once, embedded once, indexed."""
+    rows = _resynthesis_rows(lab_dir)
+    assert len(rows) == expected
+    assert len(set(rows)) == expected
+    state = store_state(lab_dir)
+    assert state.blobs == state.images
+    assert state.embedded_images == state.embeddings == len(state.images)
+    assert index_problems(lab_dir) == []
+    check = rsx(lab_dir, "check")
+    assert check.exit_code == 0, check.output
+
+
+def test_local_is_the_default_and_ray_options_need_ray(toy_lab, tmp_path):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(CAPTIONS), encoding="utf-8")
+    result = rsx(toy_lab, "resynthesize", "--captions", str(captions), "--ray-address", "auto")
+    assert result.exit_code == 2
+    assert "--executor ray" in result.output
+
+
+@pytest.mark.slow
+def test_ray_draws_the_same_pictures_as_local(toy_lab, tmp_path, ray_address):
+    other = copy_lab(toy_lab, tmp_path / "ray-lab")
+    texts = resynthesis.captions_by_hash(CAPTIONS)
+    with Lab.open(toy_lab) as lab:
+        local = resynthesis.resynthesize(
+            lab, texts, _generators(lab, "toy-a", "toy-b"), batch_size=3
+        )
+    with Lab.open(other) as lab, RayResynthesizer(lab, RayOptions(actors=2)) as runner:
+        remote = runner.resynthesize(texts, _generators(lab, "toy-a", "toy-b"), batch_size=3)
+    assert (remote.generated, remote.reused) == (local.generated, local.reused)
+    assert local.generated > 0
+    mine, theirs = (
+        _pictures(toy_lab, CAPTIONS, "toy-a", "toy-b"),
+        _pictures(other, CAPTIONS, "toy-a", "toy-b"),
+    )
+    assert mine.keys() == theirs.keys()
+    for key, pixels in mine.items():
+        assert np.abs(pixels - theirs[key]).max() <= 1, key  # the CPU batching tolerance
+    _assert_whole(other, local.generated)
+
+    with Lab.open(other) as lab, RayResynthesizer(lab, RayOptions(actors=2)) as runner:
+        again = runner.resynthesize(texts, _generators(lab, "toy-a", "toy-b"), batch_size=3)
+    assert (again.generated, again.reused) == (0, local.generated)
+
+
+@pytest.mark.slow
+def test_an_actor_killed_mid_run_is_restarted_and_nothing_is_lost(toy_lab, ray_address):
+    from resynth_index.pipeline.resynthesis import ProgressEvent
+
+    texts = resynthesis.captions_by_hash(CAPTIONS + [f"{c}, again" for c in CAPTIONS])
+    killed: list[int] = []
+    after: list[int] = []
+    with Lab.open(toy_lab) as lab, RayResynthesizer(lab, RayOptions(actors=2)) as runner:
+
+        def kill_first_actor(event: ProgressEvent) -> None:
+            if event.done and not killed:  # the first batch is committed; more are in flight
+                killed.append(runner.pool_pids[0])
+                os.kill(runner.pool_pids[0], signal.SIGKILL)
+            elif event.done == event.total:  # every batch stored: the actor came back
+                after.append(ray.get(runner.pool[0].pid.remote()))
+
+        expected = resynthesis.plan_resyntheses(lab, list(texts), _generators(lab, "toy-a"))
+        summary = runner.resynthesize(
+            texts, _generators(lab, "toy-a"), batch_size=1, events=kill_first_actor
+        )
+    assert killed and after and after[0] != killed[0]
+    assert summary.generated == expected.missing_count() >= len(texts)
+    _assert_whole(toy_lab, summary.generated)
+
+
+@pytest.mark.slow
+def test_a_coordinator_killed_mid_run_leaves_a_lab_a_rerun_finishes(toy_lab, tmp_path, ray_address):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(CAPTIONS), encoding="utf-8")
+    args = [
+        "resynthesize",
+        "--captions",
+        str(captions),
+        "--generator",
+        "toy-a",
+        "--batch-size",
+        "1",
+    ]
+    ray_args = ["--executor", "ray", "--ray-address", ray_address, "--ray-actors", "2"]
+    # the coordinator kills itself once the first batch is stored whole (blobs, rows,
+    # embeddings), halfway through writing the second batch's first blob
+    killed = rsx_process(toy_lab, *args, *ray_args, env={CRASH_ENV: "blob-write:2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    kept = len(_resynthesis_rows(toy_lab))
+    assert kept >= 1
+    untouched = copy_lab(toy_lab, tmp_path / "lab-as-killed")
+
+    # what is stored is sound: the only thing check finds is the derived index, not yet
+    # written (it is brought up to date at the end of a run, as on the local path)
+    check = rsx(toy_lab, "check")
+    problems = [line for line in check.output.splitlines() if line.startswith("problem:")]
+    assert problems and all("index" in line for line in problems), check.output
+    repair = rsx(toy_lab, "check", "--repair")
+    assert repair.exit_code == 0, repair.output
+    assert rsx(toy_lab, "check").exit_code == 0
+
+    for lab_dir in (toy_lab, untouched):  # repaired first, or re-run straight away
+        rerun = rsx(lab_dir, *args, *ray_args)
+        assert rerun.exit_code == 0, rerun.output
+        found = re.search(r"(\d+) generated, (\d+) already", rerun.output)
+        generated, reused = map(int, found.groups())
+        assert reused == kept and generated > 0
+        _assert_whole(lab_dir, generated + reused)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+def test_two_ray_runs_at_once_on_one_postgresql_lab(engine_lab, tmp_path, ray_address):
+    import subprocess
+    import sys
+
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("\n".join(CAPTIONS[:3]), encoding="utf-8")
+    second.write_text("\n".join(CAPTIONS[1:]), encoding="utf-8")  # two captions overlap
+    with Lab.open(engine_lab) as lab:
+        texts = resynthesis.captions_by_hash(CAPTIONS)
+        expected = resynthesis.plan_resyntheses(lab, list(texts), _generators(lab, "toy-a"))
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "resynth_index", "--lab", str(engine_lab), "resynthesize"]
+            + ["--captions", str(captions), "--generator", "toy-a", "--batch-size", "1"]
+            + ["--executor", "ray", "--ray-address", ray_address, "--ray-actors", "1"],
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for captions in (first, second)
+    ]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    _assert_whole(engine_lab, expected.missing_count())
