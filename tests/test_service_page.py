@@ -3,11 +3,13 @@
 Upload a toy image, watch the progress, read the verdict the page shows; attacker-controlled
 text (a prompt in the file's metadata) stays text; the history and generators pages and the
 work-order download; and the login form with a token, whose cookie is HttpOnly and SameSite.
-The answer's screenshot is saved in tests/artifacts/ and copied to docs/service.png.
+The answer's screenshot is saved in tests/artifacts/ (gitignored); with RSX_UPDATE_DOCS=1 it is
+also copied to docs/service.png, the README's picture (tests never change tracked files otherwise).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -122,8 +124,8 @@ def test_the_page_shows_the_verdict_of_an_uploaded_image(browser, site) -> None:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         shot = ARTIFACTS / "service-answer.png"
         page.screenshot(path=str(shot), full_page=True)
-        (ROOT / "docs").mkdir(exist_ok=True)
-        shutil.copyfile(shot, ROOT / "docs" / "service.png")
+        if os.environ.get("RSX_UPDATE_DOCS") == "1":
+            shutil.copyfile(shot, ROOT / "docs" / "service.png")
     finally:
         context.close()
 
