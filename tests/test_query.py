@@ -420,3 +420,21 @@ def test_the_table_of_an_answer_without_evidence_says_what_was_missing() -> None
     )
     assert "no evidence: no resynthesis of this caption by a, mj" in table
     assert "rel.score" not in table  # no ranking, no score column
+
+
+def test_the_table_shows_the_files_own_metadata_as_evidence() -> None:
+    from resynth_index.cli.render import evidence_line
+
+    metadata = {
+        "exif:Model": "sdxl_base",
+        "exif:Software": "Adobe Photoshop 25.0 (Windows)",
+        "png:parameters": "a lighthouse at dusk, golden hour, " * 5,
+        "xmp:description": "x",
+        "xmp:creator": "y",
+    }
+    line = evidence_line(metadata)
+    assert line is not None and line.startswith("evidence in the file (not trusted): ")
+    assert "exif:Model: sdxl_base" in line and "exif:Software: Adobe Photoshop" in line
+    assert "(+1 more in --json)" in line
+    assert "golden hour, a lighthouse at dusk, golden hour, a" not in line  # long values cut
+    assert evidence_line({}) is None

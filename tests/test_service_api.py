@@ -106,6 +106,7 @@ def test_bad_uploads_get_one_line_and_the_service_keeps_running(service, labs) -
             (client.post("/v1/query", json={"image": "x"}), 415, "multipart"),
             (_post(client, good, resyntheses="0"), 400, "resyntheses"),
             (_post(client, good, candidates="nobody"), 400, "nobody"),
+            (_post(client, good, method="magic"), 400, "method"),
         ]
         for response, status, fragment in cases:
             assert response.status_code == status, response.text
@@ -115,6 +116,10 @@ def test_bad_uploads_get_one_line_and_the_service_keeps_running(service, labs) -
         assert client.get("/healthz").json() == {"ok": True}
         after = _post(client, good, "fine.png", caption="a red bicycle")
         assert after.status_code == 200 and after.json()["image"] == "upload:fine.png"
+        assert after.json()["method"] == "resynthesis"
+        fused = _post(client, good, "fine.png", caption="a red bicycle", method="fused")
+        assert fused.status_code == 200, fused.text
+        assert fused.json()["method"] == "fused" and fused.json()["fusion"]["weights"]
 
 
 def test_an_upload_over_the_limit_gets_413_while_streaming(service, labs) -> None:

@@ -60,6 +60,29 @@ def calibration_lines(result: QueryResult) -> list[str]:
     return lines
 
 
+EVIDENCE_ITEMS = 4  # metadata entries shown in the table; --json and the report have them all
+EVIDENCE_CHARS = 40
+
+
+def evidence_line(metadata: dict[str, str]) -> str | None:
+    """The file's own metadata (software, model names, prompts) in one short line, or None.
+
+    It is evidence an analyst should see next to the verdict, never trusted: any tool can write
+    any text there.
+    """
+    if not metadata:
+        return None
+    shown = []
+    for key, value in sorted(metadata.items())[:EVIDENCE_ITEMS]:
+        text = " ".join(str(value).split())
+        if len(text) > EVIDENCE_CHARS:
+            text = text[: EVIDENCE_CHARS - 3] + "..."
+        shown.append(f"{key}: {text}")
+    more = len(metadata) - len(shown)
+    tail = f" (+{more} more in --json)" if more > 0 else ""
+    return "evidence in the file (not trusted): " + "; ".join(shown) + tail
+
+
 def render_answer(result: QueryResult) -> str:
     """One answer as the terminal table people read (``--json`` gives the machine form)."""
     query_id = f"  query {result.query_id}" if result.query_id is not None else ""
@@ -69,6 +92,9 @@ def render_answer(result: QueryResult) -> str:
         f"  caption ({result.caption_source}): {result.caption[:100]}",
         f"  verdict: {result.verdict}{margin}",
     ]
+    evidence = evidence_line(result.metadata)
+    if evidence:
+        lines.insert(2, f"  {evidence}")
     if result.verdict_reason:
         lines.append(f"  why: {result.verdict_reason}")
     lines.extend(f"  {line}" for line in calibration_lines(result))

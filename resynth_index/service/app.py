@@ -2,7 +2,7 @@
 
 API (every answer JSON; an error is ``{"error": "one line"}``):
   GET  /healthz                 {"ok": true} once the models are loaded (503 before)
-  POST /v1/query                multipart: image, caption, candidates (a,b), resyntheses,
+  POST /v1/query                multipart: image, caption, candidates (a,b), resyntheses, method,
                                 generate (0 for stored resyntheses only); the answer exactly as
                                 ``rsx query --json`` prints it. With ``async=1``: 202 {"job": id}
   GET  /v1/jobs/{id}            a job's stage (captioning / generating k of n / embedding), then
@@ -138,6 +138,7 @@ class Service:
                 candidates=_candidates(upload.fields),
                 resyntheses=_resyntheses(upload.text("resyntheses")),
                 generate=(upload.text("generate") or "1").strip().lower() in _TRUE,
+                method=_method(upload.text("method")),
             )
             self.worker.submit(job)
             self.board.add(job)  # for GET /v1/jobs/{id} (a job that ended already is kept too)
@@ -356,6 +357,16 @@ def _candidates(fields: dict[str, list[str]]) -> tuple[str, ...] | None:
     names += [n.strip() for n in fields.get("candidate", [])]
     chosen = tuple(dict.fromkeys(n for n in names if n))
     return chosen or None
+
+
+def _method(text: str | None) -> str:
+    """The form's ``method`` field: what ``rsx query --method`` takes (resynthesis by default)."""
+    from resynth_index.pipeline.fusion_query import QUERY_METHODS
+
+    method = (text or "resynthesis").strip().lower()
+    if method not in QUERY_METHODS:
+        raise UploadRejected(400, f"method must be one of {', '.join(QUERY_METHODS)}")
+    return method
 
 
 def _resyntheses(text: str | None) -> int | None:

@@ -32,6 +32,7 @@ class QueryJob:
     candidates: tuple[str, ...] | None = None
     resyntheses: int | None = None
     generate: bool = True
+    method: str = "resynthesis"  # rsx query --method
     id: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     state: str = "queued"  # queued | running | done | failed
     stage: str = "queued"
@@ -45,9 +46,9 @@ class QueryJob:
     _callbacks: list[Callable[[QueryJob], None]] = field(default_factory=list, repr=False)
 
     @property
-    def batch_key(self) -> tuple[tuple[str, ...] | None, int | None, bool]:
+    def batch_key(self) -> tuple[tuple[str, ...] | None, int | None, bool, str]:
         """Jobs with the same key can be answered by one ``run_queries`` call."""
-        return (self.candidates, self.resyntheses, self.generate)
+        return (self.candidates, self.resyntheses, self.generate, self.method)
 
     def set_stage(self, stage: str, done: int = 0, total: int = 0) -> None:
         with self._lock:

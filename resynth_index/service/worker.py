@@ -223,10 +223,10 @@ class QueryWorker:
                     job.path.unlink(missing_ok=True)
 
     def _answer_group(self, lab: Lab, jobs: list[QueryJob]) -> None:
-        """One ``run_queries`` call for jobs that share candidates, K and generation."""
+        """One ``run_queries`` call for jobs that share candidates, K, generation and method."""
         from resynth_index.pipeline.query import QueryResult, run_queries
 
-        candidates, resyntheses, generate = jobs[0].batch_key
+        candidates, resyntheses, generate, method = jobs[0].batch_key
         progress = _GroupProgress(jobs, self._count)
         self._count("batches")
         for job in jobs:
@@ -238,6 +238,7 @@ class QueryWorker:
                 candidates=list(candidates) if candidates else None,
                 resyntheses=resyntheses,
                 generate=generate,
+                method=method,
                 captioner=self._captioner,
                 progress=progress.event,
                 on_plan=progress.plan,
