@@ -89,7 +89,8 @@ def _ask(page, url: str, image: Path, caption: str | None) -> str:
     """Upload on the query page, wait for the answer's page; the verdict it shows."""
     page.goto(url + "/")
     page.set_input_files("#image", str(image))
-    assert page.locator("#preview").is_visible()
+    # the preview shows once the browser has decoded the chosen file: wait for it, never poll once
+    page.wait_for_selector("#preview", state="visible")
     if caption is not None:
         page.fill("#caption", caption)
     page.click("#submit")
