@@ -20,6 +20,8 @@ from resynth_index.lab import Lab
 from resynth_index.pipeline.query import QueryResult
 from resynth_index.store import audit, migrate, repository
 
+pytestmark = pytest.mark.slow  # builds a toy lab with queries for the module (about 7 s)
+
 CAPTION = "a lighthouse on a cliff at dusk"
 
 

@@ -169,6 +169,7 @@ def test_pickled_objects_are_never_unpickled(tmp_path, registered_archs):
     assert _Payload.unpickled is False
 
 
+@pytest.mark.slow
 def test_vit_b_32_with_random_weights_embeds(images):
     embedder = load_embedder(EmbedderSpec(arch="ViT-B-32", weights="random:0"), device="cpu")
     vectors = embedder.embed(images[:2])
@@ -346,6 +347,7 @@ def test_truncated_weights_are_model_load_errors(toy_dir, tmp_path, registered_a
         _load(TOY_ARCH, str(folder / WEIGHTS))
 
 
+@pytest.mark.slow
 def test_wrong_architecture_for_weights(toy_dir):
     with pytest.raises(ModelLoadError):
         _load("ViT-B-32", str(toy_dir / WEIGHTS))  # weights of another shape

@@ -31,6 +31,8 @@ from resynth_index.store import embeddings, migrate, repository
 from resynth_index.store.engine import make_engine
 from resynth_index.store.models import Base, EmbeddingRow, utcnow
 
+pytestmark = pytest.mark.slow  # every test runs on SQLite and on a throwaway PostgreSQL server
+
 FIRST = "0001_initial"
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 CAPTION = "a lighthouse on a cliff at dusk"

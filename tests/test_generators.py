@@ -75,6 +75,7 @@ def test_settings_round_trip_and_unknown_keys():
 
 
 # ------------------------------------------------------------------ generation
+@pytest.mark.slow
 def test_determinism_and_seed_dependence(toy_gen):
     first = pixels(toy_gen.generate(REQUESTS[:2]))
     again = pixels(toy_gen.generate(REQUESTS[:2]))
@@ -84,6 +85,7 @@ def test_determinism_and_seed_dependence(toy_gen):
     assert np.abs(reseeded[0] - first[0]).mean() > 5
 
 
+@pytest.mark.slow
 def test_batch_independence(toy_gen):
     """Each image has its own seeded generator, so batching does not change it.
 
@@ -106,6 +108,7 @@ def test_saved_pipeline_matches_in_memory(toy_pipe, toy_gen):
     assert np.array_equal(in_memory, pixels(toy_gen.generate(REQUESTS[:2])))
 
 
+@pytest.mark.slow
 def test_scheduler_swap(toy_dir):
     settings = replace(TOY_SETTINGS, scheduler="EulerDiscreteScheduler")
     gen = DiffusersGenerator("euler", toy_dir, settings)
@@ -148,6 +151,7 @@ def test_fingerprint_follows_weight_files(toy_dir, tmp_path):
 
 
 # ------------------------------------------------------------------ errors
+@pytest.mark.slow
 def test_load_errors(toy_dir, tmp_path):
     with pytest.raises(ModelLoadError, match="no such"):
         DiffusersGenerator("x", tmp_path / "missing", TOY_SETTINGS)
@@ -199,6 +203,7 @@ def test_clip_tokenizer_matches_open_clip():
     assert tokenizer("a cat")["input_ids"] == [49406, 320, 2368, 49407]
 
 
+@pytest.mark.slow
 def test_toy_seeds_have_distinct_weights_and_colours(toy_pipe, other_dir):
     from resynth_index.models.fingerprints import hash_state_dict
 
@@ -211,6 +216,7 @@ def test_toy_seeds_have_distinct_weights_and_colours(toy_pipe, other_dir):
     assert np.abs(mine - theirs).max() > 5  # systematic colour cast per toy model
 
 
+@pytest.mark.slow
 def test_family_members_resemble_their_base(toy_pipe, other_dir):
     def mse(a, b) -> float:
         return float(np.mean((a.astype(float) - b) ** 2))

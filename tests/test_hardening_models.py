@@ -222,6 +222,7 @@ def test_a_sound_folder_passes_and_the_safety_checker_may_be_absent(pipeline_dir
     assert check_pipeline_folder(folder) == "StableDiffusionPipeline"  # never loaded by rsx
 
 
+@pytest.mark.slow
 def test_check_load_catches_what_the_files_alone_do_not(toy_lab, pipeline_dir, tmp_path):
     folder = shutil.copytree(pipeline_dir, tmp_path / "bad-weights")
     [weights] = (folder / "unet").glob("*.safetensors")
@@ -368,6 +369,7 @@ def test_a_dangling_weight_link_is_one_line(pipeline_dir, tmp_path):
         weights_fingerprint(folder)
 
 
+@pytest.mark.slow
 def test_ingest_a_folder_with_a_link_cycle(toy_lab, make_toy_image, tmp_path):
     images = tmp_path / "images"
     (images / "sub").mkdir(parents=True)

@@ -191,6 +191,7 @@ def test_an_edited_work_order_row_fails_the_rest_is_ingested_and_its_order_stays
 
 
 # ----------------------------------------------------------------- --seed for plain files
+@pytest.mark.slow
 def test_seed_makes_a_plain_file_a_runnable_generators_resynthesis(toy_lab, make_toy_image):
     image = make_toy_image("toy-a", "a cat", seed=5)
     args = ["--role", "resynthesis", "--generator", "toy-a", "--caption", "a cat", "--seed", "5"]

@@ -517,6 +517,7 @@ def hostile_files() -> dict[str, bytes]:
     return _hostile_files()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(_hostile_files(4096)))
 def test_megabyte_of_hostile_metadata_reads_in_under_a_second(
     hostile_files: dict[str, bytes], name: str

@@ -47,6 +47,7 @@ def stored_by(lab: Path, generator: str, resyntheses: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------- library level
 
 
+@pytest.mark.slow
 def test_progress_events_name_stage_and_generator_in_order(toy_lab, make_toy_image):
     first = make_toy_image("toy-a", CAPTION)
     second = make_toy_image("toy-b", CAPTION)
@@ -115,6 +116,7 @@ def test_the_plan_counts_only_what_is_missing(toy_lab, make_toy_image):
     assert generated == [("toy-a", 0, 1), ("toy-a", 1, 1), ("toy-b", 0, 3), ("toy-b", 3, 3)]
 
 
+@pytest.mark.slow
 def test_a_refused_plan_leaves_nothing_written(toy_lab, make_toy_image):
     image = make_toy_image("toy-a", CAPTION)
     before = blob_files(toy_lab)
