@@ -113,12 +113,16 @@ def hostile_text(draw: st.DrawFn) -> str:
     return (draw(st.sampled_from(PREFIXES)) + unit * repeat)[:CAP]
 
 
-def _elapsed(function: Callable[[bytes], object], data: bytes) -> float:
-    """CPU seconds this process spent in ``function``: the work done, which other processes on a
-    busy machine cannot inflate (wall-clock time can, and made this test flaky under load)."""
-    start = time.process_time()
-    function(data)
-    return time.process_time() - start
+def _elapsed(function: Callable[[bytes], object], data: bytes, tries: int = 3) -> float:
+    """The least CPU time of ``tries`` calls: the work itself. A busy machine inflates single
+    measurements (even CPU time, at load 4+ it reached 1.28 s for a 0.2 s parse), while
+    quadratic parsing stays slow on every try, so the minimum keeps the test sharp and steady."""
+    best = float("inf")
+    for _ in range(tries):
+        start = time.process_time()
+        function(data)
+        best = min(best, time.process_time() - start)
+    return best
 
 
 # --------------------------------------------------------------------------- (a) properties
