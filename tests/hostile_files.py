@@ -260,3 +260,29 @@ def with_imported_resynthesis(lab: Path, folder: Path, caption: str, seed: int =
     )  # fmt: skip
     assert stored.exit_code == 0, stored.output
     return image
+
+
+def overlapping_folders(tmp_path: Path, count: int, first_end: int, second_start: int):
+    """``count`` good images, and folders 'first' (images[:first_end]) and 'second'
+    (images[second_start:]) that share images[second_start:first_end]."""
+    images = good_images(tmp_path / "pool", count, seed=300)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    for path in images[:first_end]:
+        (first / path.name).write_bytes(path.read_bytes())
+    for path in images[second_start:]:
+        (second / path.name).write_bytes(path.read_bytes())
+    return images, first, second
+
+
+def assert_each_stored_once(lab: Path, files: list[Path], queries: int) -> None:
+    """Every file is stored, embedded and indexed once, the lab holds ``queries`` queries and
+    `rsx check` finds nothing wrong."""
+    state = store_state(lab)
+    expected = {file_sha(p) for p in files}
+    assert state.images == expected and state.blobs == expected
+    assert state.embeddings == state.embedded_images == len(expected)
+    assert state.queries == queries
+    assert index_problems(lab) == []
+    check = rsx(lab, "check")
+    assert check.exit_code == 0, check.output

@@ -20,7 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hostile_files import file_sha, good_images, index_problems, rsx, store_state
+from hostile_files import (
+    assert_each_stored_once,
+    good_images,
+    overlapping_folders,
+    with_imported_resynthesis,
+)
 
 from resynth_index.store.vectors import VectorIndex, _read_header
 
@@ -193,22 +198,9 @@ def test_two_ingests_and_queries_at_once(toy_lab, tmp_path):
     """Both ingests are stopped half-way, with batches stored and batches to go, until the first
     query is about to write its image row; from there on all of them run at once. The overlap is
     forced by those flag files, not assumed from timings, and checked from each process's log."""
-    with_imported = rsx(toy_lab, "generator", "add", "imp", "--imported")
-    assert with_imported.exit_code == 0
-    [resynthesis] = good_images(tmp_path / "resynthesis", 1, seed=700)
-    stored = rsx(
-        toy_lab, "ingest", str(resynthesis), "--role", "resynthesis", "--generator", "imp",
-        "--caption", CAPTION,
-    )  # fmt: skip
-    assert stored.exit_code == 0, stored.output
-
-    images = good_images(tmp_path / "pool", 12, seed=300)
-    first, second = tmp_path / "first", tmp_path / "second"
-    first.mkdir(), second.mkdir()
-    for path in images[:8]:  # 0..7 and 4..11: disjoint parts and an overlap of four
-        (first / path.name).write_bytes(path.read_bytes())
-    for path in images[4:]:
-        (second / path.name).write_bytes(path.read_bytes())
+    resynthesis = with_imported_resynthesis(toy_lab, tmp_path / "resynthesis", CAPTION, seed=700)
+    # 0..7 and 4..11: disjoint parts and an overlap of four
+    images, first, second = overlapping_folders(tmp_path, 12, first_end=8, second_start=4)
     queries = good_images(tmp_path / "queries", 2, seed=800)
     go = tmp_path / "go"
     logs = tmp_path / "events"
@@ -257,11 +249,4 @@ def test_two_ingests_and_queries_at_once(toy_lab, tmp_path):
         assert ingest["start"] < ingest["reached"] < released <= ingest["resumed"] < ingest["end"]
         assert max(ingest["start"], loop_start) < released < min(ingest["end"], loop_end)
 
-    state = store_state(toy_lab)
-    expected = {file_sha(p) for p in [*images, resynthesis, *queries]}
-    assert state.images == expected and state.blobs == expected
-    assert state.embeddings == state.embedded_images == len(expected)
-    assert state.queries == len(queries)
-    assert index_problems(toy_lab) == []
-    check = rsx(toy_lab, "check")
-    assert check.exit_code == 0, check.output
+    assert_each_stored_once(toy_lab, [*images, resynthesis, *queries], queries=len(queries))

@@ -20,7 +20,16 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from hostile_files import file_sha, good_images, index_problems, rsx, store_state
+from hostile_files import (
+    assert_each_stored_once,
+    file_sha,
+    good_images,
+    index_problems,
+    overlapping_folders,
+    rsx,
+    store_state,
+    with_imported_resynthesis,
+)
 from postgres import wait_until
 from sqlalchemy import Engine, insert, text
 from sqlalchemy.orm import Session
@@ -438,20 +447,9 @@ def _rsx_process(lab: Path, *args: str) -> subprocess.Popen[str]:
 def test_two_ingest_processes_and_a_query_at_once(engine_lab: Path, tmp_path: Path) -> None:
     """Two `rsx ingest` processes over overlapping folders and an `rsx query`, started together;
     every image is stored, embedded and indexed exactly once, and the lab checks clean."""
-    assert rsx(engine_lab, "generator", "add", "imp", "--imported").exit_code == 0
-    [resynthesis] = good_images(tmp_path / "resynthesis", 1, seed=700)
-    stored = rsx(
-        engine_lab, "ingest", str(resynthesis), "--role", "resynthesis", "--generator", "imp",
-        "--caption", CAPTION,
-    )  # fmt: skip
-    assert stored.exit_code == 0, stored.output
-    images = good_images(tmp_path / "pool", 10, seed=300)
-    first, second = tmp_path / "first", tmp_path / "second"
-    first.mkdir(), second.mkdir()
-    for path in images[:7]:  # 0..6 and 3..9: an overlap of four
-        (first / path.name).write_bytes(path.read_bytes())
-    for path in images[3:]:
-        (second / path.name).write_bytes(path.read_bytes())
+    resynthesis = with_imported_resynthesis(engine_lab, tmp_path / "resynthesis", CAPTION, seed=700)
+    # 0..6 and 3..9: an overlap of four
+    images, first, second = overlapping_folders(tmp_path, 10, first_end=7, second_start=3)
     [query] = good_images(tmp_path / "query", 1, seed=800)
 
     processes = [
@@ -468,14 +466,7 @@ def test_two_ingest_processes_and_a_query_at_once(engine_lab: Path, tmp_path: Pa
     assert len(added) == 2 and sum(added) == len(images), outputs  # each image added once
     assert json.loads(outputs[2][0])["verdict"] == "imp"
 
-    state = store_state(engine_lab)
-    expected = {file_sha(p) for p in [*images, resynthesis, query]}
-    assert state.images == expected and state.blobs == expected
-    assert state.embeddings == state.embedded_images == len(expected)
-    assert state.queries == 1
-    assert index_problems(engine_lab) == []
-    check = rsx(engine_lab, "check")
-    assert check.exit_code == 0, check.output
+    assert_each_stored_once(engine_lab, [*images, resynthesis, query], queries=1)
 
 
 # --------------------------------------------------------------------------- rsx init

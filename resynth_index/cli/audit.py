@@ -12,7 +12,7 @@ import json
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -88,7 +88,7 @@ def history(
         total = audit.count_query_history(session, criteria)
     if as_json:
         for entry in entries:
-            click.echo(json.dumps(_entry_json(entry), sort_keys=True))
+            click.echo(json.dumps(entry.as_json(), sort_keys=True))
         return
     filtered = criteria != audit.HistoryFilter()
     if not entries:
@@ -197,19 +197,6 @@ def _check_report_target(report: Path, force: bool) -> None:
         raise click.ClickException(f"cannot write the report {report}: it is a folder")
     if (report.exists() or report.is_symlink()) and not force:
         raise click.ClickException(f"report {report} already exists; pass --force to replace it")
-
-
-def _entry_json(entry: AuditEntry) -> dict[str, Any]:
-    """One record as ``--json`` prints it: the names ``rsx query --json`` uses, full values."""
-    return {
-        "query_id": entry.query_id,
-        "created_at": entry.created_at.isoformat(),
-        "sha256": entry.image_sha256,
-        "image": entry.image_path,
-        "verdict": entry.verdict,
-        "caption": entry.caption,
-        "caption_source": entry.caption_source,
-    }
 
 
 def _table(entries: list[AuditEntry]) -> list[str]:

@@ -41,6 +41,47 @@ _DTYPE_HELP = (
 )
 
 
+def _generation_options(*, editing: bool):
+    """The generation settings `generator add` takes and `generator set` changes.
+
+    When editing, an empty --scheduler or --negative-prompt clears what was set.
+    """
+    scheduler_help = "A diffusers scheduler class name, e.g. DDIMScheduler"
+    negative_help = "Negative prompt for every resynthesis"
+    options = [
+        click.option("--steps", type=click.IntRange(min=1), help="Denoising steps."),
+        click.option(
+            "--guidance",
+            type=float,
+            callback=_finite_guidance,
+            help="Classifier-free guidance scale.",
+        ),
+        click.option("--size", help="Output size WIDTHxHEIGHT."),
+        click.option(
+            "--scheduler",
+            help=scheduler_help + ("; '' keeps the pipeline's own." if editing else "."),
+        ),
+        click.option(
+            "--negative-prompt", help=negative_help + ("; '' for none." if editing else ".")
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+            help=_DTYPE_HELP,
+        ),
+        click.option(
+            "--resyntheses", type=click.IntRange(min=1), help="Resyntheses per caption (K)."
+        ),
+    ]
+
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
 @generator.command("add")
 @click.argument("name")
 @click.option(
@@ -57,20 +98,7 @@ _DTYPE_HELP = (
 )
 @click.option("--imported", is_flag=True, help="A service the lab cannot run; ingest its images.")
 @click.option("--toy", "toy_seed", type=int, help="A toy pipeline built from this seed.")
-@click.option("--steps", type=click.IntRange(min=1), help="Denoising steps.")
-@click.option(
-    "--guidance",
-    type=float,
-    callback=_finite_guidance,
-    help="Classifier-free guidance scale.",
-)
-@click.option("--size", help="Output size WIDTHxHEIGHT.")
-@click.option("--scheduler", help="A diffusers scheduler class name, e.g. DDIMScheduler.")
-@click.option("--negative-prompt", help="Negative prompt for every resynthesis.")
-@click.option(
-    "--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), help=_DTYPE_HELP
-)
-@click.option("--resyntheses", type=click.IntRange(min=1), help="Resyntheses per caption (K).")
+@_generation_options(editing=False)
 @click.option(
     "--check-load", is_flag=True, help="Also load the pipeline once before registering it."
 )
@@ -235,23 +263,7 @@ def generator_restore(ctx, name: str) -> None:
 
 @generator.command("set")
 @click.argument("name")
-@click.option("--steps", type=click.IntRange(min=1), help="Denoising steps.")
-@click.option(
-    "--guidance",
-    type=float,
-    callback=_finite_guidance,
-    help="Classifier-free guidance scale.",
-)
-@click.option("--size", help="Output size WIDTHxHEIGHT.")
-@click.option(
-    "--scheduler",
-    help="A diffusers scheduler class name, e.g. DDIMScheduler; '' keeps the pipeline's own.",
-)
-@click.option("--negative-prompt", help="Negative prompt for every resynthesis; '' for none.")
-@click.option(
-    "--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), help=_DTYPE_HELP
-)
-@click.option("--resyntheses", type=click.IntRange(min=1), help="Resyntheses per caption (K).")
+@_generation_options(editing=True)
 @click.pass_context
 def generator_set(
     ctx, name, steps, guidance, size, scheduler, negative_prompt, dtype, resyntheses

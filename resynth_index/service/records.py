@@ -59,7 +59,7 @@ def history(lab: Lab, q: str = "", *, limit: int = 20, offset: int = 0) -> Histo
         if not q:
             total = audit.count_query_history(session)
             rows = audit.query_history(session, limit=limit, offset=offset)
-            return HistoryPage(total, limit, offset, q, [_entry(row) for row in rows])
+            return HistoryPage(total, limit, offset, q, [row.as_json() for row in rows])
         by_caption = audit.HistoryFilter(caption_contains=q)
         filters = [by_caption]
         total = audit.count_query_history(session, by_caption)
@@ -75,19 +75,7 @@ def history(lab: Lab, q: str = "", *, limit: int = 20, offset: int = 0) -> Histo
                 merged[row.query_id] = row
     newest_first = [merged[i] for i in sorted(merged, reverse=True)]
     page = newest_first[offset : offset + limit]
-    return HistoryPage(total, limit, offset, q, [_entry(row) for row in page])
-
-
-def _entry(row: Any) -> dict[str, Any]:
-    return {
-        "query_id": row.query_id,
-        "created_at": row.created_at.isoformat(),
-        "sha256": row.image_sha256,
-        "image": row.image_path,
-        "verdict": row.verdict,
-        "caption": row.caption,
-        "caption_source": row.caption_source,
-    }
+    return HistoryPage(total, limit, offset, q, [row.as_json() for row in page])
 
 
 def audit_record(lab: Lab, query_id: int) -> dict[str, Any] | None:

@@ -108,6 +108,19 @@ class AuditEntry:
     caption: str
     caption_source: str
 
+    def as_json(self) -> dict[str, Any]:
+        """The record in the names ``rsx query --json`` uses, full values (history --json, the
+        service's history page)."""
+        return {
+            "query_id": self.query_id,
+            "created_at": self.created_at.isoformat(),
+            "sha256": self.image_sha256,
+            "image": self.image_path,
+            "verdict": self.verdict,
+            "caption": self.caption,
+            "caption_source": self.caption_source,
+        }
+
 
 def query_history(
     session: Session,
