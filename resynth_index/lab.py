@@ -20,6 +20,7 @@ from resynth_index.config import DATABASE_FILE, SETTINGS_FILE, LabSettings
 from resynth_index.errors import RsxError, StoreError
 from resynth_index.store import embeddings, migrate, repository
 from resynth_index.store.blobs import BlobStore
+from resynth_index.store.digests import StoredDigests
 from resynth_index.store.engine import (
     database_url,
     make_engine,
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from resynth_index.models.embedders import Embedder, EmbedderSpec
     from resynth_index.models.generators.protocol import GenerationSettings, Generator
     from resynth_index.store.integrity import CheckReport
-    from resynth_index.store.vectors import VectorIndex
+    from resynth_index.store.vectors import SyncReport, VectorIndex
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class Lab:
         self.engine = make_engine(url or sqlite_url(root / DATABASE_FILE))
         self._sessions = make_sessionmaker(self.engine)
         self.blobs = BlobStore(_blob_root(root, settings.blobs))
+        # the digests of files read before (weights, ingested images), kept in the database
+        self.file_digests = StoredDigests(self.engine)
         self._generators: dict[str, Generator] = {}
         self._embedder: Embedder | None = None
         if embedder is not None:
@@ -234,7 +237,10 @@ class Lab:
 
     @cached_property
     def index(self) -> VectorIndex:
-        """The FAISS index of the lab's embeddings, caught up with (or rebuilt from) the store."""
+        """The FAISS index of the lab's embeddings, caught up with (or rebuilt from) the store.
+
+        Opening it reads and hashes the whole file, and may rewrite it: O(N). Syncs and checks
+        open it; a query does not (see ``loaded_index``)."""
         from resynth_index.store.vectors import VectorIndex
 
         return VectorIndex.open(
@@ -253,13 +259,19 @@ class Lab:
         """Every stored embedding of the lab's embedder with id > after_id, in batches."""
         return self._embedding_feed(after_id)
 
-    def sync_index(self) -> None:
+    def loaded_index(self) -> VectorIndex | None:
+        """The index if this lab object has opened it already (``rsx serve`` keeps it loaded),
+        else None. Never opens it: a query that needs a few vectors must not pay O(N) for them;
+        it reads them from the database instead."""
+        return self.__dict__.get("index")
+
+    def sync_index(self) -> SyncReport:
         """Add the embeddings stored since the index was last brought up to date, then save it:
         those above its watermark, and those with lower ids that committed late (see
-        ``VectorIndex.catch_up``)."""
-        index = self.index
-        if index.catch_up(self.embedding_source, self._embedding_feed):
-            index.save()
+        ``VectorIndex.catch_up``). A missing, unusable or foreign file is rebuilt. Called after
+        batches of writes (ingest, resynthesis, ``rsx index sync``, an idle service), never per
+        query. Says what changed since the index was opened or last synced."""
+        return self.index.sync(self.embedding_source, self._embedding_feed)
 
     def check(self, repair: bool = False) -> CheckReport:
         """``rsx check``: compare the database with the blobs and the index; with ``repair``
@@ -317,7 +329,9 @@ class Lab:
                 raise RsxError(f"a {kind} generator needs its model files")
             stored_source = self._portable_path(Path(source))
         record = settings_record(kind, resyntheses, settings, config)
-        model = build_generator(name, kind, self._absolute(stored_source), record)
+        model = build_generator(
+            name, kind, self._absolute(stored_source), record, digests=self.file_digests
+        )
         fingerprint = model.fingerprint  # hashes the weight files; fails early on a bad path
         if isinstance(model, DiffusersGenerator):
             model.validate(check_load=check_load)
@@ -433,14 +447,18 @@ class Lab:
         if revised is None:
             return None
         source = self._absolute(row.source)
-        current = factory.build_generator(row.name, row.kind, source, row.settings_json)
+        current = factory.build_generator(
+            row.name, row.kind, source, row.settings_json, digests=self.file_digests
+        )
         if current.fingerprint != row.fingerprint:
             raise StoreError(
                 f"generator {name!r} no longer matches what was registered (fingerprint "
                 f"{current.fingerprint[:12]}, registered {row.fingerprint[:12]}): its files "
                 "changed; register the new one under another name"
             )
-        fingerprint = factory.build_generator(row.name, row.kind, source, revised).fingerprint
+        fingerprint = factory.build_generator(
+            row.name, row.kind, source, revised, digests=self.file_digests
+        ).fingerprint
         record = factory.with_settings_change(
             row.settings_json,
             revised,
@@ -480,7 +498,12 @@ class Lab:
 
         if row.name not in self._generators:
             model = build_generator(
-                row.name, row.kind, self._absolute(row.source), row.settings_json, self.device
+                row.name,
+                row.kind,
+                self._absolute(row.source),
+                row.settings_json,
+                self.device,
+                digests=self.file_digests,
             )
             if model.fingerprint != row.fingerprint:
                 raise StoreError(

@@ -181,12 +181,12 @@ def bench_query(
     for i, image in enumerate(made):
         paths.append(folder / f"q{i}.png")
         image.save(paths[-1])
-    [first] = run_queries(lab, [paths[0]], caption=QUERY_CAPTION)  # generates 3k, syncs index
+    [first] = run_queries(lab, [paths[0]], caption=QUERY_CAPTION)  # generates 3k
     assert first.generated == 3 * k, first
     warm = []
     for path in paths[1:]:
         start = time.perf_counter()
-        [answer] = run_queries(lab, [path], caption=QUERY_CAPTION, sync_index=False)
+        [answer] = run_queries(lab, [path], caption=QUERY_CAPTION)
         warm.append(time.perf_counter() - start)
         assert answer.generated == 0 and answer.reused == 3 * k
     query_s = statistics.median(warm)

@@ -118,7 +118,7 @@ def bench_warm(lab_dir: Path, image: Path, caption: str, n: int) -> list[Row]:
             response.raise_for_status()
 
         def in_process() -> None:
-            run_queries(lab, [image], caption=caption, sync_index=False)
+            run_queries(lab, [image], caption=caption)
 
         sides = {"stdlib": over_stdlib, "httpx": over_httpx, "local": in_process}
         for _ in range(3):  # warm: models, connections, the worker's memo of warm captions
@@ -253,7 +253,7 @@ def reference_verdicts(
     found = {}
     with Lab.open(pristine) as lab:
         for k, caption in sorted(pairs):
-            [result] = run_queries(lab, [images[k]], caption=caption, sync_index=False)
+            [result] = run_queries(lab, [images[k]], caption=caption)
             assert isinstance(result, QueryResult), result
             found[(k, caption)] = result.verdict
     return found

@@ -277,12 +277,15 @@ def overlapping_folders(tmp_path: Path, count: int, first_end: int, second_start
 
 def assert_each_stored_once(lab: Path, files: list[Path], queries: int) -> None:
     """Every file is stored, embedded and indexed once, the lab holds ``queries`` queries and
-    `rsx check` finds nothing wrong."""
+    `rsx check` finds nothing wrong. A query leaves its own embedding to the next sync, so the
+    index is synced first, as `rsx index sync` does after a burst of queries."""
     state = store_state(lab)
     expected = {file_sha(p) for p in files}
     assert state.images == expected and state.blobs == expected
     assert state.embeddings == state.embedded_images == len(expected)
     assert state.queries == queries
+    synced = rsx(lab, "index", "sync")
+    assert synced.exit_code == 0, synced.output
     assert index_problems(lab) == []
     check = rsx(lab, "check")
     assert check.exit_code == 0, check.output

@@ -69,9 +69,12 @@ def test_a_damaged_index_is_detected_then_rebuilt_from_the_database(lab, tmp_pat
     check = rsx(lab, "check")
     assert check.exit_code == 1
     assert f"problem: index {path.name}: index file" in check.output  # missing / unreadable
-    again = query(lab, suspect)  # opening the index rebuilds it from the database
+    again = query(lab, suspect)  # a query reads its vectors from the database, not the index
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["ranking"][0]["distances"] == distances
+    assert rsx(lab, "check").exit_code == 1  # and never writes the index: the damage stays
+    synced = rsx(lab, "index", "sync")  # rebuilds it from the database
+    assert synced.exit_code == 0 and "rebuilt from the database" in synced.output
     assert index_problems(lab) == []
     assert rsx(lab, "check").exit_code == 0
 

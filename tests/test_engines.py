@@ -409,6 +409,9 @@ def test_query_names_the_source_and_the_second_generates_nothing(
     assert again["generated"] == 0 and again["reused"] == 3
     assert again["ranking"] == first["ranking"]
     assert store_state(engine_lab).queries == 2
+    assert index_problems(engine_lab) == ["index file missing"]  # queries never write it
+    synced = rsx(engine_lab, "index", "sync")
+    assert synced.exit_code == 0, synced.output
     assert index_problems(engine_lab) == []
 
 

@@ -162,6 +162,39 @@ def test_calibrations_migration_round_trips(tmp_path: Path) -> None:
     engine.dispose()
 
 
+def test_file_digests_migration_round_trips(tmp_path: Path) -> None:
+    """0005 adds the file_digests table (64-bit stats) and takes it away; nothing else changes."""
+    import os
+
+    from resynth_index.hashing import file_stat
+    from resynth_index.store import digests
+    from resynth_index.store.engine import make_sessionmaker
+
+    db = tmp_path / "lab.sqlite"
+    engine = make_engine(sqlite_url(db))
+    migrate.upgrade(engine, "0004_calibrations")
+    _fill_first_revision(db)
+    before = _rows(db)
+    migrate.upgrade(engine, "0005_file_digests")
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"w" * 10)
+    os.utime(weights, ns=(10**18, 10**18))  # 2001: nanoseconds past 2**32, settled long ago
+    stat = file_stat(weights)
+    with make_sessionmaker(engine).begin() as session:
+        assert digests.remember(session, [(stat, "a" * 64)]) == 1
+    with make_sessionmaker(engine).begin() as session:
+        assert digests.remembered(session, [stat]) == {stat: "a" * 64}
+    migrate.downgrade(engine, "0004_calibrations")
+    assert migrate.current_revision(engine) == "0004_calibrations"
+    with sqlite3.connect(db) as connection:
+        tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master")}
+    assert "file_digests" not in tables and "calibrations" in tables and _rows(db) == before
+    migrate.upgrade(engine)
+    with make_sessionmaker(engine).begin() as session:
+        assert digests.remembered(session, [stat]) == {}
+    engine.dispose()
+
+
 def test_head_schema_matches_the_models(tmp_path: Path) -> None:
     engine = make_engine(sqlite_url(tmp_path / "lab.sqlite"))
     migrate.upgrade(engine)

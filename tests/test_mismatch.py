@@ -87,8 +87,10 @@ def test_an_index_file_from_another_embedder_is_never_searched(toy_lab, tmp_path
     assert check.exit_code == 1
     [line] = [line for line in check.output.splitlines() if line.startswith("problem:")]
     assert f"index was built by embedder {'e' * 12}, the lab uses {ours[:12]}" in line
-    again = rsx(toy_lab, *args, "--json")
+    again = rsx(toy_lab, *args, "--json")  # its vectors come from this embedder's rows
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["ranking"] == json.loads(first.stdout)["ranking"]
+    assert _read_header(path)["fingerprint"] == "e" * 64  # a query never writes the index
+    assert rsx(toy_lab, "index", "sync").exit_code == 0
     assert _read_header(path)["fingerprint"] == ours  # rebuilt from this embedder's rows
     assert index_problems(toy_lab) == []

@@ -88,10 +88,30 @@ def test_bad_input_is_one_line(toy_lab, tmp_path):
     assert missing.exit_code == 1 and "nope.txt" in missing.output
 
 
-def test_each_batch_is_stored_before_the_next_and_batching_changes_no_pixel(toy_lab):
+def test_a_batch_is_stored_while_the_next_is_generated_and_batching_changes_no_pixel(
+    toy_lab, monkeypatch
+):
+    """The overlap is forced, not timed: storing batch k waits until batch k+1's generation has
+    begun (a sequential loop would never let it: the wait times out and the log shows it)."""
+    import threading
+
+    from resynth_index.pipeline import resynthesis
     from resynth_index.pipeline.resynthesis import resynthesize, runnable_generators
 
     captions = {f"h{i}": f"caption number {i}" for i in range(5)}
+    log: list[str] = []
+    began = [threading.Event() for _ in range(4)]  # batch k's generation has begun
+    real_store = resynthesis.store_resyntheses
+
+    def slow_store(lab, row, settings_hash, chunk, *args, **kwargs):
+        batch = len([e for e in log if e.startswith("store")])
+        if batch < 2 and not began[batch + 1].wait(timeout=30):  # the last batch has no next
+            log.append(f"store {batch} gave up waiting")
+        ids = real_store(lab, row, settings_hash, chunk, *args, **kwargs)
+        log.append(f"store {batch}")
+        return ids
+
+    monkeypatch.setattr(resynthesis, "store_resyntheses", slow_store)
     with Lab.open(toy_lab) as lab:
         [row] = [r for r in runnable_generators(lab) if r.name == "toy-b"]
         model = lab.generator_model(row)
@@ -102,12 +122,16 @@ def test_each_batch_is_stored_before_the_next_and_batching_changes_no_pixel(toy_
             with lab.session() as session:
                 stored = session.scalar(select(func.count()).select_from(ResynthesisRow))
             seen.append((len(requests), stored))
+            log.append(f"generate {len(seen) - 1}")
+            began[len(seen) - 1].set()
             return real_generate(requests, batch_size=batch_size, progress=progress)
 
         model.generate = spy
         summary = resynthesize(lab, captions, [row], batch_size=2)
         assert summary.generated == 5
-        assert seen == [(2, 0), (2, 2), (1, 4)]
+        # batch 0 is stored while batch 1 is generated; batch 2 waits for batch 0 to be stored
+        assert log == ["generate 0", "generate 1", "store 0", "generate 2", "store 1", "store 2"]
+        assert seen == [(2, 0), (2, 0), (1, 2)]
         with lab.session() as session:
             sha_of = dict(
                 session.execute(

@@ -11,6 +11,7 @@ from resynth_index.cli import (  # noqa: F401  (each module registers its comman
     demo,
     evaluate,
     generators,
+    index,
     ingest,
     lab_commands,
     query,

@@ -42,14 +42,21 @@ INTERRUPTED_EXIT = 130
     help="How to read PATHS.",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per batch.")
+@click.option(
+    "--reread",
+    is_flag=True,
+    help="Read every file, even one unchanged since it was stored (restores a blob that "
+    "'rsx check' finds altered when its size and times did not change).",
+)
 @click.pass_context
-def ingest(ctx, paths, role, generator_name, caption, seed, layout, batch_size) -> None:
+def ingest(ctx, paths, role, generator_name, caption, seed, layout, batch_size, reread) -> None:
     """Add images, folders and manifests (CSV / JSON lines) to the lab.
 
     Manifest columns: path, role (query | resynthesis | reference), generator, caption, seed;
     relative paths resolve against the manifest. A row with a caption_hash (an exported work
     order) must keep the caption it was exported with. Re-running is cheap: what is stored is
-    skipped, so an interrupted ingest (Ctrl-C) continues where it stopped when run again.
+    skipped, so an interrupted ingest (Ctrl-C) continues where it stopped when run again; a file
+    unchanged since it was stored (same path, size, times, inode) is skipped without being read.
     Arguments and inputs are checked before any model loads.
 
     \b
@@ -81,7 +88,9 @@ def ingest(ctx, paths, role, generator_name, caption, seed, layout, batch_size) 
             )
         if not any(isinstance(item, ingest_module.IngestItem) for item in items):
             _nothing_to_ingest(items)
-        summary = _run(ingest_module, lab, items, batch_size, layout == "resynthesis-dataset")
+        summary = _run(
+            ingest_module, lab, items, batch_size, layout == "resynthesis-dataset", reread
+        )
     except KeyboardInterrupt as interrupt:
         stored = (
             interrupt.summary.added if isinstance(interrupt, ingest_module.IngestInterrupted) else 0
@@ -94,9 +103,12 @@ def ingest(ctx, paths, role, generator_name, caption, seed, layout, batch_size) 
         sys.exit(INTERRUPTED_EXIT)
     for name in summary.generators_added:
         click.echo(f"registered imported generator {name}")
+    unchanged = (
+        f"; {summary.unchanged} unchanged (skipped by size and time)" if summary.unchanged else ""
+    )
     click.echo(
         f"ingest: {summary.added} added, {summary.skipped} skipped (already present), "
-        f"{summary.failed} failed"
+        f"{summary.failed} failed{unchanged}"
     )
     if summary.failed:
         sys.exit(1)
@@ -159,7 +171,7 @@ def _nothing_to_ingest(items: list) -> None:
         raise click.ClickException("; ".join(said))
 
 
-def _run(ingest_module, lab, items: list, batch_size: int | None, dataset: bool):
+def _run(ingest_module, lab, items: list, batch_size: int | None, dataset: bool, reread: bool):
     """Ingest ``items`` with a progress bar on a terminal; failures print as they come."""
     bar = progress_bar("ingesting", len(items))
 
@@ -170,6 +182,7 @@ def _run(ingest_module, lab, items: list, batch_size: int | None, dataset: bool)
         "batch_size": batch_size,
         "on_failure": report_failure,
         "register_missing_as_imported": dataset,
+        "reread": reread,
     }
     if bar is None:
         return ingest_module.ingest(lab, items, **options)

@@ -194,15 +194,19 @@ def _lab_facts(lab: Lab) -> dict[str, Any]:
 def _index_state(lab: Lab, index: IndexFileState, db_count: int, db_max_id: int) -> str:
     """The index file against the database, in a few words."""
     if not index.exists:
-        return "none yet" if db_count == 0 else "missing (rebuilt on next use, or by rsx check)"
+        return (
+            "none yet"
+            if db_count == 0
+            else "missing (rsx index sync or check --repair rebuilds it)"
+        )
     if index.problem is not None:
-        return "unreadable (rebuilt on next use, or by rsx check --repair)"
+        return "unreadable (rsx index sync or check --repair rebuilds it)"
     if index.fingerprint != lab.fingerprint or index.dim != lab.settings.embedder_dim:
-        return "made by another embedder (rebuilt on next use, or by rsx check --repair)"
+        return "made by another embedder (rsx index sync or check --repair rebuilds it)"
     if index.vectors == db_count and index.watermark == db_max_id:
         return "in step with the database"
     if (index.watermark or -1) < db_max_id:
-        return "behind the database (catches up on next use)"
+        return "behind the database (rsx index sync or the next ingest catches up)"
     return "does not match the database (run rsx check)"
 
 

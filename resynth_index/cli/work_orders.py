@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from resynth_index.cli.app import cli, open_lab, progress_bar
+from resynth_index.cli.executors import executor_options, ray_options
 
 
 @cli.command("export-prompts")
@@ -54,24 +55,7 @@ def export_prompts(ctx, generator_name: str | None, out: Path | None) -> None:
 @click.option("--pending", is_flag=True, help="Every caption queries have asked for.")
 @click.option("--generator", "generator_name", help="Only this generator (default: all runnable).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images generated per batch.")
-@click.option(
-    "--executor",
-    type=click.Choice(["local", "ray"]),
-    default="local",
-    show_default=True,
-    help="Generate here, or on a Ray cluster's actors (the [scale] extra).",
-)
-@click.option(
-    "--ray-address",
-    metavar="ADDRESS",
-    help="With --executor ray: 'auto' joins this node's cluster, HOST:PORT another "
-    "(default: start a Ray for this call).",
-)
-@click.option(
-    "--ray-actors",
-    type=click.IntRange(min=1),
-    help="With --executor ray: actors per generator (default: the cluster's GPUs, else CPUs).",
-)
+@executor_options
 @click.pass_context
 def resynthesize(
     ctx,
@@ -86,8 +70,8 @@ def resynthesize(
     """Precompute the missing resyntheses of many captions (fill the cache overnight).
 
     Work is grouped per generator and made in batches; each batch is stored (images, rows,
-    embeddings) before the next, so an interrupted run keeps what it finished and a re-run
-    makes only the rest.
+    embeddings) while the next is generated, so an interrupted run keeps what it generated and a
+    re-run makes only the rest.
 
     \b
     Examples:
@@ -99,8 +83,7 @@ def resynthesize(
 
     if (captions_file is None) == (not pending):
         raise click.UsageError("give either --captions FILE or --pending")
-    if executor == "local" and (ray_address is not None or ray_actors is not None):
-        raise click.UsageError("--ray-address and --ray-actors need --executor ray")
+    on_ray = ray_options(executor, ray_address, ray_actors)
     lab = open_lab(ctx)
     generators = resynthesis.runnable_generators(lab, generator_name)
     if pending:
@@ -116,12 +99,10 @@ def resynthesize(
             bar.__enter__()
 
     run = resynthesis.resynthesize
-    if executor == "ray":
-        from resynth_index.distributed.executor import RayOptions, resynthesize_with_ray
+    if on_ray is not None:
+        from resynth_index.distributed.executor import resynthesize_with_ray
 
-        run = partial(
-            resynthesize_with_ray, options=RayOptions(address=ray_address, actors=ray_actors)
-        )
+        run = partial(resynthesize_with_ray, options=on_ray)
     try:
         summary = run(
             lab,

@@ -38,6 +38,7 @@ from resynth_index.models.generators import factory
 from resynth_index.pipeline.resynthesis import (
     ProgressCallback,
     ProgressEvent,
+    ResynthesisPlan,
     ResynthesizeSummary,
     plan_captions,
     store_resyntheses,
@@ -180,27 +181,47 @@ class RayResynthesizer:
         each stored batch, and ``events`` a ``generate`` event per generator (``done`` 0) and
         after each committed batch.
         """
-        lab = self.lab
-        batch_size = batch_size or lab.settings.generation_batch_size
-        if batch_size < 1:
-            raise RsxError(f"batch size must be at least 1, not {batch_size}")
-        plan, summary = plan_captions(lab, captions, generators)
+        plan, summary = plan_captions(self.lab, captions, generators)
         if on_plan is not None:
             on_plan(summary.generated)
         if not summary.generated:
             return summary
+        self.generate_missing(
+            plan, generators, captions, batch_size=batch_size, progress=progress, events=events
+        )
+        self.lab.sync_index()
+        return summary
+
+    def generate_missing(
+        self,
+        plan: ResynthesisPlan,
+        generators: Sequence[GeneratorRow],
+        caption_texts: dict[str, str],
+        *,
+        batch_size: int | None = None,
+        progress: Callable[[int], None] | None = None,
+        events: ProgressCallback | None = None,
+    ) -> list[int]:
+        """``pipeline.resynthesis.generate_missing`` on the cluster: every missing resynthesis
+        of ``plan`` is made by the actors and stored here as it lands; the plan is updated in
+        place (generated images join ``stored``, ``missing`` is emptied). Returns the image ids
+        generated. ``rsx query --executor ray`` makes its resyntheses through this."""
+        batch_size = batch_size or self.lab.settings.generation_batch_size
+        if batch_size < 1:
+            raise RsxError(f"batch size must be at least 1, not {batch_size}")
         by_name = {row.name: row for row in generators}
         tasks = [
             _Task(self._spec(by_name[name]), by_name[name], chunk, len(work))
             for name, work in plan.missing.items()
             for chunk in (work[i : i + batch_size] for i in range(0, len(work), batch_size))
         ]
+        if not tasks:
+            return []
         self.connect()
         self._ensure_pool(self._pool_size(len(tasks)))
-        self._run(tasks, captions, plan.sha256, batch_size, progress, events)
+        made = self._run(tasks, caption_texts, plan, batch_size, progress, events)
         plan.missing.clear()
-        lab.sync_index()
-        return summary
+        return made
 
     def _spec(self, row: GeneratorRow) -> GeneratorSpec:
         return GeneratorSpec(
@@ -217,12 +238,13 @@ class RayResynthesizer:
         self,
         tasks: list[_Task],
         captions: dict[str, str],
-        sha256_of: dict[int, str],
+        plan: ResynthesisPlan,
         batch_size: int,
         progress: Callable[[int], None] | None,
         events: ProgressCallback | None,
-    ) -> None:
-        """Submit ``tasks`` in plan order (a window of them in flight), store each as it lands.
+    ) -> list[int]:
+        """Submit ``tasks`` in plan order (a window of them in flight), store each as it lands;
+        the image ids made, each joining ``plan.stored``.
 
         Submitted in order, a generator's tasks reach every actor before the next generator's,
         so an actor loads each generator once.
@@ -231,6 +253,7 @@ class RayResynthesizer:
         waiting = list(reversed(tasks))  # popped from the end: plan order
         running: dict[Any, _Task] = {}
         done: dict[str, int] = {}
+        made: list[int] = []
         turn = 0
         while waiting or running:
             while waiting and len(running) < TASKS_PER_ACTOR * len(self.pool):
@@ -255,18 +278,22 @@ class RayResynthesizer:
             if events is not None:
                 event = ProgressEvent("generate", done[task.spec.name], task.of, task.spec.name)
                 committed = partial(events, event)
-            store_resyntheses(
+            image_ids = store_resyntheses(
                 self.lab,
                 task.row,
                 task.spec.settings_hash,
                 task.chunk,
                 images,
-                sha256_of,
+                plan.sha256,
                 on_committed=committed,
             )
             del images
+            for (caption, _seed), image_id in zip(task.chunk, image_ids, strict=True):
+                plan.stored[(caption, task.spec.name)].append(image_id)
+            made.extend(image_ids)
             if progress is not None:
                 progress(len(task.chunk))
+        return made
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,10 @@ Weights can be given three ways:
   ``open_clip.add_model_config``). Pickled checkpoints are read with ``weights_only=True`` only.
 - ``"random:<seed>"``: random weights for ``arch`` drawn from the seed (benchmarks and tests).
 
+A checkpoint is loaded into a model built empty (no random initialisation to overwrite), and only
+the image tower is kept, on the device: nothing embeds text. Weights and vectors are bit-identical
+to building the whole CLIP initialised and copying the checkpoint over it (see `_load_open_clip`).
+
 Layer ``N`` (1-based) is the class token of the output of vision transformer block ``N``
 (``model.visual.transformer.resblocks[N-1]``), before the final LayerNorm and projection; the
 forward pass stops after that block. ``layer=None`` is the projected final embedding.
@@ -37,6 +41,8 @@ import numpy as np
 from resynth_index.errors import ModelLoadError, RsxError
 from resynth_index.models.devices import resolve_device
 from resynth_index.models.fingerprints import combine, hash_json, hash_state_dict
+
+_log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -315,7 +321,8 @@ def _find_folder_checkpoint(folder: Path) -> Path:
 
 @contextlib.contextmanager
 def _quiet_random_init_warning() -> Iterator[None]:
-    """Hide open_clip's 'initialized randomly' warning: the weights are loaded right after."""
+    """Hide open_clip's 'initialized randomly' warning: it is printed whenever open_clip is not
+    given the checkpoint itself, which is always (see `_load_open_clip`)."""
 
     def keep(record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("No pretrained weights loaded")
@@ -329,15 +336,19 @@ def _quiet_random_init_warning() -> Iterator[None]:
 
 
 def _load_open_clip(spec: EmbedderSpec, device: str, precision: str) -> tuple[Any, Any, dict]:
-    """Build the model through open_clip's factory, then load the weights safely ourselves.
+    """Build the model through open_clip's factory, load the weights safely ourselves, and keep
+    only the image tower, on ``device``.
 
     open_clip is never given the checkpoint: for pickled files its loader falls back to an unsafe
     ``torch.load`` on some errors, so safetensors go through ``open_clip.load_checkpoint`` and
     everything else through ``torch.load(weights_only=True)``.
-    """
-    import open_clip
-    import torch
 
+    With a checkpoint, the model is built empty (`_build_empty`) and the checkpoint's tensors are
+    assigned to it, so no random initialisation is drawn only to be overwritten (for ViT-L/14@336
+    that init cost 3 s). ``random:<seed>`` weights are still drawn exactly as before, from the
+    seed, because they are the weights. Either way the text tower is dropped before anything
+    moves to ``device``: only images are embedded, and the fingerprint covers the image tower only.
+    """
     seed = 0
     checkpoint: Path | None = None
     if spec.weights.startswith(LOCAL_DIR_PREFIX):
@@ -362,39 +373,137 @@ def _load_open_clip(spec: EmbedderSpec, device: str, precision: str) -> tuple[An
         model_name = spec.arch.replace("/", "-")
         source = str(checkpoint)
 
-    try:
-        with torch.random.fork_rng(devices=[]), _quiet_random_init_warning():
-            torch.manual_seed(seed)
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name,
-                pretrained=None,
-                load_weights=False,
-                precision=precision,
-                device=device,
-                pretrained_image=False,
-                pretrained_text=False,
-                weights_only=True,
-            )
-    except Exception as exc:  # open_clip raises bare RuntimeError/ValueError/TypeError
-        raise ModelLoadError(
-            f"could not build the CLIP model {source}: {_first_line(exc)}"
-        ) from exc
+    built = None
     if checkpoint is not None:
-        _load_checkpoint(model, checkpoint)
+        built = _build_empty(model_name, precision)
+        if built is not None:
+            _load_checkpoint(built[0], checkpoint, assign_on=device)
+            if _meta_tensors(built[0].visual):
+                # a conversion in open_clip's loader read the empty model's values (none known)
+                _log.debug("open_clip left %s partly unloaded; loading it the slow way", source)
+                built = None
+    if built is not None:
+        model, preprocess = built
+    else:
+        model, preprocess = _build_initialised(model_name, source, precision, seed)
+        if checkpoint is not None:
+            _load_checkpoint(model, checkpoint)
+    _keep_image_tower(model)
+    model.to(device)
     model.eval()
     return model, preprocess, model_config
 
 
-def _load_checkpoint(model: Any, checkpoint: Path) -> None:
+def _create(model_name: str, precision: str, device: str) -> tuple[Any, Any]:
     import open_clip
+
+    with _quiet_random_init_warning():
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name,
+            pretrained=None,
+            load_weights=False,
+            precision=precision,
+            device=device,
+            pretrained_image=False,
+            pretrained_text=False,
+            weights_only=True,
+        )
+    return model, preprocess
+
+
+def _build_initialised(model_name: str, source: str, precision: str, seed: int) -> tuple[Any, Any]:
+    """The model with open_clip's random initialisation drawn from ``seed``, on the CPU.
+
+    This is how every model was built before `_build_empty` existed, and it stays the only way
+    for ``random:<seed>`` weights: the vision tower is created, and draws its random numbers,
+    before the text tower, so dropping the text tower afterwards leaves those weights (and the
+    fingerprints of labs made with them) exactly as they were. The global RNG is left alone.
+    """
+    torch = _torch()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return _create(model_name, precision, "cpu")
+    except Exception as exc:  # open_clip raises bare RuntimeError/ValueError/TypeError
+        raise ModelLoadError(
+            f"could not build the CLIP model {source}: {_first_line(exc)}"
+        ) from exc
+
+
+def _build_empty(model_name: str, precision: str) -> tuple[Any, Any] | None:
+    """The model with the final dtypes but no storage (on the "meta" device), or None.
+
+    Constructing under ``torch.device("meta")`` makes every ``torch.randn`` and ``nn.init`` call
+    in open_clip's constructors a no-op on storage-less tensors, so nothing is drawn or written;
+    the checkpoint's tensors are then assigned (`_assign_weights`). The device context is a
+    thread-local torch function mode, so other threads building models meanwhile are unaffected.
+
+    None when that cannot work and the caller must build the model initialised: the constructor
+    needed real values (e.g. a timm tower calling ``.item()``), or the image tower holds tensors
+    that no checkpoint carries (non-persistent buffers, plain tensor attributes), which would
+    stay empty. Errors are not reported here; the initialised build repeats them in full.
+    """
+    torch = _torch()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            model, preprocess = _create(model_name, precision, "meta")
+    except Exception as exc:
+        _log.debug("cannot build %s empty (%s); initialising it", model_name, _first_line(exc))
+        return None
+    if _meta_tensors(model.visual, include_state=False):
+        _log.debug("%s holds tensors no checkpoint fills; initialising it", model_name)
+        return None
+    return model, preprocess
+
+
+def _meta_tensors(module: Any, include_state: bool = True) -> list[str]:
+    """Names of the storage-less tensors in ``module``: its parameters and buffers (only those
+    outside the state dict when ``include_state`` is False) and plain tensor attributes."""
+    torch = _torch()
+    in_state = set(module.state_dict()) if not include_state else set()
+    found = [
+        name
+        for name, tensor in (*module.named_parameters(), *module.named_buffers())
+        if tensor.is_meta and name not in in_state
+    ]
+    for prefix, sub in module.named_modules():
+        for attr, value in vars(sub).items():
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                found.append(f"{prefix}.{attr}" if prefix else attr)
+    return found
+
+
+def _keep_image_tower(model: Any) -> None:
+    """Delete everything from the CLIP model but its image tower ``visual``.
+
+    The text tower (``transformer``, ``token_embedding``, ... or ``text``), the logit scale and
+    the text attention mask are never used to embed images (nothing in rsx calls
+    ``encode_text``), so they would only take memory on the device. ``encode_image`` and
+    ``model.visual`` keep working; ``encode_text`` raises AttributeError.
+    """
+    for name, _ in list(model.named_children()):
+        if name != "visual":
+            delattr(model, name)
+    for name, _ in [*model.named_parameters(recurse=False), *model.named_buffers(recurse=False)]:
+        delattr(model, name)
+
+
+def _load_checkpoint(model: Any, checkpoint: Path, *, assign_on: str | None = None) -> None:
+    """Load ``checkpoint`` into ``model``: copy its tensors into an initialised model, or, with
+    ``assign_on`` (a device), assign them to an empty one (`_build_empty`), the image tower's
+    placed on that device. Every failure is a ModelLoadError naming the file."""
     import torch
 
     try:
         if checkpoint.suffix == ".safetensors":
-            open_clip.load_checkpoint(model, str(checkpoint), strict=True, weights_only=True)
-            return
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(_plain_state_dict(state, checkpoint), strict=True)
+            state = _open_clip_state_dict(model, checkpoint)
+        else:
+            loaded = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            state = _plain_state_dict(loaded, checkpoint)
+        if assign_on is not None:
+            _assign_weights(model, state, assign_on)
+        else:
+            model.load_state_dict(state, strict=True)
     except pickle.UnpicklingError as exc:
         raise ModelLoadError(
             f"CLIP weights {checkpoint} hold more than plain tensors and were not unpickled "
@@ -406,6 +515,63 @@ def _load_checkpoint(model: Any, checkpoint: Path) -> None:
         raise ModelLoadError(
             f"could not load CLIP weights {checkpoint}: {_first_line(exc)}"
         ) from exc
+
+
+def _open_clip_state_dict(model: Any, checkpoint: Path) -> dict[str, Any]:
+    """The state dict ``open_clip.load_checkpoint`` would load from a .safetensors file.
+
+    Its loader reads the file with safetensors and then adapts the dict to the model (third-party
+    layouts, position embeddings resized to the model's grid, logit scale shapes) before its final
+    ``model.load_state_dict`` call. That call is captured instead of run, so those adaptations
+    stay exactly open_clip's, and the caller decides how the tensors get into the model. They only
+    read the model's shapes, which an empty model has.
+    """
+    import open_clip
+
+    captured: list[dict[str, Any]] = []
+
+    def capture(state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> None:
+        captured.append(state_dict)
+
+    model.load_state_dict = capture  # an instance attribute shadows the method until deleted
+    try:
+        open_clip.load_checkpoint(model, str(checkpoint), strict=True, weights_only=True)
+    finally:
+        del model.load_state_dict
+    if len(captured) != 1:
+        raise ModelLoadError(f"open_clip did not load CLIP weights {checkpoint} as expected")
+    return captured[0]
+
+
+def _assign_weights(model: Any, state: Mapping[str, Any], device: str) -> None:
+    """Put the checkpoint's tensors into an empty model, as the copying load would have.
+
+    ``load_state_dict(assign=True)`` checks keys and shapes exactly like the strict copying load
+    (so a checkpoint is accepted or refused as before) but would keep each given tensor as it is.
+    So each image-tower tensor is first copied, the way the copying load did it: ``copy_`` into a
+    new, uninitialised tensor of the dtype open_clip chose for it at this precision, on
+    ``device``. The weights therefore come out bit-identical (same rounding of fp32 to fp16,
+    same contiguous layout), and the model owns them: safetensors hands out tensors mapped from
+    the file, which would change, or fault, with the file if it were rewritten in place.
+    The text tower's tensors are assigned untouched: they are dropped right after
+    (`_keep_image_tower`). A tensor of the wrong shape is left for ``load_state_dict`` to refuse.
+    """
+    torch = _torch()
+    expected = model.state_dict()
+    weights: dict[str, Any] = {}
+    for key, value in state.items():
+        want = expected.get(key)
+        if (
+            key.startswith("visual.")
+            and want is not None
+            and isinstance(value, torch.Tensor)
+            and not value.is_meta  # left empty for the caller to notice (`_meta_tensors`)
+            and value.shape == want.shape
+        ):
+            with torch.no_grad():
+                value = torch.empty(want.shape, dtype=want.dtype, device=device).copy_(value)
+        weights[key] = value
+    model.load_state_dict(weights, strict=True, assign=True)
 
 
 def _plain_state_dict(state: Any, checkpoint: Path) -> dict[str, Any]:

@@ -2,7 +2,10 @@
 
 Ingest is idempotent by content hash and resumable: each batch is stored (blobs, rows, then
 embeddings) before the next begins, and what already landed is skipped on a re-run. A bad file
-fails alone with one line naming it.
+fails alone with one line naming it. A file read and stored has its digest remembered with its
+stat, and so has its blob (``store/digests.py``); a re-run skips the files whose stat still
+matches and whose image (blob unchanged too) and role are stored, without opening them
+(``pipeline/unchanged.py``), and reads the rest; ``reread`` reads every file.
 
 A resynthesis fills one slot (generator, caption, settings, seed), and a slot holds one image. A
 delivery of another image for a slot already filled is refused (it fails, with a line saying so)
@@ -32,12 +35,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from resynth_index.errors import RsxError
+from resynth_index.hashing import FileStat, file_stat
 from resynth_index.media.captions import caption_hash, normalise_caption, sidecar_text
 from resynth_index.media.folders import walk_files
 from resynth_index.media.images import IMAGE_SUFFIXES, LoadedImage, load_image_file
 from resynth_index.media.metadata import embedded_prompt
 from resynth_index.models.generators import factory
 from resynth_index.pipeline.intake import store_images, write_embeddings
+from resynth_index.pipeline.unchanged import unchanged_items
 from resynth_index.pipeline.work_orders import restore_cell
 from resynth_index.store import embeddings, repository
 from resynth_index.store.models import GeneratorRow
@@ -83,6 +88,7 @@ class IngestSummary:
     skipped: int = 0
     failures: list[IngestFailure] = field(default_factory=list)
     generators_added: list[str] = field(default_factory=list)
+    unchanged: int = 0  # of ``skipped``: found stored by the file's stat, without reading it
 
     @property
     def failed(self) -> int:
@@ -282,6 +288,10 @@ class _Loaded:
     entries: list[tuple[IngestItem, LoadedImage, Any] | IngestFailure]  # Any: the caption
     pixels: Any = None  # (n, 3, H, W) tensor for the images not yet embedded, or None
     pixel_row: dict[str, int] = field(default_factory=dict)  # sha256 -> row of ``pixels``
+    # entry position -> the file's stat before it was read, when unchanged by the read
+    stats: dict[int, FileStat] = field(default_factory=dict)
+    # entry position -> its blob's stat just after it was written (or found intact)
+    blob_stats: dict[int, FileStat] = field(default_factory=dict)
 
 
 def ingest(
@@ -292,8 +302,13 @@ def ingest(
     register_missing_as_imported: bool = False,
     progress: Callable[[int], None] | None = None,
     on_failure: Callable[[IngestFailure], None] | None = None,
+    reread: bool = False,
 ) -> IngestSummary:
     """Store every item, batch by batch; failures are collected, never raised.
+
+    Items stored already whose files are unchanged since are skipped without being opened
+    (counted in ``skipped`` and ``unchanged``; see ``pipeline/unchanged.py``); ``reread`` reads
+    every file instead (to restore a blob whose bytes rotted without a change of stat).
 
     Every item is checked first with reads of the store only (``check_items``): an ingest left
     with nothing to load reports its failures without loading the embedder. Then a loader thread
@@ -316,12 +331,16 @@ def ingest(
 
     try:
         checked = check_items(lab, items, register_missing=register_missing_as_imported)
+        if not reread:
+            checked = _skip_unchanged(lab, checked, summary, progress)
         if not any(isinstance(item, IngestItem) for item in checked):
             for item in checked:
                 if isinstance(item, IngestFailure):  # all of them: nothing is left to load
                     fail(item)
             if progress and checked:
                 progress(len(checked))
+            if summary.unchanged:
+                lab.sync_index()  # as the full path would: a re-run catches the index up
             return summary
         embedder = lab.embedder  # loaded here, before the loader thread may use it
         batches = _batches(checked, batch_size)
@@ -334,6 +353,30 @@ def ingest(
         raise IngestInterrupted(summary) from None
     lab.sync_index()
     return summary
+
+
+def _skip_unchanged(
+    lab: Lab,
+    checked: list[IngestItem | IngestFailure],
+    summary: IngestSummary,
+    progress: Callable[[int], None] | None,
+) -> list[IngestItem | IngestFailure]:
+    """``checked`` less the items stored already whose files are unchanged (counted as skipped
+    and unchanged in ``summary``), found without opening them: see ``pipeline/unchanged.py``."""
+    positions, loadable = [], []
+    for n, item in enumerate(checked):
+        if isinstance(item, IngestItem):
+            positions.append(n)
+            loadable.append(item)
+    found = unchanged_items(lab, loadable)
+    if not found:
+        return checked
+    dropped = {positions[k] for k in found}
+    summary.skipped += len(dropped)
+    summary.unchanged += len(dropped)
+    if progress:
+        progress(len(dropped))
+    return [item for n, item in enumerate(checked) if n not in dropped]
 
 
 def check_items(
@@ -457,20 +500,27 @@ def _prefetch(
 
 def _load_batch(lab: Lab, embedder: Embedder, batch: list, register_missing: bool) -> _Loaded:
     entries: list[tuple[IngestItem, LoadedImage, Any] | IngestFailure] = []
+    stats: dict[int, FileStat] = {}
+    blob_stats: dict[int, FileStat] = {}
     for item in batch:
         if isinstance(item, IngestFailure):
             entries.append(item)
             continue
         try:
+            before = _stat(item.path)
             loaded = load_image_file(item.path, max_pixels=lab.settings.max_pixels)
             caption = _precheck(lab, item, loaded, register_missing)
             # the blob goes in now, ahead of its row: its fsync waits here, not in the
             # consumer's forward pass (a crash before the row leaves an orphan `rsx check` finds)
-            lab.blobs.put(loaded.sha256, loaded.data)
+            blob = _stat(lab.blobs.put(loaded.sha256, loaded.data))  # its bytes just checked
+            if before is not None and before == _stat(item.path):  # not changed while read
+                stats[len(entries)] = before
+            if blob is not None:
+                blob_stats[len(entries)] = blob
             entries.append((item, loaded, caption))
         except RsxError as error:
             entries.append(IngestFailure(str(item.path), _reason(item, error)))
-    batch_loaded = _Loaded(entries)
+    batch_loaded = _Loaded(entries, stats=stats, blob_stats=blob_stats)
     preprocess = getattr(embedder, "preprocess_batch", None)
     if preprocess is None or not hasattr(embedder, "embed_tensors"):
         return batch_loaded
@@ -481,6 +531,14 @@ def _load_batch(lab: Lab, embedder: Embedder, batch: list, register_missing: boo
         batch_loaded.pixels = preprocess([images[sha] for sha in todo])
         batch_loaded.pixel_row = {sha: row for row, sha in enumerate(todo)}
     return batch_loaded
+
+
+def _stat(path: Path) -> FileStat | None:
+    """The file's stat, to remember its digest by; None when it cannot be taken."""
+    try:
+        return file_stat(path)
+    except OSError:
+        return None
 
 
 def _embedded_shas(lab: Lab, shas: list[str]) -> set[str]:
@@ -507,10 +565,13 @@ def _ingest_batch(
 
     An item whose role is refused here (its slot taken by another image of this batch or of a
     concurrent writer) fails; its image row, already written, is embedded like the others so
-    the store stays whole.
+    the store stays whole. Once the rows are committed, the digest of each item stored is
+    remembered with its file's stat, and its blob's (``Lab.file_digests``), for a re-run to
+    skip it unread.
     """
     resolved = []
-    for entry in loaded.entries:
+    blobs: list[tuple[FileStat, str]] = []  # the blobs their rows will point at: stat, digest
+    for position, entry in enumerate(loaded.entries):
         if isinstance(entry, IngestFailure):
             fail(entry)
             continue
@@ -520,16 +581,19 @@ def _ingest_batch(
         except RsxError as error:
             fail(IngestFailure(str(item.path), _reason(item, error)))
             continue
-        resolved.append((item, image, generator, caption))
+        resolved.append((item, image, generator, caption, loaded.stats.get(position)))
+        if position in loaded.blob_stats:
+            blobs.append((loaded.blob_stats[position], image.sha256))
     if not resolved:
         return
     pictures: dict[int, LoadedImage] = {}
+    read: list[tuple[FileStat, str]] = []  # the files stored: their stat and digest
     added = skipped = 0
     with lab.session() as session:
         stored = store_images(
-            lab, [image for _, image, _, _ in resolved], session=session, blobs_written=True
+            lab, [entry[1] for entry in resolved], session=session, blobs_written=True
         )
-        for (item, image, generator, caption), (image_id, new_image) in zip(
+        for (item, image, generator, caption, stat), (image_id, new_image) in zip(
             resolved, stored, strict=True
         ):
             pictures.setdefault(image_id, image)
@@ -542,10 +606,14 @@ def _ingest_batch(
                 added += 1
             else:
                 skipped += 1
+            if stat is not None:
+                read.append((stat, image.sha256))
         known = embeddings.embedding_ids(session, list(pictures), lab.fingerprint)
     # counted once the transaction committed: an interrupted batch counts for nothing
     summary.added += added
     summary.skipped += skipped
+    # never fails the ingest: at worst the next run reads these files again
+    lab.file_digests.remember(read, written=blobs)
     missing = [image_id for image_id in pictures if image_id not in known]
     if not missing:
         return

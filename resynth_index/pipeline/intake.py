@@ -129,10 +129,3 @@ def write_embeddings(lab: Lab, image_ids: Sequence[int], vectors: np.ndarray) ->
         embeddings.add_embeddings(session, lab.fingerprint, image_ids, vectors)
         return embeddings.embedding_ids(session, image_ids, lab.fingerprint)
 
-
-def embedding_vectors(lab: Lab, embedding_ids: Sequence[int]) -> dict[int, np.ndarray]:
-    """Stored vectors by embedding id, read from the database (a few rows, no index scan)."""
-    if not len(embedding_ids):
-        return {}
-    with lab.session() as session:
-        return embeddings.vectors_by_embedding_id(session, embedding_ids)

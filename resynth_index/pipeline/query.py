@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from resynth_index import __version__
-from resynth_index.errors import RsxError
+from resynth_index.errors import RsxError, StoreError
 from resynth_index.media.captions import resolve_caption
 from resynth_index.media.folders import walk_files
 from resynth_index.media.images import IMAGE_SUFFIXES, LoadedImage, load_image_file
@@ -39,7 +39,7 @@ from resynth_index.pipeline.fusion_query import (
     query_reconstruction,
     scorer_for,
 )
-from resynth_index.pipeline.intake import embedding_vectors, ensure_embeddings, store_images
+from resynth_index.pipeline.intake import ensure_embeddings, store_images
 from resynth_index.pipeline.resynthesis import (
     PlannedGenerations,
     ProgressCallback,
@@ -49,7 +49,7 @@ from resynth_index.pipeline.resynthesis import (
     plan_resyntheses,
     record_pending,
 )
-from resynth_index.store import audit, repository
+from resynth_index.store import audit, embeddings, repository
 from resynth_index.store.models import GeneratorRow
 from resynth_index.store.vectors import MissingVectorsError
 
@@ -234,7 +234,6 @@ def run_queries(
     captioner: Captioner | None = None,
     progress: ProgressCallback | None = None,
     on_plan: Callable[[PlannedGenerations], None] | None = None,
-    sync_index: bool = True,
     image_captions: Mapping[Path, str] | None = None,
     image_names: Mapping[Path, str] | None = None,
     method: str = "resynthesis",
@@ -250,11 +249,11 @@ def run_queries(
     so one call answers images asked about with different captions (``rsx serve`` batches
     them); ``image_names`` names some paths in their answers and audit rows (default: the path).
 
-    Lookups read the few vectors each answer needs (from the index, or from the database for
-    embeddings stored since the index was last synced); they never scan the index. With
-    ``sync_index`` (the default) the index file is brought up to date once, at the end of the
-    call. A long-running caller answering images one call at a time can pass ``False`` and call
-    ``lab.sync_index()`` when done: per call, the index is then only read.
+    Lookups read the few vectors each answer needs by id, from the database (or from an index
+    the process already holds in memory, as ``rsx serve`` does): a query costs the same in a lab
+    of ten vectors or a million. It never opens, hashes or writes the index file, which would
+    be O(N): the embeddings it stores (the query images, fresh resyntheses) join the index at
+    the next sync (an ingest, ``rsx index sync``, ``lab.sync_index()``, an idle service).
 
     ``method`` "fused" adds the reconstruction signal of each candidate's autoencoder and ranks
     by the fused score (``pipeline/fusion_query.py``); the answer records each signal's values.
@@ -359,8 +358,6 @@ def run_queries(
         results.append(result)
         answers.append((result, outcome.caption_hash, distances))
     _record_answers(lab, answers)
-    if sync_index:
-        lab.sync_index()
     return results
 
 
@@ -461,25 +458,34 @@ def _store_batch(lab: Lab, prepared: list[_Prepared]) -> None:
 def _lookup_vectors(
     lab: Lab, embedding_ids: list[int], fresh: dict[int, np.ndarray]
 ) -> dict[int, np.ndarray]:
-    """The vectors of a few embeddings: from the index when it holds them, else the database.
+    """The vectors of a few embeddings, gathered by id: O(k) whatever the lab's size.
 
-    A gather by id (no scan). Embeddings stored after the index was last synced (the query
-    images, fresh resyntheses) are read from the database, so the index need not change.
+    Those just computed are taken as they are; an index this process already holds in memory
+    (``rsx serve``) gives those it holds; the rest are read from the database by primary key.
+    The index file is never opened here: opening it reads and hashes it whole (O(N)).
     """
     found: dict[int, np.ndarray] = {i: fresh[i] for i in embedding_ids if i in fresh}
     ids = np.array(sorted(set(embedding_ids) - set(found)), dtype=np.int64)
     if not len(ids):
         return found
-    index = lab.index
-    indexed = ids[ids <= index.watermark]
-    if len(indexed):
+    index = lab.loaded_index()
+    indexed = ids[ids <= index.watermark] if index is not None else ids[:0]
+    if index is not None and len(indexed):
         try:
             rows = index.vectors_for(indexed)
             found.update({int(i): row for i, row in zip(indexed, rows, strict=True)})
-        except MissingVectorsError:
+        except MissingVectorsError:  # rows that committed late: the database has them
             pass
     rest = [int(i) for i in ids if int(i) not in found]
-    found.update(embedding_vectors(lab, rest))
+    if rest:
+        with lab.session() as session:
+            found.update(embeddings.vectors_by_embedding_id(session, rest, lab.fingerprint))
+    lost = [i for i in rest if i not in found]
+    if lost:
+        raise StoreError(
+            f"embedding(s) {', '.join(map(str, lost[:5]))} vanished from the database during"
+            " the query; run 'rsx check'"
+        )
     return found
 
 

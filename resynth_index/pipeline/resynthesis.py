@@ -8,8 +8,8 @@ resynthesis supplied for the caption counts, and a caption it lacks becomes a wo
 Generation is the dominant cost of the method, so it is batched: the missing work of every
 caption in a call is grouped per generator and made ``batch_size`` images at a time. Each batch
 is stored whole (blobs, then its image and resynthesis rows in one transaction, then its
-embeddings) before the next begins, and its pictures are dropped: memory holds one batch at a
-time, and an interrupted run keeps every finished batch.
+embeddings) by a writer thread while the next batch is generated, and its pictures are dropped:
+memory holds two batches at most, and an interrupted run keeps every batch it generated.
 
 Generation can run for minutes, so it reports as it goes, through plain callbacks (no terminal
 code here): ``ProgressEvent`` says which stage, which generator and how far, and
@@ -164,8 +164,10 @@ def generate_missing(
 ) -> list[int]:
     """Generate every missing resynthesis, batched per generator; store each batch as it lands.
 
-    Each batch is stored and embedded before the next is generated, then let go: at most one
-    batch of pictures is alive at a time. Returns the image ids generated. The plan is updated
+    A batch is stored and embedded by a writer thread while the next one is generated (see
+    ``BatchWriter``), then let go: at most two batches of pictures are alive at a time, and
+    generation waits for storage only when storing is the slower of the two. Returns the image
+    ids generated. The plan is updated
     in place: generated images join ``stored`` and ``missing`` is emptied.
 
     ``progress(n)`` is told the size of each batch once it is stored and embedded. ``events``
@@ -180,33 +182,107 @@ def generate_missing(
         raise RsxError(f"batch size must be at least 1, not {batch_size}")
     by_name = {row.name: row for row in generators}
     made: list[int] = []
-    for name, work in plan.missing.items():
-        if not work:
-            continue
-        row = by_name[name]
-        if events is not None:
-            events(ProgressEvent("generate", 0, len(work), name))
-        model = lab.generator_model(row)
-        row_settings = _settings_hash(lab, row)
-        for start in range(0, len(work), batch_size):
-            chunk = work[start : start + batch_size]
-            requests = [GenerationRequest(caption_texts[c], seed) for c, seed in chunk]
-            images = model.generate(requests, batch_size=batch_size)
-            committed = None
+    events = _one_at_a_time(events)
+    progress = _one_at_a_time(progress)
+
+    def store(
+        name: str,
+        row: GeneratorRow,
+        row_settings: str,
+        chunk: list[tuple[str, int]],
+        images: list[PIL.Image.Image],
+        committed: Callable[[], None] | None,
+    ) -> None:
+        image_ids = store_resyntheses(
+            lab, row, row_settings, chunk, images, plan.sha256, on_committed=committed
+        )
+        for (caption, _seed), image_id in zip(chunk, image_ids, strict=True):
+            plan.stored[(caption, name)].append(image_id)
+        made.extend(image_ids)
+        if progress is not None:
+            progress(len(chunk))
+
+    with BatchWriter() as writer:
+        for name, work in plan.missing.items():
+            if not work:
+                continue
+            row = by_name[name]
+            writer.wait()  # the generator before is wholly stored before this one is announced
             if events is not None:
-                done = ProgressEvent("generate", start + len(chunk), len(work), name)
-                committed = partial(events, done)
-            image_ids = store_resyntheses(
-                lab, row, row_settings, chunk, images, plan.sha256, on_committed=committed
-            )
-            del images  # the batch is stored and embedded: nothing keeps its pictures alive
-            for (caption, _seed), image_id in zip(chunk, image_ids, strict=True):
-                plan.stored[(caption, name)].append(image_id)
-            made.extend(image_ids)
-            if progress is not None:
-                progress(len(chunk))
+                events(ProgressEvent("generate", 0, len(work), name))
+            model = lab.generator_model(row)
+            row_settings = _settings_hash(lab, row)
+            for start in range(0, len(work), batch_size):
+                chunk = work[start : start + batch_size]
+                requests = [GenerationRequest(caption_texts[c], seed) for c, seed in chunk]
+                images = model.generate(requests, batch_size=batch_size)
+                committed = None
+                if events is not None:
+                    done = ProgressEvent("generate", start + len(chunk), len(work), name)
+                    committed = partial(events, done)
+                # stored while the next batch is generated; the writer holds it until then
+                writer.submit(partial(store, name, row, row_settings, chunk, images, committed))
+                del images
     plan.missing.clear()
     return made
+
+
+class BatchWriter:
+    """Stores one generated batch in a thread while the caller generates the next.
+
+    ``submit`` first waits for the batch before (re-raising its error, if it failed), so one
+    batch at most is being stored and storage order is generation order. Leaving the ``with``
+    block waits for the last batch, also when the caller leaves it with an error or Ctrl-C: a
+    batch that was generated is stored, never lost, before the error goes on. Generation keeps
+    the accelerator (or the cores) busy while PNG encoding, hashing, the database, the blobs and
+    the embedder's forward for the batch before run beside it.
+    """
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsx-batch-writer")
+        self._pending: Any = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.wait()
+        self._pending = self._pool.submit(job)
+
+    def wait(self) -> None:
+        """Wait for the batch being stored; its error, if any, is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> BatchWriter:
+        return self
+
+    def __exit__(self, kind: object, error: object, trace: object) -> None:
+        try:
+            if kind is None:
+                self.wait()
+            else:  # store what was generated, then let the caller's error go on
+                try:
+                    self.wait()
+                except Exception:  # noqa: BLE001 - the caller's error is the one to report
+                    pass
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _one_at_a_time(callback: Callable[..., None] | None) -> Callable[..., None] | None:
+    """``callback`` behind a lock: the writer thread and the caller both report progress."""
+    if callback is None:
+        return None
+    import threading
+
+    lock = threading.Lock()
+
+    def serialised(*args: Any) -> None:
+        with lock:
+            callback(*args)
+
+    return serialised
 
 
 def store_resyntheses(

@@ -10,7 +10,8 @@ answered before skips the gather window: a warm query pays no wait.
 
 ``stop`` refuses new jobs, finishes every job already queued (answered and recorded), brings
 the vector index file up to date and lets the thread end. The index is otherwise synced when the
-worker has been idle a moment (``run_queries(..., sync_index=False)`` per batch).
+worker has been idle a moment (a query never writes it). The worker keeps the index loaded: a
+query gathers the vectors it holds from memory and reads the newer ones from the database.
 """
 
 from __future__ import annotations
@@ -242,7 +243,6 @@ class QueryWorker:
                 captioner=self._captioner,
                 progress=progress.event,
                 on_plan=progress.plan,
-                sync_index=False,
                 image_captions={j.path: j.caption for j in jobs if j.caption is not None},
                 image_names={job.path: job.name for job in jobs},
             )

@@ -84,17 +84,26 @@ def embedded_sha256s(session: Session, sha256s: Sequence[str], fingerprint: str)
 
 
 def vectors_by_embedding_id(
-    session: Session, embedding_ids: Sequence[int]
+    session: Session, embedding_ids: Iterable[int], fingerprint: str | None = None
 ) -> dict[int, np.ndarray]:
-    """embedding id -> stored vector, for those of ``embedding_ids`` that exist."""
+    """embedding id -> stored vector, for those of ``embedding_ids`` that exist (and, with
+    ``fingerprint``, that this embedder stored).
+
+    What a query reads instead of opening the vector index: primary-key lookups, so k ids cost
+    O(k log N) however many vectors the lab holds, where opening the index file reads, hashes
+    and may rewrite all N. The vectors are the stored float32 values, bit for bit the ones the
+    index holds (it is built from these rows), so an answer does not depend on which was read.
+    """
     found: dict[int, np.ndarray] = {}
     for ids in in_chunks(int(i) for i in embedding_ids):
-        rows = session.execute(
-            select(EmbeddingRow.id, EmbeddingRow.dim, EmbeddingRow.vector).where(
-                EmbeddingRow.id.in_(ids)
-            )
+        query = select(EmbeddingRow.id, EmbeddingRow.dim, EmbeddingRow.vector).where(
+            EmbeddingRow.id.in_(ids)
         )
-        found.update({row.id: blob_to_vector(row.vector, row.dim) for row in rows})
+        if fingerprint is not None:
+            query = query.where(EmbeddingRow.embedder_fingerprint == fingerprint)
+        found.update(
+            {row.id: blob_to_vector(row.vector, row.dim) for row in session.execute(query)}
+        )
     return found
 
 

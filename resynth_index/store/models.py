@@ -12,6 +12,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -190,3 +191,24 @@ class CalibrationRow(Base):
     settings_json: Mapped[str] = mapped_column(Text)
     summary_json: Mapped[str] = mapped_column(Text)
     superseded_by: Mapped[int | None] = mapped_column(ForeignKey("calibrations.id"))
+
+
+class FileDigestRow(Base):
+    """The SHA-256 of a file the lab has read, remembered so the next command need not read it.
+
+    Keyed by the file's real path; the digest holds only while the file's device, inode, size,
+    mtime and ctime are those recorded (``hashing.FileStat``). Device and inode are stored as
+    signed 64-bit values (an unsigned one above 2**63 wraps to a negative one), so BigInteger
+    fits them on both engines. Derived data: a lost row only costs one more read of the file.
+    """
+
+    __tablename__ = "file_digests"
+
+    path: Mapped[str] = mapped_column(Text, primary_key=True)
+    device: Mapped[int] = mapped_column(BigInteger)
+    inode: Mapped[int] = mapped_column(BigInteger)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    ctime_ns: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    checked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -19,6 +19,15 @@ they differ, the ids alone (8 bytes a row, no vectors): the late rows are fetche
 below the watermark, and ids the database no longer holds make the index rebuild. Membership
 tests use a binary search over a cached sorted copy of the id list (8 bytes a vector) rather than
 a second copy of the vectors, which would double the memory at a million 768-dimensional vectors.
+
+Opening the file costs O(N): it is read whole, hashed and parsed, and saving rewrites and fsyncs
+it whole (seconds at a million vectors). So a query never opens it: the few hundred vectors an
+answer compares are read by id from the database (``embeddings.vectors_by_embedding_id``), or
+from an index the process already holds in memory (``rsx serve``). Syncing is amortised over
+many writes: after an ingest or a resynthesis run, by ``rsx index sync``, and by ``rsx serve``
+when idle. An index behind the database (every id it holds stored, some stored ids not yet
+added) is a normal state between syncs, not damage: ``check`` counts those rows in
+``IndexHealth.behind``.
 """
 
 from __future__ import annotations
@@ -74,10 +83,26 @@ _FIRST_WINDOW = 1024
 
 @dataclass
 class IndexHealth:
-    """What ``VectorIndex.check`` found: ``ok`` when ``problems`` (one line each) is empty."""
+    """What ``VectorIndex.check`` found: ``ok`` when ``problems`` (one line each) is empty.
+
+    ``behind`` > 0 says the problems amount to a lag and nothing worse: the file is sound and
+    made by this embedder, every id it holds is stored, and that many stored ids are not in it
+    yet (queries store embeddings without syncing the index; a sync adds them).
+    """
 
     ok: bool
     problems: list[str] = field(default_factory=list)
+    behind: int = 0
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What ``VectorIndex.sync`` did since the index was loaded or last synced."""
+
+    count: int  # vectors in the index now
+    added: int  # vectors it gained (negative only after a rebuild that dropped deleted rows)
+    rebuilt: bool  # built from the database: the file was missing, unusable or foreign
+    written: bool  # the file was rewritten
 
 
 class MissingVectorsError(StoreError, KeyError):
@@ -98,8 +123,9 @@ class VectorIndex:
     """One FAISS IndexIDMap2(IndexFlatIP) per embedder fingerprint, persisted as a single file.
 
     A query needs only its caption's few dozen resyntheses, so the lab never searches the whole
-    index: ``vectors_for`` gathers those vectors by embedding id and the caller scores them
-    (inner products, i.e. cosine similarities of the L2-normalised vectors embedders produce).
+    index: a process that holds one loaded (``rsx serve``) gathers those vectors by embedding id
+    with ``vectors_for`` and the caller scores them (inner products, i.e. cosine similarities of
+    the L2-normalised vectors embedders produce); a CLI query reads them from the database.
     """
 
     def __init__(self, path: Path, fingerprint: str, dim: int) -> None:
@@ -113,6 +139,10 @@ class VectorIndex:
         self._watermark = -1
         self._id_cache: numpy.ndarray | None = None
         self._seen: tuple[int, ...] | None = None  # the file as this index last saw it
+        # what ``sync`` reports: the count it started from, whether it rebuilt or wrote
+        self._baseline = 0
+        self._rebuilt = False
+        self._written = False
 
     # ------------------------------------------------------------------ properties
     @property
@@ -174,6 +204,7 @@ class VectorIndex:
         index._index = loaded
         index._watermark = header["watermark"]
         index._seen = seen
+        index._baseline = index.count
         if stored is not None:
             if index.catch_up(source, stored):
                 index.save()
@@ -215,6 +246,7 @@ class VectorIndex:
         index = cls(path, fingerprint, dim)
         index._remove_stale_temp_files()
         index._seen = _identity(index.path) if _seen is None else _seen
+        index._rebuilt = True
         for ids, vectors in source(-1):
             index.add(ids, vectors)
         index.save()
@@ -240,7 +272,26 @@ class VectorIndex:
                 return False
             self._write()
             self._seen = _identity(self.path)
+        self._written = True
         return True
+
+    def sync(self, source: EmbeddingSource, stored: StoredEmbeddings) -> SyncReport:
+        """Catch up with the database and save when anything changed: the amortised step
+        (after an ingest, ``rsx index sync``, an idle ``rsx serve``), never one per query.
+
+        Reports what changed since the index was loaded (by ``open``, which may already have
+        caught up, rebuilt or saved) or last synced, then starts counting afresh.
+        """
+        if self.catch_up(source, stored):
+            self.save()
+        report = SyncReport(
+            count=self.count,
+            added=self.count - self._baseline,
+            rebuilt=self._rebuilt,
+            written=self._written,
+        )
+        self._baseline, self._rebuilt, self._written = self.count, False, False
+        return report
 
     def _newer_on_disk(self) -> bool:
         """Whether the file (its header) is at least as new as this index: a watermark and a
@@ -384,6 +435,7 @@ class VectorIndex:
             self._index = _new_faiss_index(self.dim)  # rows deleted: start again
             self._watermark = -1
             self._id_cache = None
+            self._rebuilt = True
             for ids, vectors in source(-1):
                 self.add(ids, vectors)
             return True
@@ -469,11 +521,15 @@ class VectorIndex:
             problems.append(f"index watermark {header['watermark']} ahead of database {db_max_id}")
         elif header["watermark"] < db_max_id:
             problems.append(f"index watermark {header['watermark']} behind database {db_max_id}")
+        behind = 0
         if db_ids is not None:
             stored = faiss.vector_to_array(loaded.id_map)
             expected = np.unique(np.asarray(db_ids(), dtype=np.int64))
             lacking = np.setdiff1d(expected, stored, assume_unique=True)
             extra = np.setdiff1d(stored, expected, assume_unique=True)
+            sound = header["fingerprint"] == self.fingerprint and header["dim"] == self.dim
+            if sound and len(lacking) and not len(extra):
+                behind = len(lacking)
             if len(lacking):
                 problems.append(
                     f"{len(lacking)} database embedding(s) missing from the index"
@@ -483,7 +539,7 @@ class VectorIndex:
                 problems.append(
                     f"{len(extra)} index id(s) not in the database (first: {_first(extra)})"
                 )
-        return IndexHealth(ok=not problems, problems=problems)
+        return IndexHealth(ok=not problems, problems=problems, behind=behind)
 
     # ------------------------------------------------------------------ housekeeping
     def _remove_stale_temp_files(self) -> None:

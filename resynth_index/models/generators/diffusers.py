@@ -3,6 +3,9 @@
 Nothing is downloaded: pipelines load with ``local_files_only=True`` and never run remote code.
 The fingerprint hashes the weight and config FILES (see ``weights_fingerprint``), so a generator's
 identity is known without loading it; loading happens on the first ``generate`` or ``load``.
+Each file's digest is asked of a ``hashing.FileDigests`` the caller passes (a lab lends the one
+that remembers digests in its database, so a new process need not re-read unchanged weights),
+and kept for this process too, keyed by the file's full ``FileStat``.
 ``check_pipeline`` validates a folder's structure (model_index.json, the pipeline class, every
 component's folder and config) without loading weights; ``rsx generator add`` runs it.
 """
@@ -17,8 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from resynth_index.errors import ModelLoadError, RsxError
+from resynth_index.hashing import FileDigests, FileStat, HashEveryTime, file_stat
 from resynth_index.media.folders import walk_files
-from resynth_index.models.fingerprints import combine, hash_file, hash_json
+from resynth_index.models.fingerprints import combine, hash_json
 from resynth_index.models.generators.protocol import (
     GenerationRequest,
     GenerationSettings,
@@ -47,16 +51,18 @@ _SKIPPED_COMPONENTS = frozenset({"safety_checker"})
 _WEIGHTLESS_CLASS_WORDS = ("Tokenizer", "Scheduler", "Processor", "FeatureExtractor")
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
-_file_digests: dict[tuple[str, int, int], str] = {}
+_file_digests: dict[FileStat, str] = {}
+_HASH_EVERY_TIME = HashEveryTime()
 
 
-def _cached_hash_file(path: Path) -> str:
-    """hash_file, remembered per (path, size, mtime) for this process: big weights hash once."""
+def _cached_hash_file(path: Path, digests: FileDigests | None = None) -> str:
+    """The file's SHA-256, remembered for this process per ``FileStat`` (real path, device, inode,
+    size, mtime, ctime): big weights hash once. A file not seen yet in this process is asked of
+    ``digests`` (the lab's memory of digests), else hashed."""
     try:
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        key = file_stat(path)
         if key not in _file_digests:
-            _file_digests[key] = hash_file(path)
+            _file_digests[key] = (digests or _HASH_EVERY_TIME).digest(path)
     except OSError as error:  # a dangling or looping link, a file that cannot be read
         raise ModelLoadError(f"{path}: cannot read: {_one_line(error)}") from error
     return _file_digests[key]
@@ -75,27 +81,30 @@ def _folder_files(folder: Path) -> list[Path]:
     return [path for path in files if path.name.endswith(FINGERPRINT_SUFFIXES)]
 
 
-def weights_fingerprint(path: str | Path, config: str | Path | None = None) -> str:
+def weights_fingerprint(
+    path: str | Path, config: str | Path | None = None, *, digests: FileDigests | None = None
+) -> str:
     """Digest of a pipeline's files, without loading anything.
 
     A folder: every ``*.safetensors``, ``*.bin``, ``*.json``, ``*.txt`` and ``*.model`` file under
     it, each as (relative path, SHA-256 of its bytes), in sorted path order. A single-file
     checkpoint: the file's digest plus the folder fingerprint of its ``config`` folder.
+    ``digests`` gives each file's SHA-256 (default: hash it; see ``_cached_hash_file``).
     Raises ModelLoadError for a missing path or a folder that is not a diffusers pipeline.
     """
     path = Path(path).expanduser()
     if path.is_dir():
         _check_pipeline_folder(path)
         files = _folder_files(path)
-        entries = [[f.relative_to(path).as_posix(), _cached_hash_file(f)] for f in files]
+        entries = [[f.relative_to(path).as_posix(), _cached_hash_file(f, digests)] for f in files]
         return hash_json({"kind": "diffusers-folder", "files": entries})
     if path.is_file():
         _check_single_file(path, config)
         return hash_json(
             {
                 "kind": "diffusers-single-file",
-                "file": _cached_hash_file(path),
-                "config": weights_fingerprint(Path(config)),  # type: ignore[arg-type]
+                "file": _cached_hash_file(path, digests),
+                "config": weights_fingerprint(Path(config), digests=digests),  # type: ignore[arg-type]
             }
         )
     raise ModelLoadError(f"{path}: no such generator file or folder")
@@ -363,7 +372,8 @@ class DiffusersGenerator:
 
     ``fingerprint`` = combine(weights_fingerprint(path[, config]), settings.output_hash()): it
     changes iff the weight/config files or the output-affecting settings change, and is computed
-    from the files alone (no load). The pipeline loads lazily and stays loaded.
+    from the files alone (no load). The pipeline loads lazily and stays loaded. ``digests`` gives
+    the files' SHA-256s (a lab passes its memory of them; default: hash every file).
     """
 
     can_generate = True
@@ -374,6 +384,8 @@ class DiffusersGenerator:
         path: str | Path,
         settings: GenerationSettings,
         config: str | Path | None = None,
+        *,
+        digests: FileDigests | None = None,
     ) -> None:
         self.name = name
         self.path = Path(path).expanduser()
@@ -382,7 +394,7 @@ class DiffusersGenerator:
         if settings.scheduler is not None:
             scheduler_class(settings.scheduler)  # an unknown name fails now, not mid-run
         self.fingerprint = combine(
-            weights_fingerprint(self.path, self.config), settings.output_hash()
+            weights_fingerprint(self.path, self.config, digests=digests), settings.output_hash()
         )
         self._pipe: Any = None
 

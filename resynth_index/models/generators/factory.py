@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from resynth_index.errors import RsxError, StoreError
+from resynth_index.hashing import FileDigests
 from resynth_index.models.generators.imported import IMPORTED_SETTINGS_HASH
 from resynth_index.models.generators.protocol import GenerationSettings, Generator
 
@@ -61,11 +62,15 @@ def build_generator(
     source: Path | None,
     settings_json: str,
     device: str | None = None,
+    *,
+    digests: FileDigests | None = None,
 ) -> Generator:
     """The generator a row describes (nothing is loaded until it generates).
 
     ``source`` is the absolute pipeline folder or checkpoint (None for an imported generator).
     ``device``, the lab's device choice, is used when the settings leave the device to "auto".
+    ``digests`` gives the SHA-256 of its files for the fingerprint (the lab's memory of digests,
+    so an unchanged checkpoint is not read again; default: read every file).
     """
     if kind == "imported":
         from resynth_index.models.generators.imported import ImportedGenerator
@@ -79,7 +84,7 @@ def build_generator(
     settings = GenerationSettings.from_dict(record["generation"])
     if device is not None and device != "auto" and settings.device == "auto":
         settings = GenerationSettings.from_dict({**settings.to_dict(), "device": device})
-    return DiffusersGenerator(name, source, settings, config=record.get("config"))
+    return DiffusersGenerator(name, source, settings, config=record.get("config"), digests=digests)
 
 
 def settings_hash(kind: str, settings_json: str, device: str = "auto") -> str:
