@@ -205,9 +205,9 @@ class Lab:
         before that was recorded used "auto" (fp16 on CUDA, fp32 elsewhere): the other of the
         two is tried when this machine's choice does not match.
         """
-        from resynth_index.models.embedders import EmbedderSpec, load_embedder
+        from resynth_index.models.embedders import load_embedder
 
-        spec = _inside(self.root, EmbedderSpec.from_dict(self.settings.embedder))
+        spec = self.embedder_spec()
         recorded = self.settings.embedder_precision
         model = load_embedder(spec, device=self.device, precision=recorded or "auto")
         if not recorded and model.fingerprint != self.settings.embedder_fingerprint:
@@ -217,6 +217,18 @@ class Lab:
                 model = retry
         self._check_embedder(model, f"the embedder at {spec.weights}")
         return model
+
+    def embedder_spec(self) -> EmbedderSpec:
+        """The lab's embedder spec, a lab-relative folder made absolute (for workers elsewhere)."""
+        from resynth_index.models.embedders import EmbedderSpec
+
+        return _inside(self.root, EmbedderSpec.from_dict(self.settings.embedder))
+
+    def adopt_embedder(self, model: Embedder) -> None:
+        """Embed with ``model`` from now on (a Ray pool's, say); refused unless its fingerprint
+        is the lab's."""
+        self._check_embedder(model, "the embedder given")
+        self._embedder = model
 
     def _check_embedder(self, model: Embedder, what: str) -> None:
         if model.fingerprint != self.settings.embedder_fingerprint:

@@ -224,3 +224,71 @@ def test_two_ray_runs_at_once_on_one_postgresql_lab(engine_lab, tmp_path, ray_ad
     outputs = [run.communicate(timeout=300)[0] for run in runs]
     assert [run.returncode for run in runs] == [0, 0], outputs
     _assert_whole(engine_lab, expected.missing_count())
+
+
+@pytest.mark.slow
+def test_rsx_query_on_ray_answers_as_the_local_executor(
+    toy_lab, tmp_path, make_toy_image, ray_address
+):
+    """`rsx query --executor ray`: the query's resyntheses are made by the actors and stored here;
+    the answer (verdict, generated count, distances within the CPU batching tolerance) and the
+    stored rows are those of a local query of the same lab; a second query generates nothing."""
+    import json
+
+    image = make_toy_image("toy-b", CAPTIONS[1])
+    other = copy_lab(toy_lab, tmp_path / "ray-lab")
+    args = ["query", str(image), "--caption", CAPTIONS[1], "--candidates", "toy-a,toy-b", "--json"]
+    local = rsx(toy_lab, *args, "--resyntheses", "3")
+    assert local.exit_code == 0, local.output
+    on_ray = rsx(
+        other, *args, "--resyntheses", "3", "--executor", "ray", "--ray-address", ray_address,
+        "--ray-actors", "2",
+    )  # fmt: skip
+    assert on_ray.exit_code == 0, on_ray.output
+    here, there = json.loads(local.stdout), json.loads(on_ray.stdout)
+    assert there["verdict"] == here["verdict"] == "toy-b"
+    assert there["generated"] == here["generated"] == 6
+    distance = {r["generator"]: r["distance"] for r in here["ranking"]}
+    assert {r["generator"] for r in there["ranking"]} == set(distance) == {"toy-a", "toy-b"}
+    for ranked in there["ranking"]:
+        assert ranked["distance"] == pytest.approx(distance[ranked["generator"]], abs=1e-3)
+    assert sorted(_resynthesis_rows(other)) == sorted(_resynthesis_rows(toy_lab))
+    again = rsx(
+        other, *args, "--resyntheses", "3", "--executor", "ray", "--ray-address", ray_address
+    )
+    assert again.exit_code == 0 and json.loads(again.stdout)["generated"] == 0
+    assert rsx(other, "index", "sync").exit_code == 0
+    _assert_whole(other, expected=6)
+
+
+@pytest.mark.slow
+def test_rsx_ingest_on_ray_stores_the_vectors_a_local_ingest_stores(toy_lab, tmp_path, ray_address):
+    """`rsx ingest --executor ray`: the files are read and stored here, the lab's embedder runs
+    on the actors; the rows and the vectors are those of a local ingest of the same files."""
+    from hostile_files import good_images
+
+    from resynth_index.store import embeddings
+
+    good_images(tmp_path / "in", 7, seed=40)
+    other = copy_lab(toy_lab, tmp_path / "ray-lab")
+    local = rsx(toy_lab, "ingest", str(tmp_path / "in"), "--batch-size", "3")
+    ray_args = ["--executor", "ray", "--ray-address", ray_address, "--ray-actors", "2"]
+    on_ray = rsx(other, "ingest", str(tmp_path / "in"), "--batch-size", "3", *ray_args)
+    assert local.exit_code == 0 and on_ray.exit_code == 0, (local.output, on_ray.output)
+    assert "7 added" in on_ray.output and "7 added" in local.output
+
+    def vectors(lab_dir: Path) -> dict[str, np.ndarray]:
+        from sqlalchemy import select
+
+        from resynth_index.store.models import ImageRow
+
+        with Lab.open(lab_dir) as lab, lab.session() as session:
+            sha_of = dict(session.execute(select(ImageRow.id, ImageRow.sha256)).all())
+            found = embeddings.vectors_by_image_id(session, list(sha_of), lab.fingerprint)
+        return {sha_of[image_id]: vector for image_id, vector in found.items()}
+
+    mine, theirs = vectors(toy_lab), vectors(other)
+    assert mine.keys() == theirs.keys() and len(mine) >= 7
+    for sha, vector in mine.items():
+        np.testing.assert_allclose(theirs[sha], vector, atol=1e-5)
+    _assert_whole(other, expected=len(_resynthesis_rows(other)))

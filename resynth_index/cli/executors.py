@@ -18,7 +18,7 @@ def executor_options(command):
             type=click.Choice(["local", "ray"]),
             default="local",
             show_default=True,
-            help="Generate here, or on a Ray cluster's actors (the [scale] extra).",
+            help="Run the models here, or on a Ray cluster's actors (the [scale] extra).",
         ),
         click.option(
             "--ray-address",
@@ -29,7 +29,7 @@ def executor_options(command):
         click.option(
             "--ray-actors",
             type=click.IntRange(min=1),
-            help="With --executor ray: actors per generator (default: the cluster's GPUs, "
+            help="With --executor ray: actors per model (default: the cluster's GPUs, "
             "else CPUs).",
         ),
     ]

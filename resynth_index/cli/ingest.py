@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from resynth_index.cli.app import cli, open_lab, progress_bar
+from resynth_index.cli.executors import executor_options, ray_options
 
 #: Exit status after Ctrl-C, as a shell reports a process ended by SIGINT (128 + 2).
 INTERRUPTED_EXIT = 130
@@ -48,8 +49,22 @@ INTERRUPTED_EXIT = 130
     help="Read every file, even one unchanged since it was stored (restores a blob that "
     "'rsx check' finds altered when its size and times did not change).",
 )
+@executor_options
 @click.pass_context
-def ingest(ctx, paths, role, generator_name, caption, seed, layout, batch_size, reread) -> None:
+def ingest(
+    ctx,
+    paths,
+    role,
+    generator_name,
+    caption,
+    seed,
+    layout,
+    batch_size,
+    reread,
+    executor="local",
+    ray_address=None,
+    ray_actors=None,
+) -> None:
     """Add images, folders and manifests (CSV / JSON lines) to the lab.
 
     Manifest columns: path, role (query | resynthesis | reference), generator, caption, seed;
@@ -66,12 +81,18 @@ def ingest(ctx, paths, role, generator_name, caption, seed, layout, batch_size, 
       rsx ingest ./refs/*.png --role reference --generator midjourney
       rsx ingest made.png --role resynthesis --generator sd15 --caption "a cat" --seed 0
       rsx ingest ~/data/resynthesis-dataset --layout resynthesis-dataset
+      rsx ingest ./archive/ --executor ray --ray-address auto   # embeddings on the cluster
+
+    With --executor ray the files are still read, checked and stored here; the lab's embedder
+    runs on the cluster's actors (checked to be the lab's, by fingerprint).
     """
     from resynth_index.pipeline import ingest as ingest_module
 
     plain = [p for p in paths if p.suffix.lower() not in ingest_module.MANIFEST_SUFFIXES]
     _check_options(layout, role, generator_name, caption, seed, bool(plain))
+    on_ray = ray_options(executor, ray_address, ray_actors)
     summary = None
+    pool = None
     try:
         lab = open_lab(ctx)
         if layout == "resynthesis-dataset":
@@ -88,6 +109,11 @@ def ingest(ctx, paths, role, generator_name, caption, seed, layout, batch_size, 
             )
         if not any(isinstance(item, ingest_module.IngestItem) for item in items):
             _nothing_to_ingest(items)
+        if on_ray is not None:
+            from resynth_index.distributed.embedding import RayEmbedder
+
+            pool = RayEmbedder(lab, on_ray)
+            lab.adopt_embedder(pool)
         summary = _run(
             ingest_module, lab, items, batch_size, layout == "resynthesis-dataset", reread
         )
@@ -101,6 +127,9 @@ def ingest(ctx, paths, role, generator_name, caption, seed, layout, batch_size, 
             err=True,
         )
         sys.exit(INTERRUPTED_EXIT)
+    finally:
+        if pool is not None:
+            pool.close()
     for name in summary.generators_added:
         click.echo(f"registered imported generator {name}")
     unchanged = (

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import click
 
 from resynth_index.cli.app import StatusLine, cli, open_lab
+from resynth_index.cli.executors import executor_options, ray_options
 from resynth_index.cli.render import render_answer
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ GENERATION_CAP = 1000
     show_default=True,
     help="fused: also each candidate autoencoder's reconstruction of the image (look-alikes).",
 )
+@executor_options
 @click.pass_context
 def query(
     ctx,
@@ -77,6 +79,9 @@ def query(
     force,
     yes,
     method,
+    executor="local",
+    ray_address=None,
+    ray_actors=None,
 ) -> None:
     """Name the generator that most likely made each image.
 
@@ -89,6 +94,7 @@ def query(
       rsx query a.png b.png --candidates sd15,sdxl,midjourney --json
       rsx query suspect.png --report suspect.html
       rsx query ./suspects/ --resyntheses 16 --yes
+      rsx query ./suspects/ --executor ray --ray-address auto
 
     The exit status is 1 when an image failed or got no evidence (no candidate had a
     resynthesis of its caption to compare with, e.g. under --no-generate).
@@ -96,6 +102,7 @@ def query(
     from resynth_index.pipeline.attribution import NO_EVIDENCE
     from resynth_index.pipeline.query import QueryFailure, run_queries
 
+    on_ray = ray_options(executor, ray_address, ray_actors)
     if report is not None:
         _check_report_path(report, force)
     lab = open_lab(ctx)
@@ -108,6 +115,11 @@ def query(
         model = TransformersCaptioner(captioner_path, device=lab.device)
     status = StatusLine()
     watch = _Progress(status)
+    runner = None
+    if on_ray is not None:
+        from resynth_index.distributed.executor import RayResynthesizer
+
+        runner = RayResynthesizer(lab, on_ray)
     try:
         with status:
             results = run_queries(
@@ -121,12 +133,16 @@ def query(
                 progress=watch,
                 on_plan=partial(_announce_plan, status, yes),
                 method=method,
+                generator=runner.for_query if runner is not None else None,
             )
     except KeyboardInterrupt:
         stored = watch.stored
         kept = f"{stored} resynthes{'is' if stored == 1 else 'es'} stored"
         click.echo(f"interrupted: {kept}; rerun to continue", err=True)
         ctx.exit(130)
+    finally:
+        if runner is not None:
+            runner.close()
     failed = 0
     unanswered = []  # answers without evidence: no candidate had a resynthesis to compare
     for result in results:

@@ -90,3 +90,27 @@ class GeneratorWorker:
             batch_size=batch_size,
         )
         return [encode_png(image) for image in images]
+
+
+class EmbedderWorker:
+    """One device holding the lab's embedder, loaded once: images in, vectors out.
+
+    Like ``GeneratorWorker`` it touches no store: ``rsx ingest --executor ray`` decodes, checks
+    and stores on the coordinator and sends only the decoded pictures here.
+    """
+
+    def __init__(self) -> None:
+        self.model: Any = None
+
+    def load(self, spec: dict[str, Any], device: str, precision: str) -> tuple[str, int, str]:
+        """Load the embedder of ``spec`` (an ``EmbedderSpec`` as a dict); its fingerprint,
+        dimension and concrete precision, which the coordinator checks against the lab's."""
+        from resynth_index.models.embedders import EmbedderSpec, load_embedder
+
+        if self.model is None:
+            self.model = load_embedder(EmbedderSpec.from_dict(spec), device, precision)
+        return self.model.fingerprint, self.model.dim, self.model.precision
+
+    def embed(self, images: list[Any], batch_size: int) -> Any:
+        """L2-normalised float32 vectors of ``images`` (PIL images), in order."""
+        return self.model.embed(images, batch_size=batch_size)

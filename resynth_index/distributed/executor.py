@@ -79,6 +79,25 @@ def require_ray() -> Any:
     return ray
 
 
+def join_ray(options: RayOptions) -> bool:
+    """Join the cluster ``options`` names, or start a local Ray; True when this call started
+    one (its owner shuts it down). A process already connected stays as it is."""
+    ray = require_ray()
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    if options.address is None:
+        if options.num_cpus is not None:
+            kwargs["num_cpus"] = options.num_cpus
+    else:
+        kwargs["address"] = options.address
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as error:
+        raise RsxError(f"cannot reach the Ray cluster at {options.address}: {error}") from None
+    return options.address is None
+
+
 class RayResynthesizer:
     """Runs ``rsx resynthesize``'s work on a Ray cluster; see the module docstring.
 
@@ -96,21 +115,7 @@ class RayResynthesizer:
     # ------------------------------------------------------------------ the cluster
     def connect(self) -> None:
         """Join (or start) the Ray cluster, unless this process is already connected."""
-        ray = require_ray()
-        if ray.is_initialized():
-            return
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-        if self.options.address is None:
-            if self.options.num_cpus is not None:
-                kwargs["num_cpus"] = self.options.num_cpus
-            self._started_ray = True
-        else:
-            kwargs["address"] = self.options.address
-        try:
-            ray.init(**kwargs)
-        except ConnectionError as error:
-            where = self.options.address
-            raise RsxError(f"cannot reach the Ray cluster at {where}: {error}") from None
+        self._started_ray = join_ray(self.options) or self._started_ray
 
     def close(self) -> None:
         """Let the pool go, and stop Ray if this object started it."""
@@ -222,6 +227,22 @@ class RayResynthesizer:
         made = self._run(tasks, caption_texts, plan, batch_size, progress, events)
         plan.missing.clear()
         return made
+
+    def for_query(
+        self,
+        lab: Lab,
+        plan: ResynthesisPlan,
+        generators: Sequence[GeneratorRow],
+        caption_texts: dict[str, str],
+        *,
+        events: ProgressCallback | None = None,
+    ) -> list[int]:
+        """``generate_missing`` as ``pipeline.query.run_queries`` calls its ``generator``: the
+        query's missing resyntheses, made on the cluster and stored here. Ray is joined (or
+        started) only when there is something to make."""
+        if lab is not self.lab:
+            raise RsxError("a Ray executor serves the lab it was made for")
+        return self.generate_missing(plan, generators, caption_texts, events=events)
 
     def _spec(self, row: GeneratorRow) -> GeneratorSpec:
         return GeneratorSpec(

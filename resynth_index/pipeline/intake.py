@@ -128,4 +128,3 @@ def write_embeddings(lab: Lab, image_ids: Sequence[int], vectors: np.ndarray) ->
     with lab.session() as session:
         embeddings.add_embeddings(session, lab.fingerprint, image_ids, vectors)
         return embeddings.embedding_ids(session, image_ids, lab.fingerprint)
-

@@ -15,7 +15,7 @@ import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -58,6 +58,20 @@ if TYPE_CHECKING:
 
     from resynth_index.lab import Lab
     from resynth_index.models.captioners import Captioner
+
+
+class MissingGenerator(Protocol):
+    """What makes a plan's missing resyntheses (``pipeline.resynthesis.generate_missing``)."""
+
+    def __call__(
+        self,
+        lab: Lab,
+        plan: ResynthesisPlan,
+        generators: Sequence[GeneratorRow],
+        caption_texts: dict[str, str],
+        *,
+        events: ProgressCallback | None = None,
+    ) -> list[int]: ...
 
 
 @dataclass
@@ -237,6 +251,7 @@ def run_queries(
     image_captions: Mapping[Path, str] | None = None,
     image_names: Mapping[Path, str] | None = None,
     method: str = "resynthesis",
+    generator: MissingGenerator | None = None,
 ) -> list[QueryResult | QueryFailure]:
     """Attribute each image; a bad image fails alone and the rest go on.
 
@@ -254,6 +269,10 @@ def run_queries(
     of ten vectors or a million. It never opens, hashes or writes the index file, which would
     be O(N): the embeddings it stores (the query images, fresh resyntheses) join the index at
     the next sync (an ingest, ``rsx index sync``, ``lab.sync_index()``, an idle service).
+
+    ``generator`` makes the missing resyntheses in place of ``generate_missing`` (its
+    contract: fill ``plan.stored``, empty ``plan.missing``, report through ``events``): the
+    Ray executor's, for ``rsx query --executor ray``.
 
     ``method`` "fused" adds the reconstruction signal of each candidate's autoencoder and ranks
     by the fused score (``pipeline/fusion_query.py``); the answer records each signal's values.
@@ -302,13 +321,7 @@ def run_queries(
             for caption_hash, _seed in work:
                 generated_for[caption_hash] = generated_for.get(caption_hash, 0) + 1
         if plan.missing_count():
-            generate_missing(
-                lab,
-                plan,
-                generators,
-                captions,
-                events=progress,
-            )
+            (generator or generate_missing)(lab, plan, generators, captions, events=progress)
     record_pending(lab, plan, generators)
 
     # generated resyntheses were embedded batch by batch; what is left is the query images
