@@ -29,8 +29,7 @@ def executor_options(command):
         click.option(
             "--ray-actors",
             type=click.IntRange(min=1),
-            help="With --executor ray: actors per model (default: the cluster's GPUs, "
-            "else CPUs).",
+            help="With --executor ray: actors per model (default: the cluster's GPUs, else CPUs).",
         ),
     ]
     for option in reversed(options):
