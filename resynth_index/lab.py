@@ -154,6 +154,9 @@ class Lab:
         lab = cls(root, settings, device=device, embedder=model)
         with reaching_database(lab.engine):
             migrate.upgrade(lab.engine)
+            # an index from the start: a run killed before its sync then leaves an index that
+            # merely lags (a note in `rsx check`), not a missing one (a problem)
+            lab.sync_index()
         settings.save(root)  # written last: a lab without settings.json is not a lab yet
         return lab
 
