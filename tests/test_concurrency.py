@@ -194,11 +194,13 @@ def _wait_until_reached(processes: dict[Path, subprocess.Popen], timeout: float 
 
 
 @pytest.mark.slow
-def test_two_ingests_and_queries_at_once(toy_lab, tmp_path):
-    """Both ingests are stopped half-way, with batches stored and batches to go, until the first
-    query is about to write its image row; from there on all of them run at once. The overlap is
-    forced by those flag files, not assumed from timings, and checked from each process's log."""
-    resynthesis = with_imported_resynthesis(toy_lab, tmp_path / "resynthesis", CAPTION, seed=700)
+def test_two_ingests_and_queries_at_once(engine_lab, tmp_path):
+    """On SQLite and on PostgreSQL: two `rsx ingest` processes over overlapping folders and a
+    loop of `rsx query` processes. Both ingests are stopped half-way, with batches stored and
+    batches to go, until the first query is about to write its image row; from there on all of
+    them run at once. The overlap is forced by those flag files, not assumed from timings, and
+    checked from each process's log. Every image ends stored, embedded and indexed once."""
+    resynthesis = with_imported_resynthesis(engine_lab, tmp_path / "resynthesis", CAPTION, seed=700)
     # 0..7 and 4..11: disjoint parts and an overlap of four
     images, first, second = overlapping_folders(tmp_path, 12, first_end=8, second_start=4)
     queries = good_images(tmp_path / "queries", 2, seed=800)
@@ -210,7 +212,7 @@ def test_two_ingests_and_queries_at_once(toy_lab, tmp_path):
     # yet, no transaction open) until the first query signals.
     ingests = {
         logs / f"ingest-{folder.name}.jsonl": _launch(
-            toy_lab, logs / f"ingest-{folder.name}.jsonl", "ingest", str(folder),
+            engine_lab, logs / f"ingest-{folder.name}.jsonl", "ingest", str(folder),
             "--batch-size", "2", at=f"embedding:2:wait:{go}",
         )
         for folder in (first, second)
@@ -222,7 +224,7 @@ def test_two_ingests_and_queries_at_once(toy_lab, tmp_path):
     for number, query in enumerate(queries):  # the query loop, one query after the other
         log = logs / f"query-{number}.jsonl"
         process = _launch(
-            toy_lab, log, "query", str(query), "--caption", CAPTION, "--candidates", "imp",
+            engine_lab, log, "query", str(query), "--caption", CAPTION, "--candidates", "imp",
             "--no-generate", "--json", at=f"image-row:1:signal:{go}" if number == 0 else "",
         )  # fmt: skip
         try:
@@ -249,4 +251,4 @@ def test_two_ingests_and_queries_at_once(toy_lab, tmp_path):
         assert ingest["start"] < ingest["reached"] < released <= ingest["resumed"] < ingest["end"]
         assert max(ingest["start"], loop_start) < released < min(ingest["end"], loop_end)
 
-    assert_each_stored_once(toy_lab, [*images, resynthesis, *queries], queries=len(queries))
+    assert_each_stored_once(engine_lab, [*images, resynthesis, *queries], queries=len(queries))

@@ -9,8 +9,6 @@ processes racing on one lab, and the vector index's catch-up when rows commit ou
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,14 +19,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from hostile_files import (
-    assert_each_stored_once,
     file_sha,
     good_images,
     index_problems,
-    overlapping_folders,
     rsx,
     store_state,
-    with_imported_resynthesis,
 )
 from postgres import wait_until
 from sqlalchemy import Engine, insert, text
@@ -435,41 +430,6 @@ def file_sha_of(data: bytes) -> str:
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
-
-
-def _rsx_process(lab: Path, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "resynth_index", "--lab", str(lab), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-@pytest.mark.slow
-def test_two_ingest_processes_and_a_query_at_once(engine_lab: Path, tmp_path: Path) -> None:
-    """Two `rsx ingest` processes over overlapping folders and an `rsx query`, started together;
-    every image is stored, embedded and indexed exactly once, and the lab checks clean."""
-    resynthesis = with_imported_resynthesis(engine_lab, tmp_path / "resynthesis", CAPTION, seed=700)
-    # 0..6 and 3..9: an overlap of four
-    images, first, second = overlapping_folders(tmp_path, 10, first_end=7, second_start=3)
-    [query] = good_images(tmp_path / "query", 1, seed=800)
-
-    processes = [
-        _rsx_process(engine_lab, "ingest", str(first), "--batch-size", "2"),
-        _rsx_process(engine_lab, "ingest", str(second), "--batch-size", "2"),
-        _rsx_process(
-            engine_lab, "query", str(query), "--caption", CAPTION, "--candidates", "imp",
-            "--no-generate", "--json",
-        ),
-    ]  # fmt: skip
-    outputs = [process.communicate(timeout=600) for process in processes]
-    assert [p.returncode for p in processes] == [0, 0, 0], outputs
-    added = [int(out.split(" added")[0].split()[-1]) for out, _ in outputs[:2] if " added" in out]
-    assert len(added) == 2 and sum(added) == len(images), outputs  # each image added once
-    assert json.loads(outputs[2][0])["verdict"] == "imp"
-
-    assert_each_stored_once(engine_lab, [*images, resynthesis, query], queries=1)
 
 
 # --------------------------------------------------------------------------- rsx init
