@@ -5,7 +5,6 @@ initialisation from a seed, then the checkpoint copied over it), which each test
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
+from toy_archs import register_toy_archs
 
 from resynth_index.errors import ModelLoadError
 from resynth_index.models import embedders
@@ -75,16 +75,7 @@ RANDOM_OPS = {
 
 @pytest.fixture(scope="module")
 def registered_archs(tmp_path_factory) -> None:
-    """The toy ViT and a tiny ResNet (BatchNorm buffers) under names, for checkpoint files."""
-    folder = tmp_path_factory.mktemp("configs")
-    (folder / f"{TOY_ARCH}.json").write_text(json.dumps(TOY_CLIP_CONFIG))
-    resnet = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
-        "text_cfg": TOY_CLIP_CONFIG["text_cfg"],
-    }
-    (folder / f"{TOY_RESNET_ARCH}.json").write_text(json.dumps(resnet))
-    open_clip.add_model_config(folder)
+    register_toy_archs(tmp_path_factory.mktemp("configs"), TOY_ARCH, TOY_RESNET_ARCH)
 
 
 @pytest.fixture(scope="module")

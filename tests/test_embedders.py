@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from toy_archs import register_toy_archs
 
 from resynth_index.errors import ModelLoadError, RsxError
 from resynth_index.models.embedders import (
@@ -37,18 +38,7 @@ def toy_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def registered_archs(tmp_path_factory) -> None:
-    """Register the toy ViT and a tiny ResNet config under names, for the checkpoint-file route."""
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("configs")
-    (folder / f"{TOY_ARCH}.json").write_text(json.dumps(TOY_CLIP_CONFIG))
-    resnet = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
-        "text_cfg": TOY_CLIP_CONFIG["text_cfg"],
-    }
-    (folder / f"{TOY_RESNET_ARCH}.json").write_text(json.dumps(resnet))
-    open_clip.add_model_config(folder)
+    register_toy_archs(tmp_path_factory.mktemp("configs"), TOY_ARCH, TOY_RESNET_ARCH)
 
 
 @pytest.fixture(scope="module")
