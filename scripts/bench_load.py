@@ -43,18 +43,11 @@ def _old_load(arch: str, checkpoint: str, device: str, precision: str):
     import open_clip
     import torch
 
+    from resynth_index.models import embedders
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model, _, _ = open_clip.create_model_and_transforms(
-            arch,
-            pretrained=None,
-            load_weights=False,
-            precision=precision,
-            device=device,
-            pretrained_image=False,
-            pretrained_text=False,
-            weights_only=True,
-        )
+        model, _ = embedders._create(arch, precision, device)  # the build the old load used
     open_clip.load_checkpoint(model, checkpoint, strict=True, weights_only=True)
     return model.eval()
 

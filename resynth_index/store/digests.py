@@ -46,7 +46,7 @@ from sqlalchemy.orm import Session
 from resynth_index import hashing
 from resynth_index.hashing import FileStat, file_stat
 from resynth_index.store.embeddings import embedded_sha256s
-from resynth_index.store.engine import BUSY_TIMEOUT_S, in_chunks
+from resynth_index.store.engine import BUSY_TIMEOUT_S, in_chunks, upsert
 from resynth_index.store.models import FileDigestRow, ImageRow, ReferenceRow, utcnow
 
 #: A file whose mtime is not this much older than the moment it was read is not remembered.
@@ -165,22 +165,8 @@ def remember(
         }
     values = list(rows.values())
     for start in range(0, len(values), _ROWS_PER_INSERT):
-        _upsert(session, values[start : start + _ROWS_PER_INSERT])
+        upsert(session, FileDigestRow, values[start : start + _ROWS_PER_INSERT], ["path"])
     return len(values)
-
-
-def _upsert(session: Session, rows: list[dict[str, Any]]) -> None:
-    """INSERT ... ON CONFLICT (path) DO UPDATE, for SQLite and PostgreSQL."""
-    dialect = session.get_bind().dialect.name
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    elif dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert  # type: ignore[assignment]
-    else:  # pragma: no cover - other databases are not supported
-        raise NotImplementedError(f"database {dialect!r} is not supported")
-    statement = dialect_insert(FileDigestRow).values(rows)
-    changed = {name: statement.excluded[name] for name in rows[0] if name != "path"}
-    session.execute(statement.on_conflict_do_update(index_elements=["path"], set_=changed))
 
 
 # ------------------------------------------------------------------------- the lab's memory

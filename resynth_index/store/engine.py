@@ -116,6 +116,20 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def _dialect_insert(session: Session, model: type) -> Any:
+    """The INSERT of the session's dialect (SQLite or PostgreSQL), which knows ON CONFLICT."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(model)
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        return postgresql_insert(model)
+    raise NotImplementedError(f"database {dialect!r} is not supported")  # pragma: no cover
+
+
 def insert_ignore(
     session: Session,
     model: type,
@@ -126,23 +140,21 @@ def insert_ignore(
 
     The result's ``rowcount`` is how many rows this call inserted (0: all were there already).
     """
-    dialect = session.get_bind().dialect.name
-    statement: Any
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        statement = sqlite_insert(model)
-    elif dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-
-        statement = postgresql_insert(model)
-    else:  # pragma: no cover - other databases are not supported
-        raise NotImplementedError(f"database {dialect!r} is not supported")
+    statement = _dialect_insert(session, model)
     statement = statement.values(values).on_conflict_do_nothing(index_elements=conflict)
     # SQLAlchemy keeps an INSERT's rowcount only when asked: without this, psycopg's result
     # says -1 (which reads as "inserted") whether or not a row went in
     statement = statement.execution_options(preserve_rowcount=True)
     return cast("CursorResult[Any]", session.execute(statement))
+
+
+def upsert(
+    session: Session, model: type, values: list[dict[str, Any]], conflict: list[str]
+) -> None:
+    """INSERT ... ON CONFLICT (``conflict``) DO UPDATE every other column given in ``values``."""
+    statement = _dialect_insert(session, model).values(values)
+    changed = {name: statement.excluded[name] for name in values[0] if name not in conflict}
+    session.execute(statement.on_conflict_do_update(index_elements=conflict, set_=changed))
 
 
 def in_chunks(values: Iterable[_T]) -> Iterator[list[_T]]:
