@@ -109,12 +109,6 @@ def active_calibration(
     return None if row is None else _stored(row)
 
 
-def calibration_by_id(session: Session, calibration_id: int) -> StoredCalibration | None:
-    """Calibration ``calibration_id``, active or superseded, or None when there is none."""
-    row = session.get(CalibrationRow, calibration_id)
-    return None if row is None else _stored(row)
-
-
 def list_calibrations(session: Session) -> list[StoredCalibration]:
     """Every calibration, newest first."""
     rows = session.scalars(select(CalibrationRow).order_by(CalibrationRow.id.desc()))
