@@ -126,6 +126,7 @@ def _firmness(result: QueryResult) -> str:
     if result.verdict_reason:
         parts.append(f"<p>why: {escape(result.verdict_reason)}</p>")
     parts.extend(_calibration(result))
+    parts.extend(_fusion(result))
     if result.prediction_set is None and result.closed_set:
         if CLOSED_SET_NOTE not in result.verdict_reason:
             parts.append(f'<p class="note">{escape(CLOSED_SET_NOTE)}</p>')
@@ -153,6 +154,25 @@ def _calibration(result: QueryResult) -> list[str]:
         parts.append(f'<p class="note">rel.score: {escape(result.score_meaning)}</p>')
     if result.calibration_note:
         parts.append(f'<p class="note">{escape(result.calibration_note)}</p>')
+    return parts
+
+
+def _fusion(result: QueryResult) -> list[str]:
+    """A fused answer's weights, where they came from, and its signals per candidate."""
+    from resynth_index.pipeline.fusion_query import fusion_summary, fusion_table
+
+    fusion = result.fusion
+    if not fusion:
+        return []
+    parts = [f'<p class="set">{escape(fusion_summary(fusion))}</p>']
+    if fusion.get("note"):
+        parts.append(f'<p class="note">{escape(str(fusion["note"]))}</p>')
+    header, *rows = fusion_table(fusion)
+    head = "".join(f"<th>{escape(cell)}</th>" for cell in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in rows
+    )
+    parts.append(f"<table><tr>{head}</tr>{body}</table>")
     return parts
 
 

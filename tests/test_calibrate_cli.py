@@ -161,7 +161,7 @@ def test_too_few_references_are_refused_naming_how_many_and_nothing_is_saved(
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (["--method", "fused"], "--method fused cannot be calibrated yet"),
+        (["--method", "fused"], "--coverage does not apply to --method fused"),
         (["--method", "magic"], "unknown method 'magic'"),
         (["--candidates", "imp-a"], "at least two candidates"),
         (["--candidates", "imp-a,nobody"], "unknown or retired generator(s): nobody"),

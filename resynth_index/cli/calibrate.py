@@ -1,8 +1,10 @@
-"""`rsx calibrate`: calibrate prediction sets on the lab's references, for `rsx query` to use."""
+"""`rsx calibrate`: calibrate prediction sets (or choose the fused method's weights) on the lab's
+references, for `rsx query` to use."""
 
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -11,6 +13,7 @@ from resynth_index.cli.app import cli, open_lab
 
 if TYPE_CHECKING:
     from resynth_index.pipeline.calibrated import CalibrationOutcome
+    from resynth_index.pipeline.fusion_lab import FusionOutcome
 
 
 @cli.command()
@@ -18,7 +21,8 @@ if TYPE_CHECKING:
     "--method",
     default="resynthesis",
     show_default=True,
-    help="The attribution method whose answers get prediction sets.",
+    help="resynthesis: prediction sets of its answers; fused: choose the fused method's"
+    " weights on the references (leave-one-out), for 'rsx query --method fused'.",
 )
 @click.option(
     "--coverage",
@@ -42,9 +46,16 @@ if TYPE_CHECKING:
 @click.option(
     "--generate", is_flag=True, help="Make runnable candidates' missing resyntheses first."
 )
+@click.option(
+    "--fusion-layers",
+    help="With --method fused: embedder blocks whose resynthesis distances join the fusion"
+    " (e.g. 1,2,3).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the saved calibration as JSON.")
 @click.pass_context
-def calibrate(ctx, method, coverage, per_generator, candidates, generate, as_json) -> None:
+def calibrate(
+    ctx, method, coverage, per_generator, candidates, generate, fusion_layers, as_json
+) -> None:
     """Calibrate prediction sets on the lab's references of known generator.
 
     Every captioned reference of a candidate whose caption has resyntheses by every candidate
@@ -59,14 +70,41 @@ def calibrate(ctx, method, coverage, per_generator, candidates, generate, as_jso
       rsx calibrate
       rsx calibrate --coverage 0.9 --per-generator
       rsx calibrate --candidates sd15,sdxl,midjourney --json
+      rsx calibrate --method fused --fusion-layers 1,2,3
     """
+    from click.core import ParameterSource
+
     from resynth_index.pipeline.calibrated import calibrate_lab, check_method
+    from resynth_index.pipeline.layers import parse_layers
     from resynth_index.pipeline.query import select_candidates
 
     check_method(method)  # before the lab opens: a refusal touches nothing
+    layers = parse_layers(fusion_layers)
+    if method == "fused":
+        given = ctx.get_parameter_source("coverage") == ParameterSource.COMMANDLINE
+        if given or per_generator:
+            option = "--coverage" if given else "--per-generator"
+            raise click.ClickException(
+                f"{option} does not apply to --method fused: it chooses fusion weights, not"
+                " prediction sets"
+            )
+    elif fusion_layers:
+        raise click.ClickException("--fusion-layers applies to --method fused only")
     lab = open_lab(ctx)
     names = [n.strip() for n in candidates.split(",") if n.strip()] if candidates else None
     rows = select_candidates(lab, names)
+    if method == "fused":
+        from resynth_index.pipeline.fusion_lab import calibrate_fusion
+
+        echo = partial(click.echo, err=True)
+        fused = calibrate_fusion(lab, rows, layers=layers, generate=generate, echo=echo)
+        if as_json:
+            click.echo(json.dumps(_fusion_json(fused), sort_keys=True))
+            for note in fused.summary["notes"]:
+                click.echo(f"note: {note}", err=True)
+        else:
+            click.echo(fusion_text(fused))
+        return
     outcome = calibrate_lab(
         lab,
         rows,
@@ -91,6 +129,45 @@ def _as_json(outcome: CalibrationOutcome) -> dict[str, Any]:
         "calibration": outcome.calibration.to_dict(),
         **outcome.summary,
     }
+
+
+def _fusion_json(outcome: FusionOutcome) -> dict[str, Any]:
+    return {
+        "calibration_id": outcome.id,
+        "superseded": outcome.superseded,
+        "calibration": outcome.record.to_dict(),
+        **outcome.summary,
+    }
+
+
+def fusion_text(outcome: FusionOutcome) -> str:
+    """What ``rsx calibrate --method fused`` prints: the weights chosen, on what, how well."""
+    record = outcome.record
+    summary = outcome.summary
+    replaced = ", ".join(f"#{i}" for i in outcome.superseded)
+    layers = ",".join(map(str, record.layers)) or "none"
+    lines = [
+        f"fused calibration #{outcome.id} saved"
+        + (f" (supersedes {replaced})" if replaced else "")
+        + f": weights chosen by leave-one-out on the references, layers {layers}",
+        f"candidates: {', '.join(record.candidates)}"
+        f" ({record.distance} distance, {record.aggregation} over resyntheses,"
+        f" {record.reconstruction_metric} reconstruction)",
+    ]
+    per = ", ".join(f"{g} {n}" for g, n in summary["references_per_generator"].items())
+    lines.append(f"references used: {summary['references']} ({per})")
+    weights = ", ".join(f"{name} {w:g}" for name, w in sorted(record.weights.items()))
+    lines.append(f"weights: {weights}")
+    alone = ", ".join(
+        f"{name} {value * 100:.1f} %" for name, value in sorted(summary["accuracy_alone"].items())
+    )
+    lines.append(
+        f"leave-one-out top-1 accuracy on these references: {record.loo_accuracy * 100:.1f} %"
+        f" (each signal alone: {alone})"
+    )
+    lines.extend(f"note: {note}" for note in summary["notes"])
+    lines.append("'rsx query --method fused' with exactly these candidates now uses these weights")
+    return "\n".join(lines)
 
 
 def summary_text(outcome: CalibrationOutcome) -> str:

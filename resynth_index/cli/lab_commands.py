@@ -246,7 +246,7 @@ def _describe(facts: dict[str, Any]) -> list[tuple[str, str]]:
         )
     )
     if counts["other_embeddings"]:
-        counted += f" ({counts['other_embeddings']} embeddings by other embedders, unused)"
+        counted += f" ({counts['other_embeddings']} embeddings by other embedders or layers)"
     sizes = ", ".join(
         f"{name}/ {_human(usage['bytes'])} ({usage['files']} files)"
         + ("" if Path(usage["path"]) == lab_root / name else f" at {usage['path']}")

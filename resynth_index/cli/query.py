@@ -62,7 +62,14 @@ GENERATION_CAP = 1000
     type=click.Choice(["resynthesis", "fused"]),
     default="resynthesis",
     show_default=True,
-    help="fused: also each candidate autoencoder's reconstruction of the image (look-alikes).",
+    help="fused: also each candidate autoencoder's reconstruction of the image, and the"
+    " embedder's intermediate layers (look-alikes), weighted as 'rsx calibrate --method fused'"
+    " chose on the lab's references, else equally.",
+)
+@click.option(
+    "--fusion-layers",
+    help="With --method fused: embedder blocks to fuse (e.g. 1,2,3; default: those of the lab's"
+    " fused calibration, none without one).",
 )
 @executor_options
 @click.pass_context
@@ -79,6 +86,7 @@ def query(
     force,
     yes,
     method,
+    fusion_layers=None,
     executor="local",
     ray_address=None,
     ray_actors=None,
@@ -95,13 +103,18 @@ def query(
       rsx query suspect.png --report suspect.html
       rsx query ./suspects/ --resyntheses 16 --yes
       rsx query ./suspects/ --executor ray --ray-address auto
+      rsx query suspect.png --method fused
 
     The exit status is 1 when an image failed or got no evidence (no candidate had a
     resynthesis of its caption to compare with, e.g. under --no-generate).
     """
     from resynth_index.pipeline.attribution import NO_EVIDENCE
+    from resynth_index.pipeline.layers import parse_layers
     from resynth_index.pipeline.query import QueryFailure, run_queries
 
+    layers = parse_layers(fusion_layers)
+    if layers and method != "fused":
+        raise click.ClickException("--fusion-layers applies to --method fused only")
     on_ray = ray_options(executor, ray_address, ray_actors)
     if report is not None:
         _check_report_path(report, force)
@@ -134,6 +147,7 @@ def query(
                 on_plan=partial(_announce_plan, status, yes),
                 method=method,
                 generator=runner.for_query if runner is not None else None,
+                fusion_layers=layers or None,
             )
     except KeyboardInterrupt:
         stored = watch.stored

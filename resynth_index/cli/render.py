@@ -60,6 +60,26 @@ def calibration_lines(result: QueryResult) -> list[str]:
     return lines
 
 
+def fusion_lines(result: QueryResult) -> list[str]:
+    """A fused answer's weights (and where they came from) and its signals per candidate;
+    nothing for a resynthesis answer."""
+    from resynth_index.pipeline.fusion_query import fusion_summary, fusion_table
+
+    fusion = result.fusion
+    if not fusion:
+        return []
+    lines = [fusion_summary(fusion)]
+    if fusion.get("note"):
+        lines.append(str(fusion["note"]))
+    table = fusion_table(fusion)
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        cells = [row[0].ljust(widths[0])]
+        cells += [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        lines.append("  ".join(cells))
+    return lines
+
+
 EVIDENCE_ITEMS = 4  # metadata entries shown in the table; --json and the report have them all
 EVIDENCE_CHARS = 40
 
@@ -98,6 +118,7 @@ def render_answer(result: QueryResult) -> str:
     if result.verdict_reason:
         lines.append(f"  why: {result.verdict_reason}")
     lines.extend(f"  {line}" for line in calibration_lines(result))
+    lines.extend(f"  {line}" for line in fusion_lines(result))
     if result.prediction_set is None and result.closed_set:
         if CLOSED_SET_NOTE not in result.verdict_reason:
             lines.append(f"  {CLOSED_SET_NOTE}")

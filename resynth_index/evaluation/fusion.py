@@ -7,7 +7,9 @@ Signals (each a distance per query and candidate, NaN where it does not exist):
 - ``reconstruction``: how much the candidate's own autoencoder changes the query
   (``models.reconstruction``; imported generators have none);
 - ``layer-N`` (``--fusion-layers``): the resynthesis distance measured on block N of the lab's
-  embedder instead of the layer the lab was made with (computed in memory, never stored).
+  embedder instead of the layer the lab was made with (``pipeline.layers``, shared with
+  ``rsx query --method fused``: the blocks' vectors of stored images are kept under each block's
+  fingerprint; post-processed queries exist only in memory and are read through the model).
 
 Methods:
 
@@ -34,22 +36,24 @@ family member among the candidates are ``within`` families; every other query is
 from __future__ import annotations
 
 import hashlib
-import itertools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from resynth_index.errors import RsxError
-from resynth_index.evaluation import metrics
-from resynth_index.pipeline.fusion_query import (
+from resynth_index.pipeline.fusion_query import (  # the rule and the weights: shared with queries
+    GRID_STEP,
     RECONSTRUCTION,
     RESYNTHESIS,
+    choose_fusion_weights,
+    fixed_weights,
     fuse,
-    nan_zscore_rows,
     rank_missing_last,
+    weight_grid,
 )
+from resynth_index.pipeline.layers import layer_distances, layer_reader, layer_signal
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -58,13 +62,9 @@ if TYPE_CHECKING:
     from resynth_index.lab import Lab
 
 FUSION_METHODS = ("aeroblade", "fused", "fused-loo")
-GRID_STEP = 0.1
+__all__ = ["GRID_STEP", "choose_fusion_weights", "fixed_weights", "layer_signal", "weight_grid"]
 NO_SIGNAL_UNKNOWNNESS = 1e3  # beyond any distance: a query no candidate could reconstruct
 CLEAN_KEY = "none"  # the clean condition's name (``protocol.CLEAN``, which imports this module)
-
-
-def layer_signal(layer: int) -> str:
-    return f"layer-{layer}"
 
 
 # ----------------------------------------------------------------------------- families
@@ -189,12 +189,12 @@ def load_fusion_signals(
         )
     with lab.session() as session:
         shas = repository.image_sha256s(session, [int(i) for i in data.image_ids])
-    layer_embedders = {layer: _layer_embedder(lab, layer) for layer in layers}
+    reader = layer_reader(lab, layers) if layers else None
+    if reader is not None and not data.resynthesis_ids:
+        raise RsxError("layer signals need the resyntheses' image ids (load_eval_data gives them)")
     conditions = [CLEAN_KEY, *ops]
     recon: dict[str, list[np.ndarray]] = {c: [] for c in conditions}
-    layer_queries: dict[tuple[str, int], list[np.ndarray]] = {
-        (c, layer): [] for c in conditions for layer in layers
-    }
+    layer_queries: dict[str, list[dict[int, np.ndarray]]] = {c: [] for c in ops}
     batch = lab.settings.embedding_batch_size
     for start in range(0, len(data.image_ids), batch):
         keys = [int(i) for i in data.image_ids[start : start + batch]]
@@ -210,17 +210,24 @@ def load_fusion_signals(
                 ]
                 named = [(_pixel_digest(p), p) for p in pictures]
             recon[cond].append(scorer.distances(models, named))
-            for layer, model in layer_embedders.items():
-                layer_queries[(cond, layer)].append(model.embed(pictures, batch_size=batch))
+            if reader is not None and cond != CLEAN_KEY:  # in memory only: read here
+                layer_queries[cond].append(reader.embed(pictures, batch_size=batch))
     values = {cond: {RECONSTRUCTION: np.concatenate(recon[cond])} for cond in conditions}
-    if layers:
-        resyntheses = _layer_resyntheses(lab, data, layer_embedders, echo)
-        for layer in layers:
-            layer_data = replace(data, resyntheses=resyntheses[layer])
-            for cond in conditions:
-                queries = np.concatenate(layer_queries[(cond, layer)])
-                distance = layer_data.resynthesis_distances(queries)
-                values[cond][layer_signal(layer)] = _missing_to_nan(distance, data)
+    if reader is not None:
+        if echo:
+            echo(f"reading the resyntheses at layer(s) {', '.join(map(str, reader.layers))}")
+        ids = [int(i) for i in data.image_ids]
+        # clean queries and resyntheses are stored images: their block vectors are kept
+        for cond in conditions:
+            given = None
+            if cond != CLEAN_KEY:
+                given = {
+                    layer: np.concatenate([part[layer] for part in layer_queries[cond]])
+                    for layer in reader.layers
+                }
+            found = layer_distances(lab, reader, ids, data.resynthesis_ids, query_vectors=given)
+            for layer in reader.layers:
+                values[cond][layer_signal(layer)] = found[layer]
     return FusionSignals(
         values=values,
         unsupported=dict(scorer.unsupported),
@@ -234,133 +241,6 @@ def _pixel_digest(picture: PIL.Image.Image) -> str:
     digest = hashlib.sha256(f"{picture.mode}:{picture.width}x{picture.height}:".encode())
     digest.update(picture.tobytes())
     return digest.hexdigest()
-
-
-def _layer_embedder(lab: Lab, layer: int) -> Any:
-    """The lab's embedder read at vision block ``layer`` (same weights, precision and device)."""
-    from pathlib import Path
-
-    from resynth_index.models.embedders import EmbedderSpec, load_embedder
-
-    spec = EmbedderSpec.from_dict(lab.settings.embedder)
-    weights = spec.weights
-    if weights.startswith("local-dir:"):
-        folder = Path(weights.removeprefix("local-dir:"))
-        if not folder.is_absolute():
-            weights = f"local-dir:{lab.root / folder}"
-    precision = lab.settings.embedder_precision or "auto"
-    return load_embedder(EmbedderSpec(spec.arch, weights, layer), lab.device, precision)
-
-
-def _layer_resyntheses(
-    lab: Lab, data: EvalData, embedders: Mapping[int, Any], echo: Callable[[str], None] | None
-) -> dict[int, list[list[np.ndarray]]]:
-    """Per layer, per query, per generator: the (K, d) layer embeddings of its resyntheses."""
-    from resynth_index.pipeline.intake import load_stored_image
-
-    if not data.resynthesis_ids:
-        raise RsxError("layer signals need the resyntheses' image ids (load_eval_data gives them)")
-    ids = sorted(
-        {i for per_query in data.resynthesis_ids for per_gen in per_query for i in per_gen}
-    )
-    if echo:
-        echo(f"embedding {len(ids)} resynthes(es) at layer(s) {', '.join(map(str, embedders))}")
-    batch = lab.settings.embedding_batch_size
-    vectors: dict[int, dict[int, np.ndarray]] = {layer: {} for layer in embedders}
-    for start in range(0, len(ids), batch):
-        chunk = ids[start : start + batch]
-        pictures = [load_stored_image(lab, i) for i in chunk]
-        for layer, model in embedders.items():
-            for image_id, vector in zip(
-                chunk, model.embed(pictures, batch_size=batch), strict=True
-            ):
-                vectors[layer][image_id] = vector
-    out: dict[int, list[list[np.ndarray]]] = {}
-    for layer, model in embedders.items():
-        out[layer] = [
-            [
-                np.stack([vectors[layer][i] for i in per_gen])
-                if per_gen
-                else np.zeros((0, model.dim), dtype=np.float32)
-                for per_gen in per_query
-            ]
-            for per_query in data.resynthesis_ids
-        ]
-    return out
-
-
-def _missing_to_nan(distance: np.ndarray, data: EvalData) -> np.ndarray:
-    """Resynthesis distances with the placeholder of a missing resynthesis turned into NaN."""
-    missing = np.array(
-        [[len(v) == 0 for v in per_query] for per_query in data.resyntheses], dtype=bool
-    )
-    return np.where(missing, np.nan, distance) if missing.size else distance
-
-
-# ----------------------------------------------------------------------------- weights
-def weight_grid(names: Sequence[str], step: float = GRID_STEP) -> list[dict[str, float]]:
-    """Every weight vector over ``names`` with entries on multiples of ``step`` summing to 1."""
-    parts = round(1 / step)
-    grid = []
-    for combo in itertools.product(range(parts + 1), repeat=len(names)):
-        if sum(combo) == parts:
-            grid.append({n: round(c / parts, 10) for n, c in zip(names, combo, strict=True)})
-    return grid
-
-
-def _normalised(weights: Mapping[str, float], names: Sequence[str]) -> np.ndarray:
-    vector = np.array([float(weights.get(n, 0.0)) for n in names])
-    total = vector.sum()
-    return vector / total if total > 0 else np.full(len(names), 1.0 / len(names))
-
-
-def choose_fusion_weights(
-    train: Mapping[str, np.ndarray],
-    y_train: np.ndarray,
-    prior: Mapping[str, float],
-    step: float = GRID_STEP,
-) -> tuple[dict[str, float], float]:
-    """The grid weights with the best accuracy on the training references (see the module
-    docstring for the tie rule). ``train``: signal -> (m, K) distances of the training references
-    over the candidates; ``y_train``: their generators (column indices). Returns (weights,
-    training accuracy). Only training references are seen: nothing here can read a test label.
-    """
-    names = sorted(train)
-    z = {n: nan_zscore_rows(-np.asarray(train[n], dtype=np.float64)) for n in names}
-    present = {n: np.isfinite(z[n]) for n in names}
-    filled = {n: np.where(present[n], z[n], 0.0) for n in names}
-    prior_vector = _normalised(prior, names)
-    best: tuple[float, float, int] | None = None
-    chosen: dict[str, float] = {}
-    for order, weights in enumerate(weight_grid(names, step)):
-        total = sum(weights[n] * filled[n] for n in names)
-        mass = sum(weights[n] * present[n] for n in names)
-        scores = rank_missing_last(np.where(mass > 0, total / np.where(mass > 0, mass, 1), np.nan))
-        accuracy = metrics.accuracy(y_train, scores.argmax(axis=1))
-        distance = float(np.abs(_normalised(weights, names) - prior_vector).sum())
-        key = (-accuracy, round(distance, 9), order)
-        if best is None or key < best:
-            best, chosen = key, weights
-    assert best is not None
-    return chosen, -best[0]
-
-
-def fixed_weights(names: Sequence[str], given: Mapping[str, float]) -> dict[str, float]:
-    """The fixed fusion weights, summing to 1: those given (signals not named weigh 0), else
-    equal ones (the fusion is the same for any positive multiple of the weights)."""
-    if not given:
-        return {n: round(1.0 / len(names), 10) for n in names}
-    unknown = sorted(set(given) - set(names))
-    if unknown:
-        raise RsxError(
-            f"--fusion-weights names signal(s) not measured: {', '.join(unknown)}"
-            f" (measured: {', '.join(names)})"
-        )
-    weights = {n: float(given.get(n, 0.0)) for n in names}
-    if not any(w > 0 for w in weights.values()):
-        raise RsxError("--fusion-weights must give at least one signal a positive weight")
-    total = sum(weights.values())
-    return {n: round(w / total, 10) for n, w in weights.items()}
 
 
 # ----------------------------------------------------------------------------- scoring

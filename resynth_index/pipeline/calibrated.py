@@ -51,8 +51,9 @@ if TYPE_CHECKING:
     from resynth_index.lab import Lab
     from resynth_index.pipeline.query import QueryResult
 
-#: The methods ``rsx calibrate`` can calibrate (the distances ``rsx query`` ranks by).
-METHODS = (conformal.METHOD,)
+#: The methods ``rsx calibrate`` can calibrate: prediction sets of ``resynthesis`` answers, and
+#: the weights of the ``fused`` method chosen on the references (``pipeline/fusion_lab.py``).
+METHODS = (conformal.METHOD, "fused")
 
 
 # ----------------------------------------------------------------------------- words
@@ -118,12 +119,6 @@ def check_method(method: str) -> None:
     """Refuse, in one line, a method ``rsx calibrate`` cannot calibrate."""
     if method in METHODS:
         return
-    if method == "fused":
-        raise RsxError(
-            "--method fused cannot be calibrated yet: rsx calibrate scores references by"
-            " resynthesis distance only, so fused answers get no prediction set; use --method"
-            " resynthesis"
-        )
     raise RsxError(f"unknown method {method!r}: 'rsx calibrate' supports {', '.join(METHODS)}")
 
 
@@ -284,6 +279,8 @@ def calibrate_lab(
     Every refusal (method, coverage, too few references) comes before anything is written.
     """
     check_method(method)
+    if method != conformal.METHOD:
+        raise RsxError(f"--method {method} is calibrated by pipeline.fusion_lab.calibrate_fusion")
     conformal.references_needed(coverage)  # validates the coverage
     found = find_references(lab, generators, generate=generate)
     check_enough(found, coverage, per_generator)
@@ -370,9 +367,9 @@ def for_query(
     """
     names = [row.name for row in generators]
     with lab.session() as session:
-        stored = calibrations.active_calibration(session, names)
+        stored = calibrations.active_calibration(session, names, conformal.METHOD)
         if stored is None:
-            stored = calibrations.active_calibration(session)
+            stored = calibrations.active_calibration(session, method=conformal.METHOD)
     if stored is None:
         return None
     try:

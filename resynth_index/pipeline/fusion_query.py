@@ -13,12 +13,18 @@ rule, shared by ``rsx query --method fused`` and ``rsx eval --methods fused``:
    and one without a resynthesis of the caption to its reconstruction alone;
 3. a candidate with no signal at all ranks last.
 
-The weights are fixed in advance (``DEFAULT_WEIGHTS``: equal) for queries; ``rsx eval`` can also
-choose them on its training references (``evaluation.fusion``), never on test queries.
+Signals beyond these two are the ``layer-N`` ones (``pipeline.layers``): the resynthesis distance
+read at vision block N of the lab's embedder.
+
+The weights are fixed in advance (``DEFAULT_WEIGHTS``: equal) or chosen on references of known
+generator by ``choose_fusion_weights`` (the leave-one-out rule of ``rsx eval``'s ``fused-loo``
+on its training references, and of ``rsx calibrate --method fused`` on the lab's references,
+``pipeline.fusion_lab``); never on the queries they then rank.
 """
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +47,8 @@ RECONSTRUCTION = "reconstruction"
 QUERY_METHODS = ("resynthesis", "fused")
 #: Fixed weights of the query-time fusion: equal (see the module docstring).
 DEFAULT_WEIGHTS: dict[str, float] = {RESYNTHESIS: 1.0, RECONSTRUCTION: 1.0}
+#: Step of the weight grid ``choose_fusion_weights`` searches.
+GRID_STEP = 0.1
 
 
 def nan_zscore_rows(similarity: np.ndarray) -> np.ndarray:
@@ -113,6 +121,77 @@ def parse_weights(text: str | None) -> dict[str, float]:
             )
         weights[name.strip()] = number
     return weights
+
+
+# ----------------------------------------------------------------------------- weights
+def weight_grid(names: Sequence[str], step: float = GRID_STEP) -> list[dict[str, float]]:
+    """Every weight vector over ``names`` with entries on multiples of ``step`` summing to 1."""
+    parts = round(1 / step)
+    grid = []
+    for combo in itertools.product(range(parts + 1), repeat=len(names)):
+        if sum(combo) == parts:
+            grid.append({n: round(c / parts, 10) for n, c in zip(names, combo, strict=True)})
+    return grid
+
+
+def _normalised(weights: Mapping[str, float], names: Sequence[str]) -> np.ndarray:
+    vector = np.array([float(weights.get(n, 0.0)) for n in names])
+    total = vector.sum()
+    return vector / total if total > 0 else np.full(len(names), 1.0 / len(names))
+
+
+def choose_fusion_weights(
+    train: Mapping[str, np.ndarray],
+    y_train: np.ndarray,
+    prior: Mapping[str, float],
+    step: float = GRID_STEP,
+) -> tuple[dict[str, float], float]:
+    """The grid weights with the best accuracy on the training references.
+
+    Every weight vector on a grid over the simplex (steps of ``step``) is scored by its top-1
+    accuracy on the references; the best wins; ties go to the tied vector closest (L1) to
+    ``prior``, then to the first in grid order. No signal is fitted to the references (each is
+    training-free), so this accuracy is exactly the leave-one-out accuracy. ``train``: signal ->
+    (m, K) distances of the references over the candidates (NaN: missing); ``y_train``: their
+    generators (column indices). Returns (weights, accuracy). Only these references are seen.
+    """
+    names = sorted(train)
+    z = {n: nan_zscore_rows(-np.asarray(train[n], dtype=np.float64)) for n in names}
+    present = {n: np.isfinite(z[n]) for n in names}
+    filled = {n: np.where(present[n], z[n], 0.0) for n in names}
+    prior_vector = _normalised(prior, names)
+    y = np.asarray(y_train)
+    best: tuple[float, float, int] | None = None
+    chosen: dict[str, float] = {}
+    for order, weights in enumerate(weight_grid(names, step)):
+        total = sum(weights[n] * filled[n] for n in names)
+        mass = sum(weights[n] * present[n] for n in names)
+        scores = rank_missing_last(np.where(mass > 0, total / np.where(mass > 0, mass, 1), np.nan))
+        accuracy = float(np.mean(scores.argmax(axis=1) == y)) if y.size else float("nan")
+        distance = float(np.abs(_normalised(weights, names) - prior_vector).sum())
+        key = (-accuracy, round(distance, 9), order)
+        if best is None or key < best:
+            best, chosen = key, weights
+    assert best is not None
+    return chosen, -best[0]
+
+
+def fixed_weights(names: Sequence[str], given: Mapping[str, float]) -> dict[str, float]:
+    """The fixed fusion weights, summing to 1: those given (signals not named weigh 0), else
+    equal ones (the fusion is the same for any positive multiple of the weights)."""
+    if not given:
+        return {n: round(1.0 / len(names), 10) for n in names}
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise RsxError(
+            f"--fusion-weights names signal(s) not measured: {', '.join(unknown)}"
+            f" (measured: {', '.join(names)})"
+        )
+    weights = {n: float(given.get(n, 0.0)) for n in names}
+    if not any(w > 0 for w in weights.values()):
+        raise RsxError("--fusion-weights must give at least one signal a positive weight")
+    total = sum(weights.values())
+    return {n: round(w / total, 10) for n, w in weights.items()}
 
 
 @dataclass
@@ -214,35 +293,43 @@ def scorer_for(lab: Lab) -> ReconstructionScorer:
 
 def apply_fusion(
     result: QueryResult,
-    reconstruction: Mapping[str, float | None],
+    reconstruction: Mapping[str, float | None] | None,
     weights: Mapping[str, float] | None = None,
     unsupported: Mapping[str, str] | None = None,
+    *,
+    layers: Mapping[str, Mapping[str, float | None]] | None = None,
+    origin: Mapping[str, Any] | None = None,
 ) -> None:
     """Turn a resynthesis answer into a fused one (``method`` "fused"), in place.
 
     The ranking is re-ordered by fused score and each entry's ``score`` becomes a softmax of the
     fused z-scores; ``fusion`` records the weights, every signal's value per candidate, the fused
-    scores and the candidates without an autoencoder. The verdict follows the fused ranking when
-    the resynthesis answer named a generator or was inconclusive; 'unknown' (the lab's threshold
-    on the resynthesis distance) and 'no-evidence' stay as they are. ``margin`` stays the
-    resynthesis margin; ``fusion["margin"]`` is the fused one (best minus second-best z-score).
+    scores, the candidates without an autoencoder and ``origin`` (the layers, and where the
+    weights came from: ``pipeline.fusion_lab.QueryFusion.to_json``). ``reconstruction`` None:
+    not measured (its weight is 0); ``layers``: the ``layer-N`` signals. The verdict follows the
+    fused ranking when the resynthesis answer named a generator or was inconclusive; 'unknown'
+    (the lab's threshold on the resynthesis distance) and 'no-evidence' stay as they are.
+    ``margin`` stays the resynthesis margin; ``fusion["margin"]`` is the fused one (best minus
+    second-best z-score).
     """
     from resynth_index.pipeline.attribution import INCONCLUSIVE, NO_EVIDENCE, UNKNOWN
 
     candidates = list(result.candidates)
     resynthesis: dict[str, float | None] = dict.fromkeys(candidates)
     resynthesis.update({entry.generator: entry.distance for entry in result.ranking})
-    fused = fuse_one(
-        candidates,
-        {RESYNTHESIS: resynthesis, RECONSTRUCTION: dict(reconstruction)},
-        weights,
-        unsupported,
-    )
+    signals: dict[str, Mapping[str, float | None]] = {RESYNTHESIS: resynthesis}
+    if reconstruction is not None:
+        signals[RECONSTRUCTION] = dict(reconstruction)
+    signals.update(layers or {})
+    all_weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
+    fused = fuse_one(candidates, signals, all_weights, unsupported)
     ranked = {entry.generator for entry in result.ranking}
     order = [c for c in fused.order if c in ranked]
     margin = fused.scores[order[0]] - fused.scores[order[1]] if len(order) > 1 else None
     result.method = "fused"
-    result.fusion = {**fused.to_json(), "margin": margin}
+    result.fusion = {**fused.to_json(), "weights": all_weights, "margin": margin}
+    result.fusion.update(origin or {})
+    used = [name for name in sorted(signals) if all_weights.get(name, 0.0) > 0]
     if not order:
         return
     by_name = {entry.generator: entry for entry in result.ranking}
@@ -266,6 +353,42 @@ def apply_fusion(
     result.tied = []
     second = f" over {order[1]}" if len(order) > 1 else ""
     result.verdict_reason = (
-        f"fused (resynthesis + reconstruction): best {best}, z-score margin"
+        f"fused ({' + '.join(used)}): best {best}, z-score margin"
         f" {margin if margin is not None else 0:.2g}{second}"
     )
+
+
+def fusion_summary(fusion: Mapping[str, Any]) -> str:
+    """One line for people: the weights of a fused answer and where they came from."""
+    weights = fusion.get("weights") or {}
+    shown = ", ".join(f"{name} {float(w):g}" for name, w in sorted(weights.items()))
+    calibration = fusion.get("calibration")
+    if fusion.get("source") == "recorded" and calibration:
+        accuracy = calibration.get("loo_accuracy")
+        loo = f", leave-one-out accuracy {accuracy * 100:.1f} %" if accuracy is not None else ""
+        origin = (
+            f"chosen on {calibration.get('references')} references by fused calibration"
+            f" #{calibration.get('id')} ({calibration.get('created_at')}{loo})"
+        )
+    else:
+        origin = "fixed (equal)"
+    return f"fusion weights: {shown}; {origin}"
+
+
+def fusion_table(fusion: Mapping[str, Any]) -> list[list[str]]:
+    """The fused signals per candidate, best first: a header row then one row per candidate
+    (fused score, then each signal's distance; "-" where a candidate has none)."""
+    signals = fusion.get("signals") or {}
+    names = sorted(signals, key=lambda s: (s != RESYNTHESIS, s != RECONSTRUCTION, s))
+    rows = [["generator", "fused", *names]]
+    scores = fusion.get("scores") or {}
+    for candidate in fusion.get("order") or []:
+        values = [signals[name].get(candidate) for name in names]
+        rows.append(
+            [
+                candidate,
+                f"{scores.get(candidate, float('nan')):.3f}",
+                *("-" if v is None else f"{v:.4f}" for v in values),
+            ]
+        )
+    return rows

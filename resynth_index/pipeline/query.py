@@ -33,6 +33,7 @@ from resynth_index.pipeline.attribution import (
     score_meaning,
     similarity_to_distance,
 )
+from resynth_index.pipeline.fusion_lab import QueryFusion, fusion_for_query
 from resynth_index.pipeline.fusion_query import (
     QUERY_METHODS,
     apply_fusion,
@@ -40,6 +41,7 @@ from resynth_index.pipeline.fusion_query import (
     scorer_for,
 )
 from resynth_index.pipeline.intake import ensure_embeddings, store_images
+from resynth_index.pipeline.layers import layer_distances, layer_reader, layer_signal
 from resynth_index.pipeline.resynthesis import (
     PlannedGenerations,
     ProgressCallback,
@@ -252,6 +254,7 @@ def run_queries(
     image_names: Mapping[Path, str] | None = None,
     method: str = "resynthesis",
     generator: MissingGenerator | None = None,
+    fusion_layers: Sequence[int] | None = None,
 ) -> list[QueryResult | QueryFailure]:
     """Attribute each image; a bad image fails alone and the rest go on.
 
@@ -274,11 +277,19 @@ def run_queries(
     contract: fill ``plan.stored``, empty ``plan.missing``, report through ``events``): the
     Ray executor's, for ``rsx query --executor ray``.
 
-    ``method`` "fused" adds the reconstruction signal of each candidate's autoencoder and ranks
-    by the fused score (``pipeline/fusion_query.py``); the answer records each signal's values.
+    ``method`` "fused" adds the reconstruction signal of each candidate's autoencoder (and the
+    ``layer-N`` signals, ``pipeline/layers.py``) and ranks by the fused score
+    (``pipeline/fusion_query.py``), with the weights the lab recorded for these candidates
+    (``rsx calibrate --method fused``, ``pipeline/fusion_lab.py``) or else fixed equal ones;
+    the answer records each signal's values and where the weights came from.
+    ``fusion_layers``: the blocks to fuse (None: those of the recorded fusion, if any).
     """
     if method not in QUERY_METHODS:
         raise RsxError(f"unknown query method {method!r}: use {', '.join(QUERY_METHODS)}")
+    if fusion_layers and method != "fused":
+        raise RsxError("fusion layers apply to --method fused only")
+    if fusion_layers:
+        layer_reader(lab, fusion_layers)  # a block the embedder lacks: refused before any work
     generators = select_candidates(lab, candidates)
     items = expand_query_paths(paths)
     if paths and not items:
@@ -343,11 +354,17 @@ def run_queries(
     )
 
     calibration = calibrated.for_query(lab, generators, plan.wanted)
-    scorer = scorer_for(lab) if method == "fused" else None
+    fusion = (
+        fusion_for_query(lab, generators, plan.wanted, fusion_layers) if method == "fused" else None
+    )
+    scorer = scorer_for(lab) if fusion is not None and fusion.needs_reconstruction() else None
     reconstruction = (
         query_reconstruction(lab, generators, [(p.sha256, p.picture) for p in prepared], scorer)
         if scorer is not None
         else {}
+    )
+    layer_values = (
+        query_layer_signals(lab, fusion, prepared, generators, plan) if fusion is not None else {}
     )
     results: list[QueryResult | QueryFailure] = []
     answers: list[tuple[QueryResult, str, dict]] = []
@@ -363,8 +380,15 @@ def run_queries(
         result, distances = _answer(
             lab, outcome, generators, plan, embedding_of, vectors, image_sha, generated
         )
-        if scorer is not None:
-            apply_fusion(result, reconstruction[outcome.sha256], unsupported=scorer.unsupported)
+        if fusion is not None:
+            apply_fusion(
+                result,
+                reconstruction[outcome.sha256] if scorer is not None else None,
+                fusion.weights,
+                scorer.unsupported if scorer is not None else None,
+                layers=layer_values.get(outcome.image_id),
+                origin=fusion.to_json(),
+            )
         calibrated.apply(calibration, result)
         if image_names and outcome.path in image_names:
             result.image = image_names[outcome.path]
@@ -372,6 +396,40 @@ def run_queries(
         answers.append((result, outcome.caption_hash, distances))
     _record_answers(lab, answers)
     return results
+
+
+def query_layer_signals(
+    lab: Lab,
+    fusion: QueryFusion,
+    prepared: Sequence[_Prepared],
+    generators: Sequence[GeneratorRow],
+    plan: ResynthesisPlan,
+) -> dict[int, dict[str, dict[str, float | None]]]:
+    """query image id -> ``layer-N`` -> candidate -> layer distance (None: no resynthesis).
+
+    Only the layers the fusion weighs are measured; the blocks' vectors of the query images and
+    resyntheses are stored (``pipeline.layers``), so a resynthesis is read at a block once.
+    """
+    layers = fusion.computed_layers()
+    if not layers or not prepared:
+        return {}
+    reader = layer_reader(lab, layers)
+    names = [row.name for row in generators]
+    ids = [p.image_id for p in prepared]
+    compared = [[plan.stored.get((p.caption_hash, n), []) for n in names] for p in prepared]
+    found = layer_distances(
+        lab, reader, ids, compared, pictures={p.image_id: p.picture for p in prepared}
+    )
+    out: dict[int, dict[str, dict[str, float | None]]] = {}
+    for i, image_id in enumerate(ids):
+        out[image_id] = {
+            layer_signal(layer): {
+                name: None if not np.isfinite(matrix[i, c]) else float(matrix[i, c])
+                for c, name in enumerate(names)
+            }
+            for layer, matrix in found.items()
+        }
+    return out
 
 
 #: Files a query skips without a word when they are given (``rsx query DIR/*`` sweeps them up):

@@ -1,9 +1,11 @@
-"""Calibrations of prediction sets (the calibrations table), and the references they are made of.
+"""Calibrations (the calibrations table), and the references they are made of.
 
-``rsx calibrate`` saves one row per calibration. A newer calibration of the same candidate set
+``rsx calibrate`` saves one row per calibration: prediction sets (method ``resynthesis``) or the
+weights of the fused method chosen on the lab's references (method ``fused``; such a row has no
+coverage: it is stored as 0). A newer calibration of the same candidate set and method
 supersedes the older ones (their ``superseded_by`` names it) but never deletes them: an answer
 cites the calibration it used by id, so every one stays readable for audit. Queries use the
-newest active (not superseded) calibration of their candidate set.
+newest active (not superseded) calibration of their candidate set and method.
 
 This module stores plain JSON-able values; what a record means (``Calibration``) is the
 pipeline's business (``pipeline/conformal.py``, ``pipeline/calibrated.py``).
@@ -62,7 +64,7 @@ def save_calibration(
     settings: Mapping[str, Any],
     summary: Mapping[str, Any],
 ) -> tuple[int, list[int]]:
-    """Save a calibration; it supersedes the active ones of the same candidate set.
+    """Save a calibration; it supersedes the active ones of the same candidate set and method.
 
     Returns (its id, the ids it superseded). Only older rows are superseded, so of two
     calibrations saved at once the newer one stays active.
@@ -86,6 +88,7 @@ def save_calibration(
         session.scalars(
             select(CalibrationRow.id).where(
                 CalibrationRow.candidates_json == key,
+                CalibrationRow.method == method,
                 CalibrationRow.superseded_by.is_(None),
                 CalibrationRow.id < row.id,
             )
@@ -99,10 +102,13 @@ def save_calibration(
 
 
 def active_calibration(
-    session: Session, candidates: Sequence[str] | None = None
+    session: Session, candidates: Sequence[str] | None = None, method: str | None = None
 ) -> StoredCalibration | None:
-    """The newest active calibration of this candidate set (of any set when None), or None."""
+    """The newest active calibration of this candidate set (of any set when None) and method
+    (any when None), or None."""
     statement = select(CalibrationRow).where(CalibrationRow.superseded_by.is_(None))
+    if method is not None:
+        statement = statement.where(CalibrationRow.method == method)
     if candidates is not None:
         statement = statement.where(CalibrationRow.candidates_json == candidates_key(candidates))
     row = session.scalars(statement.order_by(CalibrationRow.id.desc()).limit(1)).first()
