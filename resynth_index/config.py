@@ -28,7 +28,14 @@ from resynth_index.errors import StoreError
 LAB_ENV = "RSX_LAB"
 SETTINGS_FILE = "settings.json"
 DATABASE_FILE = "lab.sqlite"
-SETTINGS_VERSION = 1
+#: 2: generation_batch_size may be "auto" (the default). A version-1 file holding 8, the old
+#: default, with no recorded change of it, loads as "auto" (see ``LabSettings.load``).
+SETTINGS_VERSION = 2
+#: The generation batch size every lab had by default before "auto" (settings version 1).
+OLD_DEFAULT_GENERATION_BATCH = 8
+#: ``generation_batch_size`` "auto": chosen per generator where it runs (CUDA: by image size and
+#: free memory; a CPU: a few), see ``models.generators.batching``.
+AUTO_BATCH = "auto"
 
 DISTANCES = ("cosine", "euclidean")
 AGGREGATIONS = ("min", "mean")
@@ -90,7 +97,8 @@ class LabSettings:
     margin_floor: float = DEFAULT_MARGIN_FLOOR
     default_candidates: list[str] | None = None  # None: every active generator
     default_resyntheses: int = 1
-    generation_batch_size: int = 8
+    # images per generation batch: a whole number, or "auto" (chosen for the device, per generator)
+    generation_batch_size: int | str = AUTO_BATCH
     embedding_batch_size: int = 32
     max_pixels: int = 64_000_000
     captioner: str | None = None  # a local transformers image-to-text folder
@@ -126,7 +134,11 @@ class LabSettings:
             raise StoreError("the threshold must be a finite number, or none")
         if not _non_negative(self.margin_floor):
             raise StoreError("margin_floor must be a number at least 0")
-        for name in ("generation_batch_size", "embedding_batch_size", "max_pixels"):
+        if self.generation_batch_size != AUTO_BATCH:
+            value = self.generation_batch_size
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise StoreError("generation_batch_size must be a whole number at least 1, or auto")
+        for name in ("embedding_batch_size", "max_pixels"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise StoreError(f"{name} must be a whole number at least 1")
@@ -194,6 +206,7 @@ class LabSettings:
             raise StoreError(f"{path} has unknown settings: {', '.join(unknown)}")
         if not isinstance(raw, dict):
             raise StoreError(f"cannot read {path}: not a JSON object")
+        raw = _upgraded(raw)
         settings = cls(**raw)
         settings.validate()
         return settings
@@ -225,6 +238,31 @@ CHANGEABLE: dict[str, str] = {
 }
 
 
+def _upgraded(raw: dict[str, Any]) -> dict[str, Any]:
+    """A settings file's content as this version reads it.
+
+    ``generation_batch_size``: null means "auto". A file from before "auto" (version 1) that holds
+    the old default, 8, with no recorded change of it, was given 8 because every lab was: it now
+    follows the device ("auto"). An 8 set with 'rsx config set' is in ``changes`` and stays 8.
+    """
+    raw = dict(raw)
+    if "generation_batch_size" in raw and raw["generation_batch_size"] is None:
+        raw["generation_batch_size"] = AUTO_BATCH
+    old = raw.get("version", 1)
+    changes = raw.get("changes")
+    chosen = isinstance(changes, list) and any(
+        isinstance(c, dict) and c.get("key") == "generation_batch_size" for c in changes
+    )
+    if (
+        isinstance(old, int)
+        and old < 2
+        and raw.get("generation_batch_size") == OLD_DEFAULT_GENERATION_BATCH
+        and not chosen
+    ):
+        raw["generation_batch_size"] = AUTO_BATCH
+    return raw
+
+
 def _real(value: Any) -> bool:
     """An int or a float, not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -238,7 +276,8 @@ def _non_negative(value: Any) -> bool:
 def parse_setting(key: str, text: str, *, generators: Sequence[str] = ()) -> Any:
     """The value ``rsx config set KEY TEXT`` means, checked (StoreError, one line, otherwise).
 
-    ``none`` clears what may be cleared (threshold, default_candidates, captioner).
+    ``none`` clears what may be cleared (threshold, default_candidates, captioner);
+    ``auto`` is generation_batch_size's default (chosen for the device, per generator).
     ``generators``: the lab's active generator names, which default candidates must be among.
     """
     if key not in CHANGEABLE:
@@ -275,10 +314,13 @@ def parse_setting(key: str, text: str, *, generators: Sequence[str] = ()) -> Any
         if not folder.is_dir():
             raise StoreError(f"captioner must be a local model folder, or none: no folder {text}")
         return str(folder.resolve())
+    if key == "generation_batch_size" and text.lower() == AUTO_BATCH:
+        return AUTO_BATCH
     try:  # the whole numbers: batch sizes, resyntheses, pixels
         whole = int(text)
     except ValueError:
-        raise StoreError(f"{key} must be a whole number at least 1, not {text!r}") from None
+        whole = 0
     if whole < 1:
-        raise StoreError(f"{key} must be a whole number at least 1, not {text!r}")
+        extra = ", or auto" if key == "generation_batch_size" else ""
+        raise StoreError(f"{key} must be a whole number at least 1{extra}, not {text!r}")
     return whole

@@ -9,10 +9,15 @@ Rows:
               forward of one image, on a lab holding N stored vectors (synthetic ones fill it);
               plus the lookup alone (a gather of the query's few dozen candidates)
   startup     `rsx --help` wall time
+  CLI rows    `rsx resynthesize`, `rsx ingest`, `rsx query` as users run them (a fresh process
+              each, two work sizes): the per-image cost against the bare operation at the same
+              batch (generate_images; the embedder's forward; one warm forward), and the one-off
+              cost per command (start, imports, model load) as its own row (scripts/bench_cli.py)
 
 Usage:
   .venv/bin/python scripts/bench.py            # full sizes (a few minutes; 1M vectors ~ 4 GB disk)
   .venv/bin/python scripts/bench.py --quick    # small sizes, toy embedder only (a smoke test)
+  .venv/bin/python scripts/bench.py --vectors 2000 --skip-cli   # no 1M lab, no CLI rows
 
 Nothing is downloaded: ViT-B-32 uses random weights (``random:0``), the toy zoo is built here.
 """
@@ -28,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_cli import cli_rows  # noqa: E402
 from bench_common import (  # noqa: E402
     Row,
     bench_embedder,
@@ -72,6 +78,50 @@ def bench_generation_sd15_cuda(n: int, batch: int) -> Row | None:
     return bench_generation_arch("sd15", n=n, batch=batch, tiny=False)
 
 
+# ------------------------------------------------------------------------------ CLI rows
+def bench_cli_cpu(scratch: Path, quick: bool, embedders: list[str], threads: int | None):
+    """The product-path rows (scripts/bench_cli.py) on the CPU: the toy zoo's generator and
+    embedder for all three commands; ViT-B-32 (random weights) for ingest and query too."""
+
+    def toy_generator(lab):
+        return lab.add_toy_generator("toy-a", 11, resyntheses=1)
+
+    found = cli_rows(
+        scratch,
+        kind="toy",
+        add_generator=toy_generator,
+        label="toy zoo 64px",
+        gen_batch=4,
+        gen_sizes=(4, 12) if quick else (8, 56),
+        ingest_batch=16 if quick else 32,
+        ingest_sizes=(16, 48) if quick else (32, 288),
+        image_size=64,
+        query_sizes=(1, 5) if quick else (2, 18),
+        repeat=1 if quick else 2,
+        threads=threads,
+        gen_target=None if quick else 0.85,  # a smoke run's sizes are within start-up noise
+    )
+    for kind in embedders:
+        if kind != "toy":
+            found += cli_rows(
+                scratch,
+                kind=kind,
+                add_generator=toy_generator,
+                label=kind,
+                gen_batch=4,
+                gen_sizes=(4, 8),
+                ingest_batch=32,
+                ingest_sizes=(32, 96),
+                image_size=256,
+                query_sizes=(2, 10),
+                repeat=2,
+                threads=threads,
+                embed_target=0.8,
+                commands=("ingest", "query"),
+            )
+    return found
+
+
 # ------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -79,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vectors", type=int, help="stored vectors in the query lab")
     parser.add_argument("--keep", type=Path, help="build the labs here and keep them")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--skip-cli", action="store_true", help="leave out the CLI rows")
     args = parser.parse_args(argv)
 
     quick = args.quick
@@ -118,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.extend(found)
             notes.append(note)
         rows.append(bench_help(3 if quick else 7))
+        print_row(rows[-1])
+        if not args.skip_cli:
+            rows.extend(bench_cli_cpu(scratch, quick, embedders, args.threads))
     finally:
         if args.keep is None:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -7,9 +7,15 @@ Rows:
   ingest      ViT-L/14 at 336 px (random weights, fp16) ingest vs bare forward, batch 64
   query       warm query vs one embedding forward, on a lab holding 1,000,000 stored vectors
   startup     `rsx --help`
+  CLI rows    `rsx resynthesize` (the SD1.5 pipeline saved to a folder and registered, batch 16),
+              `rsx ingest` and `rsx query` (ViT-L/14-336) as users run them, each in a fresh
+              process at two work sizes: per image against the bare operation at the same batch,
+              and the one-off cost per command as its own row (scripts/bench_cli.py)
 
-Designed to finish in under 8 minutes on one H100. Nothing is downloaded: the tokenizer is the
-toy zoo's CLIP tokenizer, every weight is drawn at random on the device.
+Designed to finish in under 8 minutes on one H100 without the CLI rows (``--skip cli``); the
+CLI rows start six fresh rsx processes, each loading its models, and add an estimated 3-5
+minutes (not measured: no GPU was available when they were written). Nothing is downloaded:
+the tokenizer is the toy zoo's CLIP tokenizer, every weight is drawn at random on the device.
 
   .venv/bin/python scripts/gpu_bench.py           # real sizes, needs CUDA
   .venv/bin/python scripts/gpu_bench.py --tiny    # toy sizes on whatever device (logic check)
@@ -29,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_common as bench  # noqa: E402
+from bench_cli import cli_rows  # noqa: E402
 
 # ------------------------------------------------------------------------- published configs
 # Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5, unet/vae/text_encoder config.json)
@@ -258,11 +265,58 @@ def bench_generation_arch(arch: str, n: int | None = None, batch: int | None = N
     )
 
 
+def saved_generator(arch: str, device: str, tiny: bool, scratch: Path):
+    """``add_generator`` for ``bench_cli.cli_rows``: the pipeline of ``build_pipeline`` saved as
+    a diffusers folder and registered in the lab (K = 1), as a user registers a real one."""
+    from resynth_index.models.generators.protocol import GenerationSettings
+
+    def add(lab):
+        size, steps, guidance, _n, _batch = ARCHS[arch]
+        if tiny:
+            size, steps = 64, 4
+        folder = scratch / f"{arch}-pipeline"
+        pipe = build_pipeline(arch, device, tiny)
+        pipe.save_pretrained(folder)
+        del pipe
+        if device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+        settings = GenerationSettings(steps=steps, guidance=guidance, width=size, height=size)
+        return lab.add_generator(arch, "diffusers", source=folder, settings=settings, resyntheses=1)
+
+    return add
+
+
+def bench_cli(scratch: Path, kind: str, device: str, tiny: bool) -> list[bench.Row]:
+    """The product-path rows: SD1.5 through `rsx resynthesize`, `rsx ingest`, `rsx query`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights may decode to NaN pixels
+        return cli_rows(
+            scratch,
+            kind=kind,
+            add_generator=saved_generator("sd15", device, tiny, scratch),
+            label="tiny sd15 64px 4 steps" if tiny else "sd15 512px 25 steps",
+            gen_batch=4 if tiny else 16,
+            gen_sizes=(4, 12) if tiny else (16, 48),
+            ingest_batch=8 if tiny else 64,
+            ingest_sizes=(8, 40) if tiny else (64, 320),
+            image_size=64 if tiny else 512,
+            query_sizes=(1, 5) if tiny else (2, 18),
+            repeat=1,
+            device=device,
+            embed_target=None if tiny else 0.8,
+            gen_target=None if tiny else 0.85,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="toy sizes (a logic check on a CPU)")
     parser.add_argument("--vectors", type=int, help="stored vectors in the query lab")
-    parser.add_argument("--skip", default="", help="comma-separated rows to skip: sd15,sdxl,...")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated rows to skip: sd15,sdxl,embedder,cli"
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -301,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.extend(found)
             notes.append(note)
         rows.append(bench.bench_help(5))
+        if "cli" not in skip:
+            rows.extend(bench_cli(scratch, kind, device, tiny))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     bench.print_report(rows, notes)

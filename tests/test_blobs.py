@@ -124,3 +124,39 @@ def test_large_blob_round_trip(store: BlobStore) -> None:
     store.put(sha, data)
     assert store.read(sha) == data
     assert store.verify(sha) is None
+
+
+def _count_directory_fsyncs(monkeypatch) -> list[Path]:
+    from resynth_index.store import durable
+
+    fsynced: list[Path] = []
+    real = durable.fsync_directory
+    monkeypatch.setattr(durable, "fsync_directory", lambda d: (fsynced.append(d), real(d)))
+    return fsynced
+
+
+def test_write_defers_directory_fsyncs_to_one_sync_per_directory(
+    store: BlobStore, monkeypatch
+) -> None:
+    fsynced = _count_directory_fsyncs(monkeypatch)
+    blobs = [bytes([n]) * 100 for n in range(5)]
+    written = [store.write(_sha(data), data) for data in blobs]
+    assert fsynced == []  # in place, bytes on the disk, entries not yet synced
+    assert all(store.verify(_sha(data)) is None for data in blobs)
+    directories = [d for w in written for d in w.directories]
+    # each blob's directory, and the parents of the directories it created (the root's too)
+    assert {store.path_for(_sha(data)).parent for data in blobs} <= set(directories)
+    assert store.root.parent in directories
+    assert store.sync(directories + directories) == len(set(directories))
+    assert sorted(fsynced) == sorted(set(directories))  # each distinct directory once
+
+
+def test_put_is_durable_on_its_own(store: BlobStore, monkeypatch) -> None:
+    fsynced = _count_directory_fsyncs(monkeypatch)
+    data = b"one blob"
+    path = store.put(_sha(data), data)
+    assert path.parent in fsynced and path.parent.parent in fsynced  # rename and new directory
+    fsynced.clear()
+    assert store.write(_sha(data), data).directories == (path.parent,)  # found intact
+    store.put(_sha(data), data)
+    assert fsynced == [path.parent]  # another writer's rename may not be synced yet

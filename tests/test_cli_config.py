@@ -25,7 +25,7 @@ def test_get_lists_every_changeable_setting_and_one_by_name(toy_lab: Path) -> No
     assert "threshold = none" in listed.output
     assert f"margin_floor = {DEFAULT_MARGIN_FLOOR}" in listed.output
     one = rsx(toy_lab, "config", "get", "generation_batch_size")
-    assert one.output == "8\n"
+    assert one.output == "auto\n"  # chosen per generator for the device
     as_json = json.loads(rsx(toy_lab, "config", "get", "--json").output)
     assert as_json["threshold"] is None and as_json["default_candidates"] is None
 
@@ -63,7 +63,7 @@ def test_set_changes_the_setting_and_history_records_each_change(toy_lab: Path) 
 
 
 def test_setting_what_is_already_set_records_nothing(toy_lab: Path) -> None:
-    again = rsx(toy_lab, "config", "set", "generation_batch_size", "8")
+    again = rsx(toy_lab, "config", "set", "generation_batch_size", "auto")
     assert again.exit_code == 0 and "nothing changed" in again.output
     assert LabSettings.load(toy_lab).changes == []
 
@@ -80,6 +80,7 @@ def test_setting_what_is_already_set_records_nothing(toy_lab: Path) -> None:
         ("default_candidates", " , ", "default_candidates needs generator names"),
         ("captioner", "/no/such/folder", "captioner must be a local model folder"),
         ("generation_batch_size", "0", "generation_batch_size must be a whole number at least 1"),
+        ("generation_batch_size", "none", "at least 1, or auto, not 'none'"),
         ("embedding_batch_size", "2.5", "embedding_batch_size must be a whole number at least 1"),
         ("default_resyntheses", "many", "default_resyntheses must be a whole number at least 1"),
     ],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -174,12 +175,17 @@ def test_pipelined_ingest_embeds_like_the_embedder_and_skips_on_rerun(toy_lab, t
         assert "zz-broken.png" in summary.failures[0].path
         expected = lab.embedder.embed([Image.open(p).convert("RGB") for p in paths])
         with lab.session() as session:
-            rows = session.execute(
-                select(ImageRow.sha256, EmbeddingRow.vector)
-                .join(EmbeddingRow, EmbeddingRow.image_id == ImageRow.id)
-                .order_by(ImageRow.id)
-            ).all()
-        stored = np.stack([np.frombuffer(v, dtype="<f4") for _, v in rows])
+            rows = dict(
+                session.execute(
+                    select(ImageRow.sha256, EmbeddingRow.vector).join(
+                        EmbeddingRow, EmbeddingRow.image_id == ImageRow.id
+                    )
+                ).all()
+            )
+        # a batch's rows go in ordered by digest: match each file to its row by its SHA-256
+        shas = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+        assert sorted(rows) == sorted(shas)
+        stored = np.stack([np.frombuffer(rows[sha], dtype="<f4") for sha in shas])
         np.testing.assert_allclose(stored, expected, atol=1e-5)
         again = ingest(lab, expand_paths(paths), batch_size=2)
         assert (again.added, again.skipped, again.failed) == (0, 7, 0)

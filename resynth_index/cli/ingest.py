@@ -49,6 +49,16 @@ INTERRUPTED_EXIT = 130
     help="Read every file, even one unchanged since it was stored (restores a blob that "
     "'rsx check' finds altered when its size and times did not change).",
 )
+@click.option(
+    "--workers",
+    default="auto",
+    show_default=True,
+    metavar="N|auto",
+    help="Worker processes that read, hash, decode and preprocess the files and write their "
+    "blobs while this process stores and embeds them; 0 reads them on a thread. auto leaves one "
+    "core for this process and runs workers only when 2 or more cores remain and there are 128 "
+    "or more files per worker (else the thread).",
+)
 @executor_options
 @click.pass_context
 def ingest(
@@ -61,6 +71,7 @@ def ingest(
     layout,
     batch_size,
     reread,
+    workers="auto",
     executor="local",
     ray_address=None,
     ray_actors=None,
@@ -89,6 +100,7 @@ def ingest(
     from resynth_index.pipeline import ingest as ingest_module
 
     plain = [p for p in paths if p.suffix.lower() not in ingest_module.MANIFEST_SUFFIXES]
+    worker_count = _workers(workers)
     _check_options(layout, role, generator_name, caption, seed, bool(plain))
     on_ray = ray_options(executor, ray_address, ray_actors)
     summary = None
@@ -115,7 +127,13 @@ def ingest(
             pool = RayEmbedder(lab, on_ray)
             lab.adopt_embedder(pool)
         summary = _run(
-            ingest_module, lab, items, batch_size, layout == "resynthesis-dataset", reread
+            ingest_module,
+            lab,
+            items,
+            batch_size,
+            layout == "resynthesis-dataset",
+            reread,
+            worker_count,
         )
     except KeyboardInterrupt as interrupt:
         stored = (
@@ -200,7 +218,30 @@ def _nothing_to_ingest(items: list) -> None:
         raise click.ClickException("; ".join(said))
 
 
-def _run(ingest_module, lab, items: list, batch_size: int | None, dataset: bool, reread: bool):
+def _workers(text: str) -> int | None:
+    """``--workers``: a count of 0 or more, or auto (None)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise click.BadParameter(
+            f"{text!r} is not a count of 0 or more, nor auto", param_hint="--workers"
+        )
+    return count
+
+
+def _run(
+    ingest_module,
+    lab,
+    items: list,
+    batch_size: int | None,
+    dataset: bool,
+    reread: bool,
+    workers: int | None = None,
+):
     """Ingest ``items`` with a progress bar on a terminal; failures print as they come."""
     bar = progress_bar("ingesting", len(items))
 
@@ -212,6 +253,7 @@ def _run(ingest_module, lab, items: list, batch_size: int | None, dataset: bool,
         "on_failure": report_failure,
         "register_missing_as_imported": dataset,
         "reread": reread,
+        "workers": workers,
     }
     if bar is None:
         return ingest_module.ingest(lab, items, **options)

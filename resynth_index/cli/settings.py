@@ -90,7 +90,10 @@ def config_set(ctx: click.Context, key: str, value: str) -> None:
       default_candidates    active generator names, comma-separated, or none (all active)
       captioner             a local transformers image-to-text folder, or none
       default_resyntheses   K for generators added from now on (>= 1)
-      generation_batch_size, embedding_batch_size, max_pixels   whole numbers >= 1
+      generation_batch_size a whole number >= 1, or auto (the default: 16 for SD1.5 at
+                            512 px on CUDA, scaled by image size and fitted to free memory;
+                            4 on a CPU)
+      embedding_batch_size, max_pixels   whole numbers >= 1
 
     \b
     Examples:
@@ -98,6 +101,7 @@ def config_set(ctx: click.Context, key: str, value: str) -> None:
       rsx config set default_candidates sd15,midjourney
       rsx config set captioner /models/blip-large
       rsx config set threshold none
+      rsx config set generation_batch_size auto
     """
     settings = _settings(ctx)
     names: list[str] = []

@@ -185,7 +185,13 @@ class OpenClipEmbedder:
         if pixels.shape[0] == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         with torch.inference_mode():
-            batch = pixels.to(device=self.device, dtype=self._input_dtype)
+            if str(self.device).startswith("cuda") and pixels.device.type == "cpu":
+                # page-locked memory copies asynchronously: the host is free while it travels
+                pixels = pixels.pin_memory()
+                batch = pixels.to(device=self.device, non_blocking=True)
+                batch = batch.to(dtype=self._input_dtype)
+            else:  # the CPU: nothing to copy
+                batch = pixels.to(device=self.device, dtype=self._input_dtype)
             if self.layer is None:
                 features = self.model.encode_image(batch)
             else:

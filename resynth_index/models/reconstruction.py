@@ -138,6 +138,8 @@ class VaeReconstructor:
         """The autoencoder, in eval mode, float32, on its device (loaded once)."""
         if self._vae is not None:
             return self._vae
+        import importlib.util
+
         import torch
         from diffusers import AutoencoderKL
 
@@ -146,7 +148,12 @@ class VaeReconstructor:
         device = resolve_device(self.device_choice)
         try:
             vae = AutoencoderKL.from_pretrained(
-                str(self.folder), subfolder="vae", local_files_only=True, torch_dtype=torch.float32
+                str(self.folder),
+                subfolder="vae",
+                local_files_only=True,
+                torch_dtype=torch.float32,
+                # as the generators load: without accelerate diffusers warns, then falls back
+                low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
             )
         except Exception as error:  # diffusers raises OSError/ValueError/EnvironmentError alike
             text = " ".join(str(error).split())[:200]

@@ -27,6 +27,7 @@ import csv
 import json
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,13 +36,26 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from resynth_index.errors import RsxError
-from resynth_index.hashing import FileStat, file_stat
-from resynth_index.media.captions import caption_hash, normalise_caption, sidecar_text
+from resynth_index.hashing import FileStat
+from resynth_index.media.captions import caption_hash, sidecar_text
 from resynth_index.media.folders import walk_files
-from resynth_index.media.images import IMAGE_SUFFIXES, LoadedImage, load_image_file
-from resynth_index.media.metadata import embedded_prompt
+from resynth_index.media.images import (
+    IMAGE_SUFFIXES,
+    LoadedImage,
+    load_image_bytes,
+    load_image_file,
+)
 from resynth_index.models.generators import factory
 from resynth_index.pipeline.intake import store_images, write_embeddings
+from resynth_index.pipeline.loading import (
+    FileJob,
+    FileLoad,
+    LoadingPool,
+    load_file,
+    resolve_workers,
+    stat_or_none,
+    transform_for_workers,
+)
 from resynth_index.pipeline.unchanged import unchanged_items
 from resynth_index.pipeline.work_orders import restore_cell
 from resynth_index.store import embeddings, repository
@@ -283,7 +297,8 @@ _QUEUE_DEPTH = 1  # batches decoded ahead of the one being stored and embedded
 
 @dataclass
 class _Loaded:
-    """One batch as the loader thread hands it over: decoded, hashed, maybe preprocessed."""
+    """One batch as the loader hands it over: decoded, hashed, maybe preprocessed, its blobs
+    durable (synced, ``BlobStore.sync``), its rows not yet written."""
 
     entries: list[tuple[IngestItem, LoadedImage, Any] | IngestFailure]  # Any: the caption
     pixels: Any = None  # (n, 3, H, W) tensor for the images not yet embedded, or None
@@ -303,6 +318,7 @@ def ingest(
     progress: Callable[[int], None] | None = None,
     on_failure: Callable[[IngestFailure], None] | None = None,
     reread: bool = False,
+    workers: int | None = None,
 ) -> IngestSummary:
     """Store every item, batch by batch; failures are collected, never raised.
 
@@ -311,12 +327,17 @@ def ingest(
     every file instead (to restore a blob whose bytes rotted without a change of stat).
 
     Every item is checked first with reads of the store only (``check_items``): an ingest left
-    with nothing to load reports its failures without loading the embedder. Then a loader thread
-    reads, hashes, decodes and preprocesses the next batch while this thread stores the current
-    one and runs the embedder on it (PIL, hashlib and torch release the GIL). Each batch's rows
-    are written in one transaction; the index is synced once at the end. The whole ingest holds
-    the blob store's writers' lock: blobs written ahead of their rows are never taken for debris
-    by ``rsx check --repair``. Ctrl-C raises ``IngestInterrupted`` with the summary so far.
+    with nothing to load reports its failures without loading the embedder. Then the files are
+    read, hashed, decoded, preprocessed and their blobs written ahead of the batch being stored
+    and embedded here: by ``workers`` worker processes (``pipeline/loading.py``; None: as many
+    as ``resolve_workers`` chooses for the cores and the number of files), or by a loader thread
+    (0, and what auto chooses on a small machine or for a small ingest). A batch's blobs are made
+    durable in one step (``BlobStore.sync``: each directory fsynced once) before it is handed
+    over, so its rows, written here in one transaction, never point at a blob a crash could
+    take. The index is synced once at the end. The whole ingest holds the blob store's writers'
+    lock: blobs written ahead of their rows are never taken for debris by ``rsx check
+    --repair``. Ctrl-C raises ``IngestInterrupted`` with the summary so far; a worker process
+    that dies raises ``WorkerDied`` (one line), its batch unstored.
     """
     batch_size = batch_size or lab.settings.embedding_batch_size
     if batch_size < 1:
@@ -342,13 +363,29 @@ def ingest(
             if summary.unchanged:
                 lab.sync_index()  # as the full path would: a re-run catches the index up
             return summary
-        embedder = lab.embedder  # loaded here, before the loader thread may use it
+        embedder = lab.embedder  # loaded here, before the loader may use it
         batches = _batches(checked, batch_size)
+        files = sum(isinstance(item, IngestItem) for item in checked)
+        pool = None
+        count = resolve_workers(workers, files)
         with lab.blobs.writing():
-            for loaded in _prefetch(lab, embedder, batches, register_missing_as_imported):
-                _ingest_batch(lab, loaded, summary, fail, register_missing_as_imported, generators)
-                if progress:
-                    progress(len(loaded.entries))
+            try:
+                if count:
+                    pool = LoadingPool(
+                        count,
+                        max_pixels=lab.settings.max_pixels,
+                        blob_root=lab.blobs.root,
+                        transform=transform_for_workers(embedder),
+                    )
+                for loaded in _prefetch(lab, embedder, batches, register_missing_as_imported, pool):
+                    _ingest_batch(
+                        lab, loaded, summary, fail, register_missing_as_imported, generators
+                    )
+                    if progress:
+                        progress(len(loaded.entries))
+            finally:
+                if pool is not None:
+                    pool.close()
     except KeyboardInterrupt:
         raise IngestInterrupted(summary) from None
     lab.sync_index()
@@ -458,9 +495,16 @@ def _batches(items: Iterable[IngestItem | IngestFailure], size: int) -> Iterator
 
 
 def _prefetch(
-    lab: Lab, embedder: Embedder, batches: Iterator[list], register_missing: bool
+    lab: Lab,
+    embedder: Embedder,
+    batches: Iterator[list],
+    register_missing: bool,
+    pool: LoadingPool | None = None,
 ) -> Iterator[_Loaded]:
-    """Load batches on a background thread, at most ``_QUEUE_DEPTH`` ahead of the consumer."""
+    """Load batches on a background thread, at most ``_QUEUE_DEPTH`` ahead of the consumer.
+
+    Without ``pool`` the thread loads the files itself; with one, it keeps the workers one batch
+    ahead of the batch it finishes (the store's checks, blob sync, pixels) and hands over."""
     done = object()
     ready: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
     stop = threading.Event()
@@ -474,11 +518,35 @@ def _prefetch(
                 continue
         return False
 
+    def finish(batch: list, loads: list[FileLoad]) -> bool:
+        return hand_over(_finish_batch(lab, embedder, batch, loads, register_missing))
+
     def work() -> None:
         try:
-            for batch in batches:
-                if not hand_over(_load_batch(lab, embedder, batch, register_missing)):
-                    return
+            if pool is None:
+                for batch in batches:
+                    loads = [
+                        load_file(
+                            job, max_pixels=lab.settings.max_pixels, blobs=lab.blobs, read=_read
+                        )
+                        for job in _jobs(batch)
+                    ]
+                    if not finish(batch, loads):
+                        return
+            else:
+                pending: deque = deque()
+                for batch in batches:
+                    pending.append((batch, pool.submit(_jobs(batch))))
+                    while len(pending) > 1:  # the workers load the next batch meanwhile
+                        earlier, submitted = pending.popleft()
+                        got = pool.result(submitted, stop)
+                        if got is None or not finish(earlier, got):
+                            return
+                while pending:
+                    earlier, submitted = pending.popleft()
+                    got = pool.result(submitted, stop)
+                    if got is None or not finish(earlier, got):
+                        return
             hand_over(done)
         except BaseException as error:  # re-raised in the consumer
             hand_over(error)
@@ -498,47 +566,83 @@ def _prefetch(
         thread.join()
 
 
-def _load_batch(lab: Lab, embedder: Embedder, batch: list, register_missing: bool) -> _Loaded:
+def _read(path: Path, max_pixels: int) -> LoadedImage:
+    """``load_image_file``, looked up when called (a test may count the files read)."""
+    return load_image_file(path, max_pixels=max_pixels)
+
+
+def _jobs(batch: list) -> list[FileJob]:
+    """The batch's files to load; a resynthesis's blob waits for its slot's check."""
+    return [
+        FileJob(item.path, item.role, item.caption, write_blob=item.role != "resynthesis")
+        for item in batch
+        if isinstance(item, IngestItem)
+    ]
+
+
+def _finish_batch(
+    lab: Lab, embedder: Embedder, batch: list, loads: list[FileLoad], register_missing: bool
+) -> _Loaded:
+    """The batch's loads checked against the store (reads only), the blobs still unwritten
+    written, every blob of the batch made durable in one ``BlobStore.sync``, and the pixels of
+    the images not embedded yet gathered (made here when the loads did not bring them)."""
     entries: list[tuple[IngestItem, LoadedImage, Any] | IngestFailure] = []
     stats: dict[int, FileStat] = {}
     blob_stats: dict[int, FileStat] = {}
+    directories: list[Path] = []
+    pixels_of: dict[str, Any] = {}
+    files = iter(loads)
     for item in batch:
         if isinstance(item, IngestFailure):
             entries.append(item)
             continue
+        load = next(files)
+        if load.failure is not None or load.image is None:
+            entries.append(IngestFailure(str(item.path), load.failure or "not loaded"))
+            continue
+        image = load.image
         try:
-            before = _stat(item.path)
-            loaded = load_image_file(item.path, max_pixels=lab.settings.max_pixels)
-            caption = _precheck(lab, item, loaded, register_missing)
-            # the blob goes in now, ahead of its row: its fsync waits here, not in the
-            # consumer's forward pass (a crash before the row leaves an orphan `rsx check` finds)
-            blob = _stat(lab.blobs.put(loaded.sha256, loaded.data))  # its bytes just checked
-            if before is not None and before == _stat(item.path):  # not changed while read
-                stats[len(entries)] = before
-            if blob is not None:
-                blob_stats[len(entries)] = blob
-            entries.append((item, loaded, caption))
+            _precheck(lab, item, image.sha256, load.caption, register_missing)
+            if item.role == "resynthesis":  # its slot is free: its blob goes in now
+                written = lab.blobs.write(image.sha256, image.data)
+                load.blob = stat_or_none(written.path)
+                load.directories = written.directories
         except RsxError as error:
             entries.append(IngestFailure(str(item.path), _reason(item, error)))
+            continue
+        directories.extend(load.directories)
+        if load.before is not None:
+            stats[len(entries)] = load.before
+        if load.blob is not None:
+            blob_stats[len(entries)] = load.blob
+        if load.pixels is not None:
+            pixels_of.setdefault(image.sha256, load.pixels)
+        entries.append((item, image, load.caption))
+    # the batch's blobs made durable in one step, before any row can point at them
+    lab.blobs.sync(directories)
     batch_loaded = _Loaded(entries, stats=stats, blob_stats=blob_stats)
     preprocess = getattr(embedder, "preprocess_batch", None)
     if preprocess is None or not hasattr(embedder, "embed_tensors"):
         return batch_loaded
-    images = {e[1].sha256: e[1].image for e in entries if isinstance(e, tuple)}
+    images = {e[1].sha256: e[1] for e in entries if isinstance(e, tuple)}
     embedded = _embedded_shas(lab, list(images))
     todo = [sha for sha in images if sha not in embedded]
     if todo:
-        batch_loaded.pixels = preprocess([images[sha] for sha in todo])
+        if all(sha in pixels_of for sha in todo):  # preprocessed by the workers
+            import torch
+
+            batch_loaded.pixels = torch.from_numpy(np.stack([pixels_of[sha] for sha in todo]))
+        else:
+            batch_loaded.pixels = preprocess([_picture(lab, images[sha]) for sha in todo])
         batch_loaded.pixel_row = {sha: row for row, sha in enumerate(todo)}
     return batch_loaded
 
 
-def _stat(path: Path) -> FileStat | None:
-    """The file's stat, to remember its digest by; None when it cannot be taken."""
-    try:
-        return file_stat(path)
-    except OSError:
-        return None
+def _picture(lab: Lab, image: LoadedImage) -> Any:
+    """The decoded picture of a loaded image; decoded again here when a worker kept it."""
+    if image.image is not None:
+        return image.image
+    return load_image_bytes(image.data, f"image {image.sha256[:12]}", lab.settings.max_pixels).image
 
 
 def _embedded_shas(lab: Lab, shas: list[str]) -> set[str]:
@@ -628,7 +732,9 @@ def _ingest_batch(
             ]
         )
     else:  # another process embedded or removed something meanwhile: embed from the pictures
-        vectors = lab.embedder.embed([pictures[i].image for i in missing], batch_size=batch_size)
+        vectors = lab.embedder.embed(
+            [_picture(lab, pictures[i]) for i in missing], batch_size=batch_size
+        )
     write_embeddings(lab, missing, vectors)
 
 
@@ -659,12 +765,17 @@ def _generator(
 
 
 def _precheck(
-    lab: Lab, item: IngestItem, loaded: LoadedImage, register_missing: bool
-) -> tuple[str, str] | None:
-    """Refuse, with reads only, what storing would refuse (so no blob is written for it).
-
-    Returns the caption (hash, text) the item's role needs, or None.
-    """
+    lab: Lab,
+    item: IngestItem,
+    sha256: str,
+    caption: tuple[str, str] | None,
+    register_missing: bool,
+) -> None:
+    """Refuse, with reads of the store only, what storing would refuse: a generator the lab
+    does not know, a runnable generator's resynthesis without its seed, a resynthesis slot that
+    holds another image. What needs no store (the caption) was checked where the file was read
+    (``loading.caption_for``), before its blob was written; a resynthesis's blob is written only
+    after this check, so a refused delivery leaves no blob."""
     generator = None
     if item.role in ("resynthesis", "reference"):
         if not item.generator:
@@ -673,15 +784,6 @@ def _precheck(
             generator = repository.generator_by_name(session, item.generator)
         if generator is None and not register_missing:
             raise _unknown_generator(item)
-    text = item.caption
-    if text is None and item.role != "query":
-        found = sidecar_text(item.path) or embedded_prompt(loaded.data)
-        text = found[0] if found else None
-    if text is not None and not normalise_caption(text):
-        raise RsxError(f"{item.path}: the caption is blank")
-    if item.role == "resynthesis" and text is None:
-        raise RsxError(f"{item.path}: a resynthesis needs the caption it was made from")
-    caption = (caption_hash(text), normalise_caption(text)) if text is not None else None
     if item.role == "resynthesis" and generator is not None and caption is not None:
         _check_seed_given(item, generator)
         if item.seed is not None:  # its slot filled by another image already: refused now
@@ -689,9 +791,8 @@ def _precheck(
                 held = repository.resynthesis_in_slot(
                     session, seed=item.seed, **_slot(lab, generator, caption[0])
                 )
-            if held is not None and held[1] != loaded.sha256:
+            if held is not None and held[1] != sha256:
                 raise _slot_taken(item, generator, held[1])
-    return caption
 
 
 def _unknown_generator(item: IngestItem) -> RsxError:

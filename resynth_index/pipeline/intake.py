@@ -22,6 +22,8 @@ from resynth_index.store import embeddings, repository
 from resynth_index.store.faults import crash_point
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import numpy as np
     import PIL.Image
 
@@ -40,33 +42,39 @@ def store_images(
     Returns (image id, newly added) per image, in order. With ``session`` the rows join the
     caller's transaction (so a batch's other rows commit with them): the caller then holds
     ``lab.blobs.writing()`` until that transaction commits. ``blobs_written`` says the caller
-    already put every blob (ingest writes them ahead, on its loader thread).
+    already put every blob and synced them (ingest writes them ahead, on its loader).
     """
     if session is None:
         with lab.blobs.writing(), lab.session() as own:
             return store_images(lab, loaded, own, blobs_written=blobs_written)
+    directories: list[Path] = []
     for item in loaded:
         if not blobs_written:
-            lab.blobs.put(item.sha256, item.data)
+            directories.extend(lab.blobs.write(item.sha256, item.data).directories)
         crash_point("image-row")  # blob stored, no row points at it yet
+    if not blobs_written:  # the batch's blobs durable in one step, before their rows
+        lab.blobs.sync(directories)
     return _image_rows(lab, session, loaded)
 
 
 def _image_rows(
     lab: Lab, session: Session, loaded: Sequence[LoadedImage]
 ) -> list[tuple[int, bool]]:
-    return [
-        repository.ensure_image(
-            session,
-            sha256=item.sha256,
-            blob_path=lab.blobs.relpath_for(item.sha256),
-            size_bytes=len(item.data),
-            fmt=item.format,
-            width=item.width,
-            height=item.height,
-        )
-        for item in loaded
-    ]
+    """The batch's image rows, in one insert for the batch (``repository.ensure_images``)."""
+    return repository.ensure_images(
+        session,
+        [
+            repository.ImageRecord(
+                sha256=item.sha256,
+                blob_path=lab.blobs.relpath_for(item.sha256),
+                size_bytes=len(item.data),
+                fmt=item.format,
+                width=item.width,
+                height=item.height,
+            )
+            for item in loaded
+        ],
+    )
 
 
 def encode_png(image: PIL.Image.Image) -> bytes:

@@ -88,6 +88,8 @@ class ResynthesisPlan:
     pending: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     sha256: dict[int, str] = field(default_factory=dict)  # of every stored image in the plan
     wanted: dict[str, int] = field(default_factory=dict)  # generator -> K, resyntheses/caption
+    # generator -> the batch it was generated in (filled by generate_missing; "auto" resolved)
+    batch_sizes: dict[str, int] = field(default_factory=dict)
 
     def missing_count(self) -> int:
         """How many resyntheses are still to be generated."""
@@ -158,7 +160,7 @@ def generate_missing(
     generators: Sequence[GeneratorRow],
     caption_texts: dict[str, str],
     *,
-    batch_size: int | None = None,
+    batch_size: int | str | None = None,
     progress: Callable[[int], None] | None = None,
     events: ProgressCallback | None = None,
 ) -> list[int]:
@@ -170,16 +172,21 @@ def generate_missing(
     ids generated. The plan is updated
     in place: generated images join ``stored`` and ``missing`` is emptied.
 
+    ``batch_size`` None takes the lab's ``generation_batch_size``; "auto" (its default) is
+    resolved per generator where it runs (``models.generators.batching``), after its model is
+    built; the batch each generator used lands in ``plan.batch_sizes``.
+
     ``progress(n)`` is told the size of each batch once it is stored and embedded. ``events``
     gets a ``generate`` ``ProgressEvent`` per generator before its model is loaded (``done`` 0)
     and after each of its batches is committed, so an interrupted caller that counted them knows
     how many resyntheses were kept.
     """
+    from resynth_index.models.generators.batching import is_auto, resolve_batch_size
     from resynth_index.models.generators.protocol import GenerationRequest
 
-    batch_size = batch_size or lab.settings.generation_batch_size
-    if batch_size < 1:
-        raise RsxError(f"batch size must be at least 1, not {batch_size}")
+    setting = batch_size or lab.settings.generation_batch_size
+    if not is_auto(setting) and int(setting) < 1:
+        raise RsxError(f"batch size must be at least 1, not {setting}")
     by_name = {row.name: row for row in generators}
     made: list[int] = []
     events = _one_at_a_time(events)
@@ -211,11 +218,12 @@ def generate_missing(
             if events is not None:
                 events(ProgressEvent("generate", 0, len(work), name))
             model = lab.generator_model(row)
+            size = plan.batch_sizes[name] = resolve_batch_size(setting, model)
             row_settings = _settings_hash(lab, row)
-            for start in range(0, len(work), batch_size):
-                chunk = work[start : start + batch_size]
+            for start in range(0, len(work), size):
+                chunk = work[start : start + size]
                 requests = [GenerationRequest(caption_texts[c], seed) for c, seed in chunk]
-                images = model.generate(requests, batch_size=batch_size)
+                images = model.generate(requests, batch_size=size)
                 committed = None
                 if events is not None:
                     done = ProgressEvent("generate", start + len(chunk), len(work), name)
@@ -369,6 +377,8 @@ class ResynthesizeSummary:
     generators: list[str] = field(default_factory=list)
     generated: int = 0
     reused: int = 0
+    # generator -> images per batch it was generated in ("auto" resolved); empty: none generated
+    batch_sizes: dict[str, int] = field(default_factory=dict)
 
 
 def read_captions_file(path: Path) -> list[str]:
@@ -440,7 +450,7 @@ def resynthesize(
     captions: dict[str, str],
     generators: Sequence[GeneratorRow],
     *,
-    batch_size: int | None = None,
+    batch_size: int | str | None = None,
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[int], None] | None = None,
 ) -> ResynthesizeSummary:
@@ -454,6 +464,7 @@ def resynthesize(
         on_plan(summary.generated)
     if summary.generated:
         generate_missing(lab, plan, generators, captions, batch_size=batch_size, progress=progress)
+        summary.batch_sizes = dict(plan.batch_sizes)
         lab.sync_index()
     return summary
 

@@ -2,8 +2,23 @@
 
 Layout: ``<root>/ab/cd/<sha256>`` where ``ab`` and ``cd`` are the first two byte pairs of the
 digest, so no directory grows past a few thousand entries. Writes are atomic (a temporary file in
-the target directory, flushed and fsynced, then ``os.replace``), so a crash leaves either the whole
-blob or a temporary file that ``remove_temp_files`` cleans up, never a half-written blob.
+the target directory, flushed and its data fsynced, then ``os.replace``), so a crash leaves either
+the whole blob or a temporary file that ``remove_temp_files`` cleans up, never a half-written blob.
+
+Durability comes in two steps. ``write`` puts a blob in place with its bytes on the disk, but the
+directory entries naming it (its rename, and any directory it created) may still be lost to a
+power cut: it returns those directories, and ``sync`` fsyncs them, each distinct directory once,
+however many blobs a batch put there. ``put`` is ``write`` then ``sync`` of that one blob. A
+caller that batches (ingest) writes the blobs of a batch, then syncs the union of their
+directories once, before the transaction of the rows pointing at them commits. The argument:
+
+* a blob's name never points at bytes that are not on the disk: the data is fsynced before the
+  rename, so after any crash a name holds the whole blob or nothing (never a short or zeroed
+  file a row could point at; ``rsx check`` would call that "hash mismatch");
+* the rename (and the creation of ``ab/`` and ``ab/cd/``) is durable once the directories
+  holding those entries are fsynced, which ``sync`` does before any row names the blob, so a
+  committed row never points at a blob a crash can take away;
+* until then a crash loses at most blobs no row points at: debris, as before.
 
 A blob is written before the row that points at it, so until that row commits it looks exactly
 like debris (an orphan blob, or a temporary file). Writers therefore hold ``writing()`` (a shared
@@ -16,18 +31,27 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from resynth_index.errors import StoreError
 from resynth_index.hashing import hash_bytes, hash_file
-from resynth_index.store.durable import fsync_directory
+from resynth_index.store import durable
 from resynth_index.store.faults import crash_point
 from resynth_index.store.locks import directory_lock
 
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _TEMP_PREFIX = ".tmp-"
+
+
+class BlobWrite(NamedTuple):
+    """A blob ``write`` put in place: its path, and the directories whose entries must be
+    fsynced (``BlobStore.sync``) before a row may point at it."""
+
+    path: Path
+    directories: tuple[Path, ...]
 
 
 class BlobStore:
@@ -60,37 +84,65 @@ class BlobStore:
         return self.root / self.relpath_for(sha256)
 
     def put(self, sha256: str, data: bytes) -> Path:
-        """Store ``data`` under ``sha256`` atomically; storing the same blob again does nothing.
+        """Store ``data`` under ``sha256`` atomically and durably; storing the same blob again
+        does nothing.
 
         The digest is checked first, so a wrong or mistyped hash can never file bytes under the
         wrong name. An existing blob whose content no longer matches is rewritten.
         """
+        written = self.write(sha256, data)
+        self.sync(written.directories)
+        return written.path
+
+    def write(self, sha256: str, data: bytes) -> BlobWrite:
+        """``put`` without the directory fsyncs: the blob is in place, its bytes on the disk,
+        and the directories returned must go through ``sync`` before a row points at it (see
+        the module notes). A blob found intact still names its directory: another writer may
+        have renamed it there and not synced yet."""
         _check_sha(sha256)
         actual = hash_bytes(data)
         if actual != sha256:
             raise StoreError(f"blob {sha256} was given bytes whose SHA-256 is {actual}")
         target = self.path_for(sha256)
-        if target.is_file() and hash_file(target) == sha256:
-            return target
         directory = target.parent
+        if target.is_file() and hash_file(target) == sha256:
+            return BlobWrite(target, (directory,))
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            created = self._make_directories(directory)
             temp = directory / f"{_TEMP_PREFIX}{sha256[:16]}-{secrets.token_hex(6)}"
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 with os.fdopen(fd, "wb") as handle:
                     handle.write(data)
                     handle.flush()
-                    os.fsync(handle.fileno())
+                    durable.fsync_file_data(handle.fileno())
                 crash_point("blob-write")  # temp file written, not yet in place
                 os.replace(temp, target)
             except BaseException:
                 temp.unlink(missing_ok=True)
                 raise
-            fsync_directory(directory)
         except OSError as exc:
             raise StoreError(f"cannot write blob {target}: {exc.strerror or exc}") from None
-        return target
+        # the rename's entry lives in ``directory``; a directory made here lives in its parent
+        return BlobWrite(target, (directory, *(made.parent for made in created)))
+
+    def sync(self, directories: Iterable[Path]) -> int:
+        """Make the blobs ``write`` put in these directories durable: each distinct directory
+        fsynced once (``durable.fsync_directories``); how many were. Raises nothing: a
+        platform that cannot fsync a directory skips it."""
+        return durable.fsync_directories(directories)
+
+    def _make_directories(self, directory: Path) -> list[Path]:
+        """Create ``directory`` and any missing parent up to the root; those created."""
+        missing = []
+        here = directory
+        while not here.is_dir():
+            missing.append(here)
+            if here == self.root or here.parent == here:
+                break
+            here = here.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        return missing
 
     def exists(self, sha256: str) -> bool:
         """Whether a file stands where the blob belongs (its bytes unchecked: see ``verify``)."""

@@ -46,7 +46,7 @@ from sqlalchemy.orm import Session
 from resynth_index import hashing
 from resynth_index.hashing import FileStat, file_stat
 from resynth_index.store.embeddings import embedded_sha256s
-from resynth_index.store.engine import BUSY_TIMEOUT_S, in_chunks, upsert
+from resynth_index.store.engine import BUSY_TIMEOUT_S, dialect_insert, in_chunks
 from resynth_index.store.models import FileDigestRow, ImageRow, ReferenceRow, utcnow
 
 #: A file whose mtime is not this much older than the moment it was read is not remembered.
@@ -55,7 +55,7 @@ RACY_WINDOW_NS = 2_000_000_000
 WRITE_WAIT_S = 2.0
 #: After a failed write, how long this process stops trying to write digests.
 WRITE_PAUSE_S = 60.0
-_ROWS_PER_INSERT = 100  # 8 values a row: well under SQLite's bound-parameter limit
+_COLUMNS = ("path", "device", "inode", "size_bytes", "mtime_ns", "ctime_ns", "sha256", "checked_at")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _UINT64 = 1 << 64
 _INT63 = 1 << 63
@@ -164,9 +164,27 @@ def remember(
             "checked_at": now,
         }
     values = list(rows.values())
-    for start in range(0, len(values), _ROWS_PER_INSERT):
-        upsert(session, FileDigestRow, values[start : start + _ROWS_PER_INSERT], ["path"])
+    if values:  # one statement, built and compiled once per dialect, run for every row
+        session.execute(_upsert_statement(session.get_bind().dialect.name), values)
     return len(values)
+
+
+_UPSERTS: dict[str, Any] = {}
+
+
+def _upsert_statement(dialect: str) -> Any:
+    """INSERT ... ON CONFLICT (path) DO UPDATE of every other column, with one parameter per
+    column: run with a list of rows (executemany) it is the same statement every batch, so it
+    is compiled once, not once per batch as a multi-row VALUES of varying length would be.
+    Each row is its own upsert, as each row of a multi-row one was (paths are distinct)."""
+    statement = _UPSERTS.get(dialect)
+    if statement is None:
+        base = dialect_insert(dialect, FileDigestRow)
+        changed = {name: base.excluded[name] for name in _COLUMNS if name != "path"}
+        statement = _UPSERTS[dialect] = base.on_conflict_do_update(
+            index_elements=["path"], set_=changed
+        )
+    return statement
 
 
 # ------------------------------------------------------------------------- the lab's memory

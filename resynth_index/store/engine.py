@@ -118,7 +118,11 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 
 def _dialect_insert(session: Session, model: type) -> Any:
     """The INSERT of the session's dialect (SQLite or PostgreSQL), which knows ON CONFLICT."""
-    dialect = session.get_bind().dialect.name
+    return dialect_insert(session.get_bind().dialect.name, model)
+
+
+def dialect_insert(dialect: str, model: type) -> Any:
+    """The INSERT of the dialect named (``sqlite`` or ``postgresql``), which knows ON CONFLICT."""
     if dialect == "sqlite":
         from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 

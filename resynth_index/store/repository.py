@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import CursorResult, exists, func, select, update
+from sqlalchemy import CursorResult, bindparam, exists, func, select, update
 from sqlalchemy.orm import Session
 
-from resynth_index.store.engine import in_chunks, insert_ignore
+from resynth_index.store.engine import dialect_insert, in_chunks, insert_ignore
 from resynth_index.store.models import (
     CaptionRow,
     GeneratorRow,
@@ -129,6 +129,78 @@ def ensure_image(
     image_id = session.scalar(select(ImageRow.id).where(ImageRow.sha256 == sha256))
     assert image_id is not None  # inserted or already there, in this transaction
     return image_id, bool(result.rowcount)
+
+
+class ImageRecord(NamedTuple):
+    """An image whose blob is stored, as ``ensure_images`` records it."""
+
+    sha256: str
+    blob_path: str
+    size_bytes: int
+    fmt: str
+    width: int
+    height: int
+
+
+def ensure_images(session: Session, images: Sequence[ImageRecord]) -> list[tuple[int, bool]]:
+    """Record a batch of images whose blobs are stored: (image id, True if this call added it)
+    per image, in order, as ``ensure_image`` called for each in turn would say (an image listed
+    twice is added by its first listing only).
+
+    Two statements for the whole batch: one INSERT ... ON CONFLICT DO NOTHING RETURNING run for
+    every new row (executemany, batched by the driver), then one SELECT of the ids. Both are
+    built once per dialect and compiled once. Rows go in sorted by content hash, so concurrent
+    writers of overlapping batches take their locks in one order (no deadlock on PostgreSQL);
+    one that finds a row a concurrent writer inserted waits for it, then does nothing, and
+    reads its id, as ``ensure_image`` does.
+    """
+    first: dict[str, ImageRecord] = {}
+    for image in images:
+        first.setdefault(image.sha256, image)
+    if not first:
+        return []
+    now = utcnow()
+    rows = [
+        {
+            "sha256": image.sha256,
+            "blob_path": image.blob_path,
+            "size_bytes": image.size_bytes,
+            "format": image.fmt,
+            "width": image.width,
+            "height": image.height,
+            "created_at": now,
+        }
+        for _sha, image in sorted(first.items())
+    ]
+    insert, lookup = _image_statements(session.get_bind().dialect.name)
+    added = set(session.scalars(insert, rows))
+    ids: dict[str, int] = {}
+    for chunk in in_chunks(first):
+        ids.update({sha: image_id for sha, image_id in session.execute(lookup, {"shas": chunk})})
+    result = []
+    for image in images:
+        new = image.sha256 in added
+        added.discard(image.sha256)  # a second listing of the image is not new
+        result.append((ids[image.sha256], new))
+    return result
+
+
+_IMAGE_STATEMENTS: dict[str, tuple[Any, Any]] = {}
+
+
+def _image_statements(dialect: str) -> tuple[Any, Any]:
+    """``ensure_images``' INSERT (returning the hashes it added) and SELECT, per dialect."""
+    statements = _IMAGE_STATEMENTS.get(dialect)
+    if statements is None:
+        statements = _IMAGE_STATEMENTS[dialect] = (
+            dialect_insert(dialect, ImageRow)
+            .on_conflict_do_nothing(index_elements=["sha256"])
+            .returning(ImageRow.sha256),
+            select(ImageRow.sha256, ImageRow.id).where(
+                ImageRow.sha256.in_(bindparam("shas", expanding=True))
+            ),
+        )
+    return statements
 
 
 def image_sha256(session: Session, image_id: int) -> str | None:
