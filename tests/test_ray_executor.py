@@ -107,15 +107,25 @@ def test_local_is_the_default_and_ray_options_need_ray(toy_lab, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_draws_the_same_pictures_as_local(toy_lab, tmp_path, ray_address):
+def test_ray_draws_the_same_pictures_as_local(toy_lab, tmp_path, ray_address, monkeypatch):
     other = copy_lab(toy_lab, tmp_path / "ray-lab")
     texts = resynthesis.captions_by_hash(CAPTIONS)
     with Lab.open(toy_lab) as lab:
         local = resynthesis.resynthesize(
             lab, texts, _generators(lab, "toy-a", "toy-b"), batch_size=3
         )
+    # the coordinator loads its embedder while the actors start, not once the first batch is back
+    embedder_ready: list[bool] = []
+    run = RayResynthesizer._run
+
+    def waiting_for_results(runner, *args, **kwargs):
+        embedder_ready.append(runner.lab._embedder is not None)
+        return run(runner, *args, **kwargs)
+
+    monkeypatch.setattr(RayResynthesizer, "_run", waiting_for_results)
     with Lab.open(other) as lab, RayResynthesizer(lab, RayOptions(actors=2)) as runner:
         remote = runner.resynthesize(texts, _generators(lab, "toy-a", "toy-b"), batch_size=3)
+    assert embedder_ready == [True]
     assert (remote.generated, remote.reused) == (local.generated, local.reused)
     assert local.generated > 0
     mine, theirs = (

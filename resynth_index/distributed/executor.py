@@ -2,8 +2,11 @@
 
 The work is what the local path would do: ``plan_resyntheses`` says what is missing, and the
 missing (caption, seed) pairs of each generator are cut into tasks of ``batch_size``, the size
-of a local batch. Each task goes to a pool of actors that hold that generator (one per GPU where
-the cluster has GPUs, one per CPU otherwise). Every actor can hold any generator: the tasks go out
+of a local batch. A batch size of "auto" (the lab's default) is resolved as the local path
+resolves it, by ``models.generators.batching.generator_batch_size`` on an actor, where the
+generator runs (its device, its free memory once loaded), once per generator before the run.
+Each task goes to a pool of actors that hold that generator (one per GPU where the cluster has
+GPUs, one per CPU otherwise). Every actor can hold any generator: the tasks go out
 in plan order, generator after generator, so each actor loads each generator once, and one pool
 serves the whole run (and, for a ``RayResynthesizer`` kept open, the runs after it).
 
@@ -35,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from resynth_index.distributed.actors import GeneratorSpec, GeneratorWorker
 from resynth_index.errors import RsxError
 from resynth_index.models.generators import factory
+from resynth_index.models.generators.batching import default_batch_size, is_auto
 from resynth_index.pipeline.resynthesis import (
     ProgressCallback,
     ProgressEvent,
@@ -109,7 +113,8 @@ class RayResynthesizer:
         self.lab = lab
         self.options = options or RayOptions()
         self.pool: list[Any] = []
-        self.pool_pids: list[int] = []  # the pool's process ids when it was made
+        self._pid_refs: list[Any] = []  # the pool's process ids, asked for when it was made
+        self._pids: list[int] | None = None
         self._started_ray = False
 
     # ------------------------------------------------------------------ the cluster
@@ -151,13 +156,25 @@ class RayResynthesizer:
             num_gpus=1 if self._gpus() else 0,
             max_restarts=ACTOR_RESTARTS,
             max_task_retries=TASK_RETRIES,
-        )(GeneratorWorker)
+        )(_Worker)
+        # not waited for: the actors start (each importing torch and diffusers) while this
+        # process loads its embedder and sends the first tasks; an actor that cannot start
+        # fails the first task sent to it (``_run``)
         self.pool = [remote.remote() for _ in range(size)]
-        try:  # every actor up before the first task: a node that cannot start fails here
-            self.pool_pids = ray.get([actor.pid.remote() for actor in self.pool])
-        except ray.exceptions.RayActorError as error:
-            self._release_pool()
-            raise RsxError(f"cannot start the Ray actors: {error}") from None
+        self._pid_refs = [actor.pid.remote() for actor in self.pool]
+        self._pids = None
+
+    @property
+    def pool_pids(self) -> list[int]:
+        """The process ids of the pool's actors as they started (waits for them to be up)."""
+        if self._pids is None:
+            self._pids = list(require_ray().get(self._pid_refs)) if self._pid_refs else []
+        return self._pids
+
+    def _load_embedder_meanwhile(self) -> None:
+        """Load this process's embedder (which stores every batch) while the actors start, not
+        after the first batch has come back: on a cold run the two start-ups overlap."""
+        self.lab.embedder  # noqa: B018 - loaded and kept by the lab
 
     def _release_pool(self) -> None:
         if not self.pool:
@@ -166,7 +183,8 @@ class RayResynthesizer:
         for actor in self.pool:
             ray.kill(actor, no_restart=True)
         self.pool = []
-        self.pool_pids = []
+        self._pid_refs = []
+        self._pids = None
 
     # ------------------------------------------------------------------ the work
     def resynthesize(
@@ -174,7 +192,7 @@ class RayResynthesizer:
         captions: dict[str, str],
         generators: Sequence[GeneratorRow],
         *,
-        batch_size: int | None = None,
+        batch_size: int | str | None = None,
         progress: Callable[[int], None] | None = None,
         on_plan: Callable[[int], None] | None = None,
         events: ProgressCallback | None = None,
@@ -194,6 +212,7 @@ class RayResynthesizer:
         self.generate_missing(
             plan, generators, captions, batch_size=batch_size, progress=progress, events=events
         )
+        summary.batch_sizes = dict(plan.batch_sizes)
         self.lab.sync_index()
         return summary
 
@@ -203,30 +222,70 @@ class RayResynthesizer:
         generators: Sequence[GeneratorRow],
         caption_texts: dict[str, str],
         *,
-        batch_size: int | None = None,
+        batch_size: int | str | None = None,
         progress: Callable[[int], None] | None = None,
         events: ProgressCallback | None = None,
     ) -> list[int]:
         """``pipeline.resynthesis.generate_missing`` on the cluster: every missing resynthesis
         of ``plan`` is made by the actors and stored here as it lands; the plan is updated in
         place (generated images join ``stored``, ``missing`` is emptied). Returns the image ids
-        generated. ``rsx query --executor ray`` makes its resyntheses through this."""
-        batch_size = batch_size or self.lab.settings.generation_batch_size
-        if batch_size < 1:
-            raise RsxError(f"batch size must be at least 1, not {batch_size}")
+        generated. ``rsx query --executor ray`` makes its resyntheses through this.
+
+        ``batch_size`` None takes the lab's ``generation_batch_size``; "auto" is resolved per
+        generator on an actor (see the module docstring); ``plan.batch_sizes`` says what each
+        generator used."""
+        setting = batch_size or self.lab.settings.generation_batch_size
+        if not is_auto(setting) and int(setting) < 1:
+            raise RsxError(f"batch size must be at least 1, not {setting}")
         by_name = {row.name: row for row in generators}
-        tasks = [
-            _Task(self._spec(by_name[name]), by_name[name], chunk, len(work))
-            for name, work in plan.missing.items()
-            for chunk in (work[i : i + batch_size] for i in range(0, len(work), batch_size))
-        ]
-        if not tasks:
+        work_of = {name: work for name, work in plan.missing.items() if work}
+        if not work_of:
             return []
         self.connect()
+        if is_auto(setting):
+            sizes = self._auto_sizes([(by_name[name], len(work)) for name, work in work_of.items()])
+        else:
+            sizes = {name: int(setting) for name in work_of}
+        plan.batch_sizes.update(sizes)
+        tasks = [
+            _Task(self._spec(by_name[name]), by_name[name], chunk, len(work), sizes[name])
+            for name, work in work_of.items()
+            for chunk in (work[i : i + sizes[name]] for i in range(0, len(work), sizes[name]))
+        ]
         self._ensure_pool(self._pool_size(len(tasks)))
-        made = self._run(tasks, caption_texts, plan, batch_size, progress, events)
+        self._load_embedder_meanwhile()
+        made = self._run(tasks, caption_texts, plan, progress, events)
         plan.missing.clear()
         return made
+
+    def _auto_sizes(self, work: list[tuple[GeneratorRow, int]]) -> dict[str, int]:
+        """The "auto" batch of each generator (given with its count of missing images), as an actor
+        resolves it where it runs.
+
+        The pool is started first, sized by the most tasks the run can have (the batch the
+        device type gives before the memory cap: the cap only makes batches smaller, so tasks
+        more). One actor sizes every generator, the first one last, so it ends up holding the
+        generator its first task needs (a CPU run loads nothing to size; on CUDA each generator
+        after the first is loaded once more on that actor).
+        """
+        ray = require_ray()
+        device_type = "cuda" if self._gpus() else "cpu"
+        most = 0
+        for row, missing in work:
+            settings = factory.generation_settings(row.kind, row.settings_json)
+            width, height = (settings.width, settings.height) if settings else (512, 512)
+            most += -(-missing // default_batch_size(device_type, width, height))
+        self._ensure_pool(self._pool_size(most))
+        self._load_embedder_meanwhile()
+        sizer = self.pool[0]
+        sizes: dict[str, int] = {}
+        for row, _missing in reversed(work):
+            try:
+                sizes[row.name] = int(ray.get(sizer.batch_size.remote(self._spec(row))))
+            except ray.exceptions.RayError as error:
+                cause = getattr(error, "cause", None) or error
+                raise RsxError(f"sizing batches of {row.name!r} on Ray: {cause}") from None
+        return sizes
 
     def for_query(
         self,
@@ -260,7 +319,6 @@ class RayResynthesizer:
         tasks: list[_Task],
         captions: dict[str, str],
         plan: ResynthesisPlan,
-        batch_size: int,
         progress: Callable[[int], None] | None,
         events: ProgressCallback | None,
     ) -> list[int]:
@@ -286,7 +344,7 @@ class RayResynthesizer:
                 actor = self.pool[turn % len(self.pool)]
                 turn += 1
                 requests = [(captions[c], seed) for c, seed in task.chunk]
-                running[actor.generate.remote(task.spec, requests, batch_size)] = task
+                running[actor.generate.remote(task.spec, requests, task.batch_size)] = task
             ready, _ = ray.wait(list(running), num_returns=1)
             task = running.pop(ready[0])
             try:
@@ -294,6 +352,11 @@ class RayResynthesizer:
             except ray.exceptions.RayTaskError as error:
                 cause = getattr(error, "cause", None) or error
                 raise RsxError(f"generating with {task.spec.name!r} on Ray: {cause}") from None
+            except ray.exceptions.RayActorError as error:  # could not start, or died for good
+                raise RsxError(
+                    f"a Ray actor generating with {task.spec.name!r} could not start or died "
+                    f"beyond its {ACTOR_RESTARTS} restarts: {_first_line(error)}"
+                ) from None
             done[task.spec.name] += len(task.chunk)
             committed = None
             if events is not None:
@@ -319,12 +382,26 @@ class RayResynthesizer:
 
 @dataclass(frozen=True)
 class _Task:
-    """One batch of one generator's work: ``chunk`` of the ``of`` (caption, seed) it needs."""
+    """One batch of one generator's work: ``chunk`` of the ``of`` (caption, seed) it needs,
+    generated ``batch_size`` at a time (the generator's batch: ``chunk`` is one batch or less)."""
 
     spec: GeneratorSpec
     row: GeneratorRow
     chunk: list[tuple[str, int]]
     of: int
+    batch_size: int
+
+
+class _Worker(GeneratorWorker):
+    """``GeneratorWorker`` that can also say the "auto" batch of a generator where it runs."""
+
+    def batch_size(self, spec: GeneratorSpec) -> int:
+        """``batching.generator_batch_size`` of ``spec``'s generator on this actor's device
+        (on CUDA the generator is loaded first: it is held for the tasks that follow)."""
+        from resynth_index.models.generators.batching import generator_batch_size
+
+        self.load(spec)
+        return generator_batch_size(self.model)
 
 
 def _absolute(lab: Lab, stored: str | None) -> Path | None:
@@ -333,6 +410,10 @@ def _absolute(lab: Lab, stored: str | None) -> Path | None:
         return None
     path = Path(stored)
     return path if path.is_absolute() else lab.root / path
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _decode(data: bytes) -> Any:
