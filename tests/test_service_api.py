@@ -352,7 +352,10 @@ def test_sigterm_lets_queries_in_flight_finish_and_be_recorded(labs, tmp_path: P
 
 def test_the_worker_answers_what_is_waiting_with_one_generate_call(labs, tmp_path, monkeypatch):
     """In process, the model itself counted: eight queued queries for one generator, eight
-    captions, become one ``run_queries`` call and one ``generate()`` of eight images."""
+    captions, become one ``run_queries`` call and one ``generate()`` of eight images (the lab's
+    batch set to 8: ``auto`` is 4 on a CPU, which would cut them into two generation batches)."""
+    from hostile_files import rsx
+
     from resynth_index.models.generators.diffusers import DiffusersGenerator
     from resynth_index.service.jobs import QueryJob
     from resynth_index.service.worker import QueryWorker
@@ -367,6 +370,7 @@ def test_the_worker_answers_what_is_waiting_with_one_generate_call(labs, tmp_pat
     monkeypatch.setattr(DiffusersGenerator, "generate", counting)
     lab = tmp_path / "lab"
     shutil.copytree(labs["pristine"], lab)
+    assert rsx(lab, "config", "set", "generation_batch_size", "8").exit_code == 0
     worker = QueryWorker(lab, gather_s=0.0)
     jobs, ended = [], threading.Semaphore(0)
     for i in range(8):
