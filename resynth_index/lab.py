@@ -7,6 +7,7 @@ query, check. Models load lazily, on first use, so commands that only read the s
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -563,13 +564,15 @@ def _check_name(name: str) -> None:
 
 
 def _inside(root: Path, spec: EmbedderSpec) -> EmbedderSpec:
-    """The spec with a lab-relative local-dir folder made absolute."""
+    """The spec with a lab-relative local-dir folder made absolute (the root too: a relative
+    ``--lab`` means nothing to a worker process started elsewhere)."""
     from resynth_index.models.embedders import EmbedderSpec
 
     if spec.weights.startswith("local-dir:"):
         folder = Path(spec.weights.removeprefix("local-dir:"))
         if not folder.is_absolute():
-            return EmbedderSpec(spec.arch, f"local-dir:{root / folder}", spec.layer)
+            absolute = os.path.abspath(root / folder)
+            return EmbedderSpec(spec.arch, f"local-dir:{absolute}", spec.layer)
     return spec
 
 

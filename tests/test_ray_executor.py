@@ -302,3 +302,27 @@ def test_rsx_ingest_on_ray_stores_the_vectors_a_local_ingest_stores(toy_lab, tmp
     for sha, vector in mine.items():
         np.testing.assert_allclose(theirs[sha], vector, atol=1e-5)
     _assert_whole(other, expected=len(_resynthesis_rows(other)))
+
+
+@pytest.mark.slow
+def test_a_lab_named_by_a_relative_path_runs_on_ray(toy_lab, tmp_path, ray_address):
+    """``--lab ./lab`` is relative to the coordinator's folder; the actors, started elsewhere,
+    get the generators' folders made absolute."""
+    import subprocess
+    import sys
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(CAPTIONS[:2]), encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "resynth_index", "--lab", toy_lab.name, "resynthesize"]
+        + ["--captions", str(captions), "--generator", "toy-a", "--batch-size", "1"]
+        + ["--executor", "ray", "--ray-address", ray_address, "--ray-actors", "1"],
+        cwd=toy_lab.parent,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 generated" in done.stdout
+    _assert_whole(toy_lab, 2)

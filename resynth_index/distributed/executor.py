@@ -29,6 +29,7 @@ pictures.
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -405,11 +406,12 @@ class _Worker(GeneratorWorker):
 
 
 def _absolute(lab: Lab, stored: str | None) -> Path | None:
-    """A generator's stored source made absolute (lab-relative ones against the lab root)."""
+    """A generator's stored source made absolute (lab-relative ones against the lab root, itself
+    made absolute: ``--lab ./lab`` is relative to this process's folder, not an actor's)."""
     if stored is None:
         return None
     path = Path(stored)
-    return path if path.is_absolute() else lab.root / path
+    return path if path.is_absolute() else Path(os.path.abspath(lab.root / path))
 
 
 def _first_line(error: BaseException) -> str:
