@@ -98,12 +98,7 @@ def calibrate(
 
         echo = partial(click.echo, err=True)
         fused = calibrate_fusion(lab, rows, layers=layers, generate=generate, echo=echo)
-        if as_json:
-            click.echo(json.dumps(_fusion_json(fused), sort_keys=True))
-            for note in fused.summary["notes"]:
-                click.echo(f"note: {note}", err=True)
-        else:
-            click.echo(fusion_text(fused))
+        _show(as_json, _fusion_json(fused), fused.summary["notes"], lambda: fusion_text(fused))
         return
     outcome = calibrate_lab(
         lab,
@@ -114,12 +109,17 @@ def calibrate(
         generate=generate,
         echo=lambda line: click.echo(line, err=True),
     )
+    _show(as_json, _as_json(outcome), outcome.summary["notes"], lambda: summary_text(outcome))
+
+
+def _show(as_json: bool, record: dict[str, Any], notes: list[str], text) -> None:
+    """The calibration as one JSON object (its notes on stderr) or as ``text()``."""
     if as_json:
-        click.echo(json.dumps(_as_json(outcome), sort_keys=True))
-        for note in outcome.summary["notes"]:
+        click.echo(json.dumps(record, sort_keys=True))
+        for note in notes:
             click.echo(f"note: {note}", err=True)
     else:
-        click.echo(summary_text(outcome))
+        click.echo(text())
 
 
 def _as_json(outcome: CalibrationOutcome) -> dict[str, Any]:

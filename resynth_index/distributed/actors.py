@@ -77,6 +77,15 @@ class GeneratorWorker:
             )
         self.spec, self.model = spec, model
 
+    def batch_size(self, spec: GeneratorSpec) -> int:
+        """``batching.generator_batch_size`` of ``spec``'s generator on this actor's device, what
+        an "auto" batch means here (on CUDA the generator is loaded first: it is held for the
+        tasks that follow)."""
+        from resynth_index.models.generators.batching import generator_batch_size
+
+        self.load(spec)
+        return generator_batch_size(self.model)
+
     def generate(
         self, spec: GeneratorSpec, requests: list[tuple[str, int]], batch_size: int
     ) -> list[bytes]:

@@ -11,7 +11,7 @@ it (``Lab.adopt_embedder``) and ingest runs unchanged.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from resynth_index.distributed.executor import (
     TASK_RETRIES,
     RayOptions,
     join_ray,
+    ray_cause,
     require_ray,
 )
 from resynth_index.errors import RsxError
@@ -55,7 +56,7 @@ class RayEmbedder:
             loaded = ray.get([a.load.remote(spec, lab.device, precision) for a in self.pool])
         except ray.exceptions.RayError as error:
             self.close()
-            raise RsxError(f"cannot start the Ray embedders: {_cause(error)}") from None
+            raise RsxError(f"cannot start the Ray embedders: {ray_cause(error)}") from None
         except BaseException:
             self.close()
             raise
@@ -79,7 +80,7 @@ class RayEmbedder:
                 ]
             )
         except ray.exceptions.RayError as error:
-            raise RsxError(f"embedding on Ray: {_cause(error)}") from None
+            raise RsxError(f"embedding on Ray: {ray_cause(error)}") from None
         return np.concatenate(parts).astype(np.float32, copy=False)
 
     def close(self) -> None:
@@ -97,7 +98,3 @@ class RayEmbedder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _cause(error: Any) -> str:
-    return str(getattr(error, "cause", None) or error).strip().splitlines()[-1]

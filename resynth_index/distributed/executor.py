@@ -157,7 +157,7 @@ class RayResynthesizer:
             num_gpus=1 if self._gpus() else 0,
             max_restarts=ACTOR_RESTARTS,
             max_task_retries=TASK_RETRIES,
-        )(_Worker)
+        )(GeneratorWorker)
         # not waited for: the actors start (each importing torch and diffusers) while this
         # process loads its embedder and sends the first tasks; an actor that cannot start
         # fails the first task sent to it (``_run``)
@@ -356,7 +356,7 @@ class RayResynthesizer:
             except ray.exceptions.RayActorError as error:  # could not start, or died for good
                 raise RsxError(
                     f"a Ray actor generating with {task.spec.name!r} could not start or died "
-                    f"beyond its {ACTOR_RESTARTS} restarts: {_first_line(error)}"
+                    f"beyond its {ACTOR_RESTARTS} restarts: {ray_cause(error)}"
                 ) from None
             done[task.spec.name] += len(task.chunk)
             committed = None
@@ -393,18 +393,6 @@ class _Task:
     batch_size: int
 
 
-class _Worker(GeneratorWorker):
-    """``GeneratorWorker`` that can also say the "auto" batch of a generator where it runs."""
-
-    def batch_size(self, spec: GeneratorSpec) -> int:
-        """``batching.generator_batch_size`` of ``spec``'s generator on this actor's device
-        (on CUDA the generator is loaded first: it is held for the tasks that follow)."""
-        from resynth_index.models.generators.batching import generator_batch_size
-
-        self.load(spec)
-        return generator_batch_size(self.model)
-
-
 def _absolute(lab: Lab, stored: str | None) -> Path | None:
     """A generator's stored source made absolute (lab-relative ones against the lab root, itself
     made absolute: ``--lab ./lab`` is relative to this process's folder, not an actor's)."""
@@ -414,8 +402,9 @@ def _absolute(lab: Lab, stored: str | None) -> Path | None:
     return path if path.is_absolute() else Path(os.path.abspath(lab.root / path))
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+def ray_cause(error: Any) -> str:
+    """The last line of what a Ray error carries (its cause's message, for a task error)."""
+    return str(getattr(error, "cause", None) or error).strip().splitlines()[-1]
 
 
 def _decode(data: bytes) -> Any:

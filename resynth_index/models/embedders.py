@@ -164,11 +164,18 @@ class OpenClipEmbedder:
         self.image_size = (size, size) if isinstance(size, int) else tuple(size)
         conv = getattr(model.visual, "conv1", None)
         self._input_dtype = conv.weight.dtype if conv is not None else _torch().float32
-        self.fingerprint = embedder_fingerprint(
-            weights_digest=hash_state_dict(model.visual.state_dict()),
-            model_config=model_config,
-            layer=spec.layer,
-            preprocess_config=model.visual.preprocess_cfg,
+        self._model_config = model_config
+        self._weights_digest = hash_state_dict(model.visual.state_dict())
+        self.fingerprint = self.fingerprint_at(spec.layer)
+
+    def fingerprint_at(self, layer: int | None) -> str:
+        """The fingerprint this embedder would have read at vision block ``layer`` (None: the
+        final embedding): the same weights, config, preprocessing and precision."""
+        return embedder_fingerprint(
+            weights_digest=self._weights_digest,
+            model_config=self._model_config,
+            layer=layer,
+            preprocess_config=self.model.visual.preprocess_cfg,
             precision=self.precision,
         )
 

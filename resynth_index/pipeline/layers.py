@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -133,7 +132,8 @@ def layer_reader(lab: Lab, layers: Sequence[int]) -> LayerReader:
             f"layer {', '.join(map(str, lacking))} does not exist: the lab's embedder has"
             f" {count} vision transformer blocks (use 1..{count})"
         )
-    reader = LayerReader(model, key, _layer_fingerprints(lab, model, key))
+    # each block's fingerprint, as load_embedder(EmbedderSpec(.., layer=N)) would make it
+    reader = LayerReader(model, key, {layer: model.fingerprint_at(layer) for layer in key})
     cached[key] = reader
     return reader
 
@@ -159,31 +159,6 @@ def _block_count(model: Any, lab: Lab) -> int:
             f" {type(visual).__name__}"
         )
     return len(visual.transformer.resblocks)
-
-
-def _layer_fingerprints(lab: Lab, model: Any, layers: Sequence[int]) -> dict[int, str]:
-    """Each block's embedder fingerprint, as ``load_embedder(EmbedderSpec(.., layer=N))`` makes
-    it: the same weights digest, model config, preprocessing and precision, another layer."""
-    from resynth_index.models import embedders as emb
-    from resynth_index.models.fingerprints import hash_state_dict
-
-    spec = lab.embedder_spec()
-    if spec.weights.startswith(emb.LOCAL_DIR_PREFIX):
-        folder = Path(spec.weights[len(emb.LOCAL_DIR_PREFIX) :]).expanduser()
-        model_config = emb._read_folder_config(folder)
-    else:
-        model_config = emb._builtin_config(spec.arch, spec.weights)
-    digest = hash_state_dict(model.model.visual.state_dict())
-    return {
-        layer: emb.embedder_fingerprint(
-            weights_digest=digest,
-            model_config=model_config,
-            layer=layer,
-            preprocess_config=model.model.visual.preprocess_cfg,
-            precision=model.precision,
-        )
-        for layer in layers
-    }
 
 
 def stored_layer_vectors(
