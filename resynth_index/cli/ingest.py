@@ -93,6 +93,7 @@ def ingest(
       rsx ingest made.png --role resynthesis --generator sd15 --caption "a cat" --seed 0
       rsx ingest ~/data/resynthesis-dataset --layout resynthesis-dataset
       rsx ingest ./archive/ --executor ray --ray-address auto   # embeddings on the cluster
+      rsx ingest ./archive/ --workers 8   # read and decode in 8 processes
 
     With --executor ray the files are still read, checked and stored here; the lab's embedder
     runs on the cluster's actors (checked to be the lab's, by fingerprint).
