@@ -126,37 +126,108 @@ def test_large_blob_round_trip(store: BlobStore) -> None:
     assert store.verify(sha) is None
 
 
-def _count_directory_fsyncs(monkeypatch) -> list[Path]:
+def _record_flushes(monkeypatch) -> list[tuple[str, object]]:
+    """Every flush and rename the blob store makes, in order: ("data", temp file), ("dir",
+    directory), ("rename", target). Flushes of one batch run side by side, so only the order
+    between kinds is fixed, not within one."""
+    from resynth_index.store import blobs as blobs_module
     from resynth_index.store import durable
 
-    fsynced: list[Path] = []
-    real = durable.fsync_directory
-    monkeypatch.setattr(durable, "fsync_directory", lambda d: (fsynced.append(d), real(d)))
-    return fsynced
+    events: list[tuple[str, object]] = []
+    real_data, real_dir = durable.fsync_path_data, durable.fsync_directory
+    real_replace = blobs_module.os.replace
+
+    def replace(source, target):
+        events.append(("rename", Path(target)))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(
+        durable, "fsync_path_data", lambda p: (events.append(("data", p)), real_data(p))
+    )
+    monkeypatch.setattr(
+        durable, "fsync_directory", lambda d: (events.append(("dir", d)), real_dir(d))
+    )
+    monkeypatch.setattr(blobs_module.os, "replace", replace)
+    return events
 
 
-def test_write_defers_directory_fsyncs_to_one_sync_per_directory(
+def test_stage_puts_nothing_in_place_and_discard_leaves_nothing(store: BlobStore) -> None:
+    data = b"staged, never placed"
+    staged = store.stage(_sha(data), data)
+    assert staged.temp is not None and staged.temp.read_bytes() == data
+    assert not store.exists(_sha(data))  # nothing under the blob's name yet
+    assert store.temp_files() == [staged.temp]  # a crash here leaves debris, never a blob
+    store.discard([staged])
+    assert store.temp_files() == [] and not store.exists(_sha(data))
+
+
+@pytest.mark.parametrize("count", [1, 5])
+def test_bytes_are_flushed_before_the_renames_and_each_directory_once_after(
+    store: BlobStore, monkeypatch, count
+) -> None:
+    events = _record_flushes(monkeypatch)
+    blobs = [bytes([n]) * 100 for n in range(count)]
+    staged = [store.stage(_sha(data), data) for data in blobs]
+    store.place(staged + staged[:1])  # a blob twice in a batch: its directories still once
+    kinds = [kind for kind, _ in events]
+    assert kinds[:count] == ["data"] * count  # every temp file's bytes, before any rename
+    assert {value for kind, value in events if kind == "data"} == {b.temp for b in staged}
+    assert kinds[count : 2 * count] == ["rename"] * count
+    directories = [value for kind, value in events if kind == "dir"]
+    assert kinds[2 * count :] == ["dir"] * len(directories)
+    assert len(directories) == len(set(directories))  # each distinct directory once
+    for data in blobs:  # the rename's directory, and the parents of the directories made
+        path = store.path_for(_sha(data))
+        assert {path.parent, path.parent.parent, store.root} <= set(directories)
+    assert store.root.parent in directories  # the root itself was made by the first stage
+
+
+def test_put_is_durable_on_its_own_and_a_blob_found_intact_is_flushed_again(
     store: BlobStore, monkeypatch
 ) -> None:
-    fsynced = _count_directory_fsyncs(monkeypatch)
-    blobs = [bytes([n]) * 100 for n in range(5)]
-    written = [store.write(_sha(data), data) for data in blobs]
-    assert fsynced == []  # in place, bytes on the disk, entries not yet synced
-    assert all(store.verify(_sha(data)) is None for data in blobs)
-    directories = [d for w in written for d in w.directories]
-    # each blob's directory, and the parents of the directories it created (the root's too)
-    assert {store.path_for(_sha(data)).parent for data in blobs} <= set(directories)
-    assert store.root.parent in directories
-    assert store.sync(directories + directories) == len(set(directories))
-    assert sorted(fsynced) == sorted(set(directories))  # each distinct directory once
-
-
-def test_put_is_durable_on_its_own(store: BlobStore, monkeypatch) -> None:
-    fsynced = _count_directory_fsyncs(monkeypatch)
+    events = _record_flushes(monkeypatch)
     data = b"one blob"
     path = store.put(_sha(data), data)
-    assert path.parent in fsynced and path.parent.parent in fsynced  # rename and new directory
-    fsynced.clear()
-    assert store.write(_sha(data), data).directories == (path.parent,)  # found intact
-    store.put(_sha(data), data)
-    assert fsynced == [path.parent]  # another writer's rename may not be synced yet
+    assert [kind for kind, _ in events][:2] == ["data", "rename"]
+    assert events[1] == ("rename", path) and events[0][1].parent == path.parent  # its temp file
+    assert ("dir", path.parent) in events and ("dir", path.parent.parent) in events
+    events.clear()
+    again = store.stage(_sha(data), data)
+    assert again.temp is None and again.directories == (path.parent,)  # found intact
+    store.place([again])
+    assert events == [("dir", path.parent)]  # another writer's rename may not be synced yet
+
+
+def test_a_failed_place_leaves_no_temp_files(store: BlobStore, monkeypatch) -> None:
+    from resynth_index.store import durable
+
+    blobs = [bytes([n]) * 100 for n in range(3)]
+    staged = [store.stage(_sha(data), data) for data in blobs]
+
+    def failing(path):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(durable, "fsync_path_data", failing)
+    with pytest.raises(StoreError, match="Input/output error"):
+        store.place(staged)
+    assert store.temp_files() == []
+    assert not any(store.exists(_sha(data)) for data in blobs)  # nothing unflushed in place
+
+
+def test_the_flushes_of_a_batch_run_side_by_side(store: BlobStore, monkeypatch) -> None:
+    """Two flushes meet at a barrier: run one after the other, the first would wait alone."""
+    import threading
+
+    from resynth_index.store import durable
+
+    barrier = threading.Barrier(2, timeout=10)
+    real = durable.fsync_path_data
+
+    def meeting(path):
+        barrier.wait()  # BrokenBarrierError (a failure) unless another flush runs meanwhile
+        real(path)
+
+    monkeypatch.setattr(durable, "fsync_path_data", meeting)
+    blobs = [b"first", b"second"]
+    store.place([store.stage(_sha(data), data) for data in blobs])
+    assert all(store.verify(_sha(data)) is None for data in blobs)

@@ -1,11 +1,12 @@
 """Ingest loading in worker processes, and blobs made durable per batch before their rows.
 
 No timings: parallelism is shown by the process ids that loaded the files, ordering by events
-recorded from hooks (``durable.fsync_directory``, ``BlobStore.sync``, ``repository.ensure_images``).
+recorded from hooks (``BlobStore.place``, ``repository.ensure_images``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -24,7 +25,7 @@ from resynth_index.pipeline import ingest as ingest_module
 from resynth_index.pipeline import loading
 from resynth_index.pipeline.ingest import IngestInterrupted, expand_paths, ingest
 from resynth_index.pipeline.loading import WorkerDied, resolve_workers
-from resynth_index.store import durable, embeddings, repository
+from resynth_index.store import embeddings, repository
 from resynth_index.store.blobs import BlobStore
 from resynth_index.store.models import EmbeddingRow, ImageRow
 
@@ -180,50 +181,71 @@ def test_ctrl_c_with_workers_raises_interrupted_and_ends_the_workers(
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_each_batch_syncs_its_directories_once_before_its_rows(
+def test_each_batch_places_its_blobs_in_one_step_before_its_rows(
     toy_lab, tmp_path, monkeypatch, workers
 ):
     folder = tmp_path / "incoming"
     good_images(folder, 7)
-    events: list[tuple[str, object]] = []
-    real_fsync, real_sync, real_rows = (
-        durable.fsync_directory,
-        BlobStore.sync,
-        repository.ensure_images,
-    )
-    monkeypatch.setattr(
-        durable, "fsync_directory", lambda d: (events.append(("fsync", Path(d))), real_fsync(d))
-    )
+    events: list[tuple[str, list]] = []
+    real_place, real_rows = BlobStore.place, repository.ensure_images
 
-    def sync(self, directories):
-        events.append(("sync", None))
-        return real_sync(self, directories)
+    def place(self, staged):
+        placed = real_place(self, staged)
+        events.append(("place", placed))
+        return placed
 
     def rows(session, images):
         events.append(("rows", [image.sha256 for image in images]))
         return real_rows(session, images)
 
-    monkeypatch.setattr(BlobStore, "sync", sync)
+    monkeypatch.setattr(BlobStore, "place", place)
     monkeypatch.setattr(repository, "ensure_images", rows)
     with Lab.open(toy_lab) as lab:
         summary = ingest(lab, expand_paths([folder]), batch_size=3, workers=workers)
         blobs = lab.blobs
     assert summary.added == 7
 
-    assert [kind for kind, _ in events].count("sync") == 3  # one per batch (3 + 3 + 1 files)
-    assert events[0][0] == "sync"  # no directory fsync before the first batch's sync
-    synced: set[Path] = set()  # the directories fsynced so far
-    this_sync: list[Path] = []  # those of the latest sync
+    kinds = [kind for kind, _ in events]
+    assert kinds.count("place") == 3  # one per batch (3 + 3 + 1 files), not one per file
+    assert [len(value) for kind, value in events if kind == "place"] == [3, 3, 1]
+    placed: set[Path] = set()  # the blobs durable so far
     for kind, value in events:  # in the order they happened
-        if kind == "sync":
-            this_sync = []
-        elif kind == "fsync":
-            assert value not in this_sync  # each directory once a batch, not once a file
-            this_sync.append(value)
-            synced.add(value)
-        else:  # rows: every blob they name is durable by now
-            for sha in value:
-                assert blobs.path_for(sha).parent in synced
+        if kind == "place":
+            placed.update(value)
+        else:  # rows: every blob they name is in place and durable by now
+            assert {blobs.path_for(sha) for sha in value} <= placed
+    assert blobs.temp_files() == []
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_file_refused_after_loading_leaves_neither_blob_nor_temporary_file(
+    toy_lab, tmp_path, monkeypatch, workers
+):
+    """A file refused by the store's checks after its blob was staged (say, its generator was
+    removed meanwhile) is one failure; its staged blob is discarded, the batch's others stored."""
+    folder = tmp_path / "incoming"
+    files = good_images(folder, 4)
+    refused = files[1]
+    real_precheck = ingest_module._precheck
+
+    def precheck(lab, item, sha256, caption, register_missing):
+        if Path(item.path) == refused:
+            raise ingest_module.RsxError(f"{item.path}: refused for the test")
+        return real_precheck(lab, item, sha256, caption, register_missing)
+
+    monkeypatch.setattr(ingest_module, "_precheck", precheck)
+    with Lab.open(toy_lab) as lab:
+        summary = ingest(lab, expand_paths([folder]), batch_size=4, workers=workers)
+        blobs = lab.blobs
+        with lab.session() as session:
+            stored = set(session.scalars(select(ImageRow.sha256)))
+    assert summary.added == 3
+    assert [(f.path, f.reason) for f in summary.failures] == [
+        (str(refused), "refused for the test")
+    ]
+    refused_sha = hashlib.sha256(refused.read_bytes()).hexdigest()
+    assert refused_sha not in stored and not blobs.exists(refused_sha)
+    assert blobs.temp_files() == []
 
 
 def test_resolve_workers_follows_a_count_and_sizes_auto_to_the_cores():

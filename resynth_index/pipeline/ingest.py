@@ -59,6 +59,7 @@ from resynth_index.pipeline.loading import (
 from resynth_index.pipeline.unchanged import unchanged_items
 from resynth_index.pipeline.work_orders import restore_cell
 from resynth_index.store import embeddings, repository
+from resynth_index.store.blobs import StagedBlob
 from resynth_index.store.models import GeneratorRow
 
 if TYPE_CHECKING:
@@ -298,14 +299,14 @@ _QUEUE_DEPTH = 1  # batches decoded ahead of the one being stored and embedded
 @dataclass
 class _Loaded:
     """One batch as the loader hands it over: decoded, hashed, maybe preprocessed, its blobs
-    durable (synced, ``BlobStore.sync``), its rows not yet written."""
+    in place and durable (``BlobStore.place``), its rows not yet written."""
 
     entries: list[tuple[IngestItem, LoadedImage, Any] | IngestFailure]  # Any: the caption
     pixels: Any = None  # (n, 3, H, W) tensor for the images not yet embedded, or None
     pixel_row: dict[str, int] = field(default_factory=dict)  # sha256 -> row of ``pixels``
     # entry position -> the file's stat before it was read, when unchanged by the read
     stats: dict[int, FileStat] = field(default_factory=dict)
-    # entry position -> its blob's stat just after it was written (or found intact)
+    # entry position -> its blob's stat just after it was placed (or found intact)
     blob_stats: dict[int, FileStat] = field(default_factory=dict)
 
 
@@ -328,16 +329,17 @@ def ingest(
 
     Every item is checked first with reads of the store only (``check_items``): an ingest left
     with nothing to load reports its failures without loading the embedder. Then the files are
-    read, hashed, decoded, preprocessed and their blobs written ahead of the batch being stored
+    read, hashed, decoded, preprocessed and their blobs staged ahead of the batch being stored
     and embedded here: by ``workers`` worker processes (``pipeline/loading.py``; None: as many
     as ``resolve_workers`` chooses for the cores and the number of files), or by a loader thread
-    (0, and what auto chooses on a small machine or for a small ingest). A batch's blobs are made
-    durable in one step (``BlobStore.sync``: each directory fsynced once) before it is handed
-    over, so its rows, written here in one transaction, never point at a blob a crash could
-    take. The index is synced once at the end. The whole ingest holds the blob store's writers'
-    lock: blobs written ahead of their rows are never taken for debris by ``rsx check
-    --repair``. Ctrl-C raises ``IngestInterrupted`` with the summary so far; a worker process
-    that dies raises ``WorkerDied`` (one line), its batch unstored.
+    (0, and what auto chooses on a small machine or for a small ingest). A batch's blobs are put
+    in place durably in one step (``BlobStore.place``: their flushes side by side, each
+    directory once) before it is handed over, so its rows, written here in one transaction,
+    never point at a blob a crash could take. The index is synced once at the end. The whole
+    ingest holds the blob store's writers' lock: blobs written ahead of their rows are never
+    taken for debris by ``rsx check --repair``. Ctrl-C raises ``IngestInterrupted`` with the
+    summary so far; a worker process that dies raises ``WorkerDied`` (one line), its batch
+    unstored.
     """
     batch_size = batch_size or lab.settings.embedding_batch_size
     if batch_size < 1:
@@ -583,43 +585,53 @@ def _jobs(batch: list) -> list[FileJob]:
 def _finish_batch(
     lab: Lab, embedder: Embedder, batch: list, loads: list[FileLoad], register_missing: bool
 ) -> _Loaded:
-    """The batch's loads checked against the store (reads only), the blobs still unwritten
-    written, every blob of the batch made durable in one ``BlobStore.sync``, and the pixels of
-    the images not embedded yet gathered (made here when the loads did not bring them)."""
+    """The batch's loads checked against the store (reads only), the blobs still unstaged
+    staged, every blob of the batch put in place durably in one ``BlobStore.place``, and the
+    pixels of the images not embedded yet gathered (made here when the loads did not bring them).
+    A file refused here has its staged blob discarded."""
     entries: list[tuple[IngestItem, LoadedImage, Any] | IngestFailure] = []
     stats: dict[int, FileStat] = {}
-    blob_stats: dict[int, FileStat] = {}
-    directories: list[Path] = []
+    staged: dict[int, StagedBlob] = {}  # entry position -> its blob
     pixels_of: dict[str, Any] = {}
     files = iter(loads)
-    for item in batch:
-        if isinstance(item, IngestFailure):
-            entries.append(item)
-            continue
-        load = next(files)
-        if load.failure is not None or load.image is None:
-            entries.append(IngestFailure(str(item.path), load.failure or "not loaded"))
-            continue
-        image = load.image
-        try:
-            _precheck(lab, item, image.sha256, load.caption, register_missing)
-            if item.role == "resynthesis":  # its slot is free: its blob goes in now
-                written = lab.blobs.write(image.sha256, image.data)
-                load.blob = stat_or_none(written.path)
-                load.directories = written.directories
-        except RsxError as error:
-            entries.append(IngestFailure(str(item.path), _reason(item, error)))
-            continue
-        directories.extend(load.directories)
-        if load.before is not None:
-            stats[len(entries)] = load.before
-        if load.blob is not None:
-            blob_stats[len(entries)] = load.blob
-        if load.pixels is not None:
-            pixels_of.setdefault(image.sha256, load.pixels)
-        entries.append((item, image, load.caption))
-    # the batch's blobs made durable in one step, before any row can point at them
-    lab.blobs.sync(directories)
+    try:
+        for item in batch:
+            if isinstance(item, IngestFailure):
+                entries.append(item)
+                continue
+            load = next(files)
+            if load.failure is not None or load.image is None:
+                entries.append(IngestFailure(str(item.path), load.failure or "not loaded"))
+                continue
+            image = load.image
+            try:
+                _precheck(lab, item, image.sha256, load.caption, register_missing)
+                if item.role == "resynthesis":  # its slot is free: its blob goes in now
+                    load.staged = lab.blobs.stage(image.sha256, image.data)
+            except RsxError as error:
+                entries.append(IngestFailure(str(item.path), _reason(item, error)))
+                continue
+            if load.before is not None:
+                stats[len(entries)] = load.before
+            if load.staged is not None:
+                staged[len(entries)] = load.staged
+            if load.pixels is not None:
+                pixels_of.setdefault(image.sha256, load.pixels)
+            entries.append((item, image, load.caption))
+        # the batch's blobs in place and durable in one step, before any row can point at them
+        placed = lab.blobs.place(list(staged.values()))
+    except BaseException:
+        lab.blobs.discard(load.staged for load in loads if load.staged is not None)
+        raise
+    kept = {id(blob) for blob in staged.values()}  # refused files' blobs: not left as debris
+    lab.blobs.discard(
+        load.staged for load in loads if load.staged is not None and id(load.staged) not in kept
+    )
+    blob_stats = {
+        position: stat
+        for position, path in zip(staged, placed, strict=True)
+        if (stat := stat_or_none(path)) is not None
+    }
     batch_loaded = _Loaded(entries, stats=stats, blob_stats=blob_stats)
     preprocess = getattr(embedder, "preprocess_batch", None)
     if preprocess is None or not hasattr(embedder, "embed_tensors"):

@@ -22,8 +22,6 @@ from resynth_index.store import embeddings, repository
 from resynth_index.store.faults import crash_point
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     import numpy as np
     import PIL.Image
 
@@ -42,18 +40,22 @@ def store_images(
     Returns (image id, newly added) per image, in order. With ``session`` the rows join the
     caller's transaction (so a batch's other rows commit with them): the caller then holds
     ``lab.blobs.writing()`` until that transaction commits. ``blobs_written`` says the caller
-    already put every blob and synced them (ingest writes them ahead, on its loader).
+    already placed every blob (ingest stages and places them ahead, on its loader).
     """
     if session is None:
         with lab.blobs.writing(), lab.session() as own:
             return store_images(lab, loaded, own, blobs_written=blobs_written)
-    directories: list[Path] = []
-    for item in loaded:
-        if not blobs_written:
-            directories.extend(lab.blobs.write(item.sha256, item.data).directories)
-        crash_point("image-row")  # blob stored, no row points at it yet
-    if not blobs_written:  # the batch's blobs durable in one step, before their rows
-        lab.blobs.sync(directories)
+    if not blobs_written:  # the batch's blobs in place and durable in one step, before rows
+        staged = []
+        try:
+            for item in loaded:
+                staged.append(lab.blobs.stage(item.sha256, item.data))
+        except BaseException:
+            lab.blobs.discard(staged)
+            raise
+        lab.blobs.place(staged)
+    for _item in loaded:
+        crash_point("image-row")  # blob stored, no row points at it yet (reached once an image)
     return _image_rows(lab, session, loaded)
 
 

@@ -2,15 +2,16 @@
 
 One file's load (``load_file``) is the same wherever it runs: stat, read, SHA-256, decode (EXIF
 orientation applied, ``max_pixels`` enforced: ``load_image_file``), the caption its role needs
-from the item, its sidecar or its embedded prompt (``caption_for``), the blob written in place
-(``BlobStore.write``: bytes on the disk, directory entries not yet synced) and, in a worker, the
+from the item, its sidecar or its embedded prompt (``caption_for``), the blob staged
+(``BlobStore.stage``: a temporary file beside its place, put in place with its batch by
+``BlobStore.place`` in the ingest's process) and, in a worker, the
 pixels the embedder's preprocess transform makes of it. A file that fails (unreadable, not an
 image, too large, a blank caption) comes back as its one-line reason, never as an exception.
 
 Ingest keeps the database and the forward pass in its own process: the store's checks that need
 the database (``pipeline/ingest.py``), the rows, the embeddings. A resynthesis's blob waits for
 those checks (its slot may be taken), so ``load_file`` writes it only when asked
-(``FileJob.write_blob``); every other role's blob is written where the file is read.
+(``FileJob.write_blob``); every other role's blob is staged where the file is read.
 
 ``LoadingPool`` runs ``load_file`` in worker processes (forkserver where the platform has it,
 else spawn: never a plain fork of a process whose torch threads may be running). A worker
@@ -42,7 +43,7 @@ from resynth_index.hashing import FileStat, file_stat
 from resynth_index.media.captions import caption_hash, normalise_caption, sidecar_text
 from resynth_index.media.images import LoadedImage, load_image_file
 from resynth_index.media.metadata import embedded_prompt
-from resynth_index.store.blobs import BlobStore
+from resynth_index.store.blobs import BlobStore, StagedBlob
 
 #: ``--workers auto`` runs worker processes only when this many cores are left over after one
 #: for the ingest's own process (the forward pass and the store). On a 2-core machine one worker
@@ -77,8 +78,7 @@ class FileLoad:
     image: LoadedImage | None = None  # ``image.image`` is None when it stayed in the worker
     caption: tuple[str, str] | None = None  # (hash, normalised text) the role records
     before: FileStat | None = None  # the file's stat before the read, when the read changed nothing
-    blob: FileStat | None = None  # the blob's stat just after it was written (or found intact)
-    directories: tuple[Path, ...] = ()  # to ``BlobStore.sync`` before a row points at the blob
+    staged: StagedBlob | None = None  # for ``BlobStore.place`` before a row points at the blob
     pixels: Any = None  # the preprocessed image (numpy, (3, H, W)) when a transform was given
     pid: int = 0  # the process that loaded it
 
@@ -114,12 +114,10 @@ def load_file(
         loaded = read(job.path, max_pixels=max_pixels)
         caption = caption_for(job.path, job.role, job.caption, loaded.data)
         result = FileLoad(image=loaded, caption=caption, pid=os.getpid())
-        if job.write_blob:
-            written = blobs.write(loaded.sha256, loaded.data)
-            result.blob = stat_or_none(written.path)  # its bytes just checked
-            result.directories = written.directories
         if before is not None and before == stat_or_none(job.path):  # not changed while read
             result.before = before
+        if job.write_blob:
+            result.staged = blobs.stage(loaded.sha256, loaded.data)
         if transform is not None:
             picture = loaded.image if loaded.image.mode == "RGB" else loaded.image.convert("RGB")
             result.pixels = transform(picture).numpy()

@@ -1,24 +1,26 @@
 """Content-addressed blob store: every imported image file, kept byte for byte under its SHA-256.
 
 Layout: ``<root>/ab/cd/<sha256>`` where ``ab`` and ``cd`` are the first two byte pairs of the
-digest, so no directory grows past a few thousand entries. Writes are atomic (a temporary file in
-the target directory, flushed and its data fsynced, then ``os.replace``), so a crash leaves either
-the whole blob or a temporary file that ``remove_temp_files`` cleans up, never a half-written blob.
+digest, so no directory grows past a few thousand entries. A blob is never written in place: its
+bytes go to a temporary file in the target directory, which is renamed over the blob's name once
+those bytes are on the disk, so a crash leaves either the whole blob or a temporary file that
+``remove_temp_files`` cleans up, never a half-written blob.
 
-Durability comes in two steps. ``write`` puts a blob in place with its bytes on the disk, but the
-directory entries naming it (its rename, and any directory it created) may still be lost to a
-power cut: it returns those directories, and ``sync`` fsyncs them, each distinct directory once,
-however many blobs a batch put there. ``put`` is ``write`` then ``sync`` of that one blob. A
-caller that batches (ingest) writes the blobs of a batch, then syncs the union of their
-directories once, before the transaction of the rows pointing at them commits. The argument:
+Writing is done in two steps so that a batch pays for durability once. ``stage`` writes a blob's
+temporary file (its bytes not yet flushed, nothing in place); ``place`` puts a batch of staged
+blobs in place durably: every temporary file's bytes flushed, then the renames, then each
+distinct directory holding a new name (or a directory ``stage`` created) fsynced once; the
+flushes of a batch run side by side (``store/durable.py``). ``put`` is ``place`` of one
+``stage``. A caller that batches (ingest, the resynthesis writer) stages the blobs of a batch,
+places them, then commits the rows pointing at them. The argument:
 
-* a blob's name never points at bytes that are not on the disk: the data is fsynced before the
+* a blob's name never points at bytes that are not on the disk: the data is flushed before the
   rename, so after any crash a name holds the whole blob or nothing (never a short or zeroed
   file a row could point at; ``rsx check`` would call that "hash mismatch");
-* the rename (and the creation of ``ab/`` and ``ab/cd/``) is durable once the directories
-  holding those entries are fsynced, which ``sync`` does before any row names the blob, so a
-  committed row never points at a blob a crash can take away;
-* until then a crash loses at most blobs no row points at: debris, as before.
+* the rename (and the creation of ``ab/`` and ``ab/cd/``) is durable once ``place`` returns,
+  before any row names the blob, so a committed row never points at a blob a crash can take
+  away; a blob found intact is flushed too (another writer may have renamed it and not synced);
+* until then a crash loses at most blobs no row points at, and temporary files: debris.
 
 A blob is written before the row that points at it, so until that row commits it looks exactly
 like debris (an orphan blob, or a temporary file). Writers therefore hold ``writing()`` (a shared
@@ -31,7 +33,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -46,11 +48,12 @@ _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _TEMP_PREFIX = ".tmp-"
 
 
-class BlobWrite(NamedTuple):
-    """A blob ``write`` put in place: its path, and the directories whose entries must be
-    fsynced (``BlobStore.sync``) before a row may point at it."""
+class StagedBlob(NamedTuple):
+    """A blob ``stage`` wrote to a temporary file (``temp``), or found intact in place (``temp``
+    None), and the directories whose entries make it durable once renamed."""
 
-    path: Path
+    target: Path
+    temp: Path | None
     directories: tuple[Path, ...]
 
 
@@ -90,15 +93,13 @@ class BlobStore:
         The digest is checked first, so a wrong or mistyped hash can never file bytes under the
         wrong name. An existing blob whose content no longer matches is rewritten.
         """
-        written = self.write(sha256, data)
-        self.sync(written.directories)
-        return written.path
+        return self.place([self.stage(sha256, data)])[0]
 
-    def write(self, sha256: str, data: bytes) -> BlobWrite:
-        """``put`` without the directory fsyncs: the blob is in place, its bytes on the disk,
-        and the directories returned must go through ``sync`` before a row points at it (see
-        the module notes). A blob found intact still names its directory: another writer may
-        have renamed it there and not synced yet."""
+    def stage(self, sha256: str, data: bytes) -> StagedBlob:
+        """The first half of ``put``: the digest checked and the bytes written to a temporary
+        file beside the blob's place (not yet flushed, nothing renamed), or an intact blob found
+        in place. ``place`` finishes it, or ``discard`` removes it; a crash in between leaves a
+        temporary file (debris). Raises StoreError."""
         _check_sha(sha256)
         actual = hash_bytes(data)
         if actual != sha256:
@@ -106,7 +107,7 @@ class BlobStore:
         target = self.path_for(sha256)
         directory = target.parent
         if target.is_file() and hash_file(target) == sha256:
-            return BlobWrite(target, (directory,))
+            return StagedBlob(target, None, (directory,))
         try:
             created = self._make_directories(directory)
             temp = directory / f"{_TEMP_PREFIX}{sha256[:16]}-{secrets.token_hex(6)}"
@@ -114,23 +115,37 @@ class BlobStore:
             try:
                 with os.fdopen(fd, "wb") as handle:
                     handle.write(data)
-                    handle.flush()
-                    durable.fsync_file_data(handle.fileno())
-                crash_point("blob-write")  # temp file written, not yet in place
-                os.replace(temp, target)
             except BaseException:
                 temp.unlink(missing_ok=True)
                 raise
         except OSError as exc:
             raise StoreError(f"cannot write blob {target}: {exc.strerror or exc}") from None
+        crash_point("blob-write")  # temp file written, not yet in place
         # the rename's entry lives in ``directory``; a directory made here lives in its parent
-        return BlobWrite(target, (directory, *(made.parent for made in created)))
+        return StagedBlob(target, temp, (directory, *(made.parent for made in created)))
 
-    def sync(self, directories: Iterable[Path]) -> int:
-        """Make the blobs ``write`` put in these directories durable: each distinct directory
-        fsynced once (``durable.fsync_directories``); how many were. Raises nothing: a
-        platform that cannot fsync a directory skips it."""
-        return durable.fsync_directories(directories)
+    def place(self, staged: Sequence[StagedBlob]) -> list[Path]:
+        """Put staged blobs in place, durably (see the module notes): when this returns, every
+        one is on the disk under its name. Returns their paths, in order. Raises StoreError
+        (a blob whose rename or flush failed is not in place; its temporary file is removed)."""
+        if not staged:
+            return []
+        temps = list(dict.fromkeys(blob for blob in staged if blob.temp is not None))
+        try:
+            durable.flush_files([blob.temp for blob in temps])  # type: ignore[misc]
+            for blob in temps:
+                os.replace(blob.temp, blob.target)  # type: ignore[arg-type]
+            durable.fsync_directories(d for blob in staged for d in blob.directories)
+        except OSError as exc:
+            self.discard(temps)  # those not renamed yet
+            raise StoreError(f"cannot put blobs in {self.root}: {exc.strerror or exc}") from None
+        return [blob.target for blob in staged]
+
+    def discard(self, staged: Iterable[StagedBlob]) -> None:
+        """Remove the temporary files of staged blobs that will not be placed."""
+        for blob in staged:
+            if blob.temp is not None:
+                blob.temp.unlink(missing_ok=True)
 
     def _make_directories(self, directory: Path) -> list[Path]:
         """Create ``directory`` and any missing parent up to the root; those created."""
@@ -141,7 +156,8 @@ class BlobStore:
             if here == self.root or here.parent == here:
                 break
             here = here.parent
-        directory.mkdir(parents=True, exist_ok=True)
+        if missing:
+            directory.mkdir(parents=True, exist_ok=True)
         return missing
 
     def exists(self, sha256: str) -> bool:
