@@ -213,10 +213,14 @@ class Lab:
 
         spec = self.embedder_spec()
         recorded = self.settings.embedder_precision
-        model = load_embedder(spec, device=self.device, precision=recorded or "auto")
+        # the lab's memory of digests: unchanged weights need not be hashed again
+        digests = self.file_digests
+        model = load_embedder(
+            spec, device=self.device, precision=recorded or "auto", digests=digests
+        )
         if not recorded and model.fingerprint != self.settings.embedder_fingerprint:
             other = "fp16" if model.precision == "fp32" else "fp32"
-            retry = load_embedder(spec, device=self.device, precision=other)
+            retry = load_embedder(spec, device=self.device, precision=other, digests=digests)
             if retry.fingerprint == self.settings.embedder_fingerprint:
                 model = retry
         self._check_embedder(model, f"the embedder at {spec.weights}")

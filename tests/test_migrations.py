@@ -195,6 +195,31 @@ def test_file_digests_migration_round_trips(tmp_path: Path) -> None:
     engine.dispose()
 
 
+def test_weights_digests_migration_round_trips(tmp_path: Path) -> None:
+    """0006 adds the weights_digests table and takes it away; nothing else changes."""
+    from resynth_index.store import digests
+    from resynth_index.store.engine import make_sessionmaker
+
+    db = tmp_path / "lab.sqlite"
+    engine = make_engine(sqlite_url(db))
+    migrate.upgrade(engine, "0005_file_digests")
+    _fill_first_revision(db)
+    before = _rows(db)
+    migrate.upgrade(engine, "0006_weights_digests")
+    with make_sessionmaker(engine).begin() as session:
+        assert digests.remember_weights(session, "a" * 64, "b" * 64)
+    with make_sessionmaker(engine).begin() as session:
+        assert digests.recalled_weights(session, ["a" * 64]) == {"a" * 64: "b" * 64}
+    migrate.downgrade(engine, "0005_file_digests")
+    with sqlite3.connect(db) as connection:
+        tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master")}
+    assert "weights_digests" not in tables and "file_digests" in tables and _rows(db) == before
+    migrate.upgrade(engine)
+    with make_sessionmaker(engine).begin() as session:
+        assert digests.recalled_weights(session, ["a" * 64]) == {}
+    engine.dispose()
+
+
 def test_head_schema_matches_the_models(tmp_path: Path) -> None:
     engine = make_engine(sqlite_url(tmp_path / "lab.sqlite"))
     migrate.upgrade(engine)

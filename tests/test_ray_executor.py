@@ -143,6 +143,26 @@ def test_ray_draws_the_same_pictures_as_local(toy_lab, tmp_path, ray_address, mo
 
 
 @pytest.mark.slow
+def test_actors_read_no_weight_file_the_coordinator_knows(toy_lab, ray_address):
+    """The coordinator lends the digests its lab remembers (``distributed/lent_digests.py``): an
+    actor on its node fingerprints the generator without reading a weight file."""
+    from resynth_index.models.generators import diffusers
+
+    files = diffusers.fingerprint_files(toy_lab / "models" / "toy-toy-a")
+    when = 1_700_000_000 * 10**9  # settled long ago: the lab remembers what it reads
+    for path in files:
+        os.utime(path, ns=(when, when))
+    texts = resynthesis.captions_by_hash(CAPTIONS[:2])
+    with Lab.open(toy_lab) as lab, RayResynthesizer(lab, RayOptions(actors=1)) as runner:
+        [row] = _generators(lab, "toy-a")
+        lab.generator_model(row)  # fingerprinted here first: every file remembered
+        summary = runner.resynthesize(texts, [row], batch_size=2)
+        hashed = ray.get(runner.pool[0].files_hashed.remote())
+    assert summary.generated > 0 and len(files) > 0
+    assert hashed == []
+
+
+@pytest.mark.slow
 def test_an_actor_killed_mid_run_is_restarted_and_nothing_is_lost(toy_lab, ray_address):
     from resynth_index.pipeline.resynthesis import ProgressEvent
 

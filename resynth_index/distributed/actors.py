@@ -11,9 +11,11 @@ would have stored.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from resynth_index.hashing import FileStat
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,9 @@ class GeneratorSpec:
     ``source`` is an absolute path every node can read (a shared model path on a cluster).
     ``device`` is the lab's device choice ("auto" resolves on the actor's node). ``fingerprint``
     and ``settings_hash`` are what the coordinator expects: an actor whose rebuilt generator
-    differs refuses to start rather than store pictures under the wrong key.
+    differs refuses to start rather than store pictures under the wrong key. ``digests`` are
+    the SHA-256 the coordinator knows of the generator's files, with their stats there
+    (``lent_digests``); they are not part of what names the generator.
     """
 
     name: str
@@ -33,6 +37,7 @@ class GeneratorSpec:
     device: str
     fingerprint: str
     settings_hash: str
+    digests: tuple[tuple[FileStat, str], ...] = field(default=(), compare=False, repr=False)
 
 
 class GeneratorWorker:
@@ -46,23 +51,34 @@ class GeneratorWorker:
     def __init__(self) -> None:
         self.spec: GeneratorSpec | None = None
         self.model: Any = None
+        self.hashed: list[str] = []  # the weight files this actor had to read
 
     def pid(self) -> int:
         """The process id of this actor (tests kill it to check that a run survives)."""
         return os.getpid()
 
+    def files_hashed(self) -> list[str]:
+        """The files this actor read to fingerprint its generators (those the coordinator did
+        not know as they are here)."""
+        return list(self.hashed)
+
     def load(self, spec: GeneratorSpec) -> None:
         """Hold ``spec``'s generator (letting the one held before go), checking it is the one
         registered and that it runs here with the settings the coordinator keys it by."""
+        from resynth_index.distributed.lent_digests import LentDigests
         from resynth_index.errors import RsxError
         from resynth_index.models.generators import factory
 
         if self.spec == spec:
             return
         self.spec = self.model = None
-        model = factory.build_generator(
-            spec.name, spec.kind, spec.source, spec.settings_json, spec.device
-        )
+        digests = LentDigests(spec.digests)
+        try:
+            model = factory.build_generator(
+                spec.name, spec.kind, spec.source, spec.settings_json, spec.device, digests=digests
+            )
+        finally:
+            self.hashed.extend(digests.hashed)
         if model.fingerprint != spec.fingerprint:
             raise RsxError(
                 f"generator {spec.name!r} on this node does not match the registered one "
@@ -111,13 +127,26 @@ class EmbedderWorker:
     def __init__(self) -> None:
         self.model: Any = None
 
-    def load(self, spec: dict[str, Any], device: str, precision: str) -> tuple[str, int, str]:
+    def load(
+        self,
+        spec: dict[str, Any],
+        device: str,
+        precision: str,
+        files: tuple[tuple[FileStat, str], ...] = (),
+        weights: dict[str, str] | None = None,
+    ) -> tuple[str, int, str]:
         """Load the embedder of ``spec`` (an ``EmbedderSpec`` as a dict); its fingerprint,
-        dimension and concrete precision, which the coordinator checks against the lab's."""
+        dimension and concrete precision, which the coordinator checks against the lab's.
+        ``files`` and ``weights``: the digests the coordinator knows (``lent_digests``)."""
+        from resynth_index.distributed.lent_digests import LentDigests
         from resynth_index.models.embedders import EmbedderSpec, load_embedder
 
         if self.model is None:
-            self.model = load_embedder(EmbedderSpec.from_dict(spec), device, precision)
+            # nothing lent: no key to make, so no file to read for one (the digest is computed)
+            digests = LentDigests(files, weights) if files or weights else None
+            self.model = load_embedder(
+                EmbedderSpec.from_dict(spec), device, precision, digests=digests
+            )
         return self.model.fingerprint, self.model.dim, self.model.precision
 
     def embed(self, images: list[Any], batch_size: int) -> Any:

@@ -24,6 +24,7 @@ from resynth_index.distributed.executor import (
     ray_cause,
     require_ray,
 )
+from resynth_index.distributed.lent_digests import lend_embedder
 from resynth_index.errors import RsxError
 
 if TYPE_CHECKING:
@@ -52,8 +53,15 @@ class RayEmbedder:
             )(EmbedderWorker)
             self.pool = [remote.remote() for _ in range(max(1, size))]
             precision = lab.settings.embedder_precision or "auto"
-            spec = lab.embedder_spec().to_dict()
-            loaded = ray.get([a.load.remote(spec, lab.device, precision) for a in self.pool])
+            spec = lab.embedder_spec()
+            # what the lab knows of the weights' digests: an actor on this node hashes nothing
+            files, weights = lend_embedder(lab.file_digests, spec)
+            loaded = ray.get(
+                [
+                    a.load.remote(spec.to_dict(), lab.device, precision, files, weights)
+                    for a in self.pool
+                ]
+            )
         except ray.exceptions.RayError as error:
             self.close()
             raise RsxError(f"cannot start the Ray embedders: {ray_cause(error)}") from None

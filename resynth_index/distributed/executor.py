@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from resynth_index.distributed.actors import GeneratorSpec, GeneratorWorker
+from resynth_index.distributed.lent_digests import lend_generator
 from resynth_index.errors import RsxError
 from resynth_index.models.generators import factory
 from resynth_index.models.generators.batching import default_batch_size, is_auto
@@ -243,13 +244,15 @@ class RayResynthesizer:
         if not work_of:
             return []
         self.connect()
+        specs = {name: self._spec(by_name[name]) for name in work_of}  # once: they stat files
         if is_auto(setting):
-            sizes = self._auto_sizes([(by_name[name], len(work)) for name, work in work_of.items()])
+            work = [(specs[name], len(work)) for name, work in work_of.items()]
+            sizes = self._auto_sizes(work)
         else:
             sizes = {name: int(setting) for name in work_of}
         plan.batch_sizes.update(sizes)
         tasks = [
-            _Task(self._spec(by_name[name]), by_name[name], chunk, len(work), sizes[name])
+            _Task(specs[name], by_name[name], chunk, len(work), sizes[name])
             for name, work in work_of.items()
             for chunk in (work[i : i + sizes[name]] for i in range(0, len(work), sizes[name]))
         ]
@@ -259,7 +262,7 @@ class RayResynthesizer:
         plan.missing.clear()
         return made
 
-    def _auto_sizes(self, work: list[tuple[GeneratorRow, int]]) -> dict[str, int]:
+    def _auto_sizes(self, work: list[tuple[GeneratorSpec, int]]) -> dict[str, int]:
         """The "auto" batch of each generator (given with its count of missing images), as an actor
         resolves it where it runs.
 
@@ -272,20 +275,20 @@ class RayResynthesizer:
         ray = require_ray()
         device_type = "cuda" if self._gpus() else "cpu"
         most = 0
-        for row, missing in work:
-            settings = factory.generation_settings(row.kind, row.settings_json)
+        for spec, missing in work:
+            settings = factory.generation_settings(spec.kind, spec.settings_json)
             width, height = (settings.width, settings.height) if settings else (512, 512)
             most += -(-missing // default_batch_size(device_type, width, height))
         self._ensure_pool(self._pool_size(most))
         self._load_embedder_meanwhile()
         sizer = self.pool[0]
         sizes: dict[str, int] = {}
-        for row, _missing in reversed(work):
+        for spec, _missing in reversed(work):
             try:
-                sizes[row.name] = int(ray.get(sizer.batch_size.remote(self._spec(row))))
+                sizes[spec.name] = int(ray.get(sizer.batch_size.remote(spec)))
             except ray.exceptions.RayError as error:
                 cause = getattr(error, "cause", None) or error
-                raise RsxError(f"sizing batches of {row.name!r} on Ray: {cause}") from None
+                raise RsxError(f"sizing batches of {spec.name!r} on Ray: {cause}") from None
         return sizes
 
     def for_query(
@@ -305,14 +308,18 @@ class RayResynthesizer:
         return self.generate_missing(plan, generators, caption_texts, events=events)
 
     def _spec(self, row: GeneratorRow) -> GeneratorSpec:
+        """What an actor needs to rebuild ``row``'s generator, with the digests this lab knows
+        of its files (an actor on this node then reads none of them)."""
+        source = _absolute(self.lab, row.source)
         return GeneratorSpec(
             name=row.name,
             kind=row.kind,
-            source=_absolute(self.lab, row.source),
+            source=source,
             settings_json=row.settings_json,
             device=self.lab.device,
             fingerprint=row.fingerprint,
             settings_hash=factory.settings_hash(row.kind, row.settings_json, self.lab.device),
+            digests=lend_generator(self.lab.file_digests, row.kind, source, row.settings_json),
         )
 
     def _run(

@@ -34,13 +34,14 @@ import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 
 from resynth_index.errors import ModelLoadError, RsxError
 from resynth_index.models.devices import resolve_device
-from resynth_index.models.fingerprints import combine, hash_json, hash_state_dict
+from resynth_index.models.fingerprints import combine, hash_json
+from resynth_index.models.weights_digests import stats_before_loading, weights_digest
 
 _log = logging.getLogger(__name__)
 
@@ -48,10 +49,15 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from resynth_index.hashing import FileDigests
+
 LOCAL_DIR_PREFIX = "local-dir:"
 RANDOM_WEIGHTS_PREFIX = "random:"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 FINGERPRINT_VERSION = "rsx-openclip-embedder-v1"
+#: Part of the key a remembered weights digest is found by (``models/weights_digests.py``): bump
+#: it whenever the loading code could make other tensors of the same files.
+WEIGHTS_LOADER_VERSION = "rsx-openclip-loader-v1"
 
 _CONFIG_FILENAME = "open_clip_config.json"
 # the checkpoint names open_clip's own local-dir loader prefers, best first
@@ -146,13 +152,26 @@ class OpenClipEmbedder:
 
     ``preprocess`` is open_clip's evaluation transform (resize, centre crop, normalise) for the
     model's image size, mean, std, interpolation and resize mode.
+
+    ``digests`` (the lab's memory of digests) gives the SHA-256 of the weight files; when it also
+    remembers weights digests, the image tower's digest is recalled from it rather than computed
+    (``models/weights_digests.py``). The fingerprint is the same either way.
     """
 
-    def __init__(self, spec: EmbedderSpec, device: str = "auto", precision: str = "auto") -> None:
+    def __init__(
+        self,
+        spec: EmbedderSpec,
+        device: str = "auto",
+        precision: str = "auto",
+        *,
+        digests: FileDigests | None = None,
+    ) -> None:
         self.spec = spec
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        model, preprocess, model_config = _load_open_clip(spec, self.device, self.precision)
+        source = _resolve_weights(spec)
+        before = stats_before_loading(source.files, digests)
+        model, preprocess, model_config = _load_open_clip(spec, self.device, self.precision, source)
         self.model = model
         self.preprocess = preprocess
         self.layer = spec.layer
@@ -165,7 +184,13 @@ class OpenClipEmbedder:
         conv = getattr(model.visual, "conv1", None)
         self._input_dtype = conv.weight.dtype if conv is not None else _torch().float32
         self._model_config = model_config
-        self._weights_digest = hash_state_dict(model.visual.state_dict())
+        self._weights_digest = weights_digest(
+            model.visual,
+            files=source.files,
+            before=before,
+            context=_load_context(model_config, self.device, self.precision),
+            digests=digests,
+        )
         self.fingerprint = self.fingerprint_at(spec.layer)
 
     def fingerprint_at(self, layer: int | None) -> str:
@@ -227,14 +252,35 @@ class OpenClipEmbedder:
         return np.concatenate(chunks, axis=0)
 
 
-def load_embedder(spec: EmbedderSpec, device: str = "auto", precision: str = "auto") -> Embedder:
+def load_embedder(
+    spec: EmbedderSpec,
+    device: str = "auto",
+    precision: str = "auto",
+    *,
+    digests: FileDigests | None = None,
+) -> Embedder:
     """The embedder for ``spec`` on ``device`` ("auto" picks CUDA, then MPS, then CPU).
 
     ``precision`` is part of the fingerprint; "auto" is fp16 on CUDA and fp32 elsewhere
     (``resolve_precision``), so a lab records the concrete precision it was created with and
     passes that, never "auto", when it opens (fp16 also runs on a CPU, only slower).
+    ``digests``: the lab's memory of digests (see ``OpenClipEmbedder``).
     """
-    return OpenClipEmbedder(spec, device=device, precision=precision)
+    return OpenClipEmbedder(spec, device=device, precision=precision, digests=digests)
+
+
+def weight_files(spec: EmbedderSpec) -> tuple[Path, ...]:
+    """The files loading ``spec`` reads (a folder's config and checkpoint, a checkpoint file;
+    none for random weights), found without reading them or importing open_clip (a Ray
+    coordinator lends their digests). ModelLoadError for a folder without a checkpoint."""
+    if spec.weights.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(spec.weights[len(LOCAL_DIR_PREFIX) :]).expanduser()
+        if not folder.is_dir():
+            raise ModelLoadError(f"CLIP model folder {folder} does not exist")
+        return (folder / _CONFIG_FILENAME, _find_folder_checkpoint(folder))
+    if spec.weights.startswith(RANDOM_WEIGHTS_PREFIX):
+        return ()
+    return (Path(spec.weights).expanduser(),)
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -348,9 +394,64 @@ def _quiet_random_init_warning() -> Iterator[None]:
         root.removeFilter(keep)
 
 
-def _load_open_clip(spec: EmbedderSpec, device: str, precision: str) -> tuple[Any, Any, dict]:
+class _Weights(NamedTuple):
+    """Where ``spec``'s weights come from, resolved before anything is loaded."""
+
+    model_config: dict[str, Any]
+    checkpoint: Path | None
+    model_name: str  # what open_clip builds from: a built-in name or local-dir:<folder>
+    source: str  # for messages
+    seed: int
+    files: tuple[Path, ...]  # every file the load reads
+
+
+def _resolve_weights(spec: EmbedderSpec) -> _Weights:
+    """The config, checkpoint and open_clip model name of ``spec`` (the checkpoint is not read)."""
+    if spec.weights.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(spec.weights[len(LOCAL_DIR_PREFIX) :]).expanduser()
+        model_config = _read_folder_config(folder)
+        checkpoint = _find_folder_checkpoint(folder)
+        files = (folder / _CONFIG_FILENAME, checkpoint)  # open_clip reads the config again
+        return _Weights(
+            model_config, checkpoint, f"{LOCAL_DIR_PREFIX}{folder}", str(folder), 0, files
+        )
+    if spec.weights.startswith(RANDOM_WEIGHTS_PREFIX):
+        seed_text = spec.weights[len(RANDOM_WEIGHTS_PREFIX) :]
+        if not seed_text.isdigit():
+            raise RsxError(f"random weights need an integer seed (random:0), not {spec.weights!r}")
+        model_config = _builtin_config(spec.arch, spec.weights)
+        source = f"{spec.arch} ({spec.weights})"
+        return _Weights(model_config, None, spec.arch.replace("/", "-"), source, int(seed_text), ())
+    checkpoint = Path(spec.weights).expanduser()
+    if not checkpoint.is_file():
+        raise ModelLoadError(f"CLIP weights file {checkpoint} does not exist")
+    model_config = _builtin_config(spec.arch, spec.weights)
+    model_name = spec.arch.replace("/", "-")
+    return _Weights(model_config, checkpoint, model_name, str(checkpoint), 0, (checkpoint,))
+
+
+def _load_context(model_config: Mapping[str, Any], device: str, precision: str) -> list[str]:
+    """What, besides the files' bytes, decides the tensors a load makes (the key of a remembered
+    weights digest): this loader's version, the libraries', the config, precision and device
+    type (where an fp16 cast runs)."""
+    import open_clip
+
+    torch = _torch()
+    return [
+        WEIGHTS_LOADER_VERSION,
+        f"open_clip {open_clip.__version__}",
+        f"torch {torch.__version__}",
+        hash_json(dict(model_config)),
+        precision,
+        torch.device(device).type,
+    ]
+
+
+def _load_open_clip(
+    spec: EmbedderSpec, device: str, precision: str, weights: _Weights | None = None
+) -> tuple[Any, Any, dict]:
     """Build the model through open_clip's factory, load the weights safely ourselves, and keep
-    only the image tower, on ``device``.
+    only the image tower, on ``device``. ``weights``: ``spec`` already resolved.
 
     open_clip is never given the checkpoint: for pickled files its loader falls back to an unsafe
     ``torch.load`` on some errors, so safetensors go through ``open_clip.load_checkpoint`` and
@@ -362,30 +463,7 @@ def _load_open_clip(spec: EmbedderSpec, device: str, precision: str) -> tuple[An
     seed, because they are the weights. Either way the text tower is dropped before anything
     moves to ``device``: only images are embedded, and the fingerprint covers the image tower only.
     """
-    seed = 0
-    checkpoint: Path | None = None
-    if spec.weights.startswith(LOCAL_DIR_PREFIX):
-        folder = Path(spec.weights[len(LOCAL_DIR_PREFIX) :]).expanduser()
-        model_config = _read_folder_config(folder)
-        checkpoint = _find_folder_checkpoint(folder)
-        model_name = f"{LOCAL_DIR_PREFIX}{folder}"
-        source = str(folder)
-    elif spec.weights.startswith(RANDOM_WEIGHTS_PREFIX):
-        seed_text = spec.weights[len(RANDOM_WEIGHTS_PREFIX) :]
-        if not seed_text.isdigit():
-            raise RsxError(f"random weights need an integer seed (random:0), not {spec.weights!r}")
-        seed = int(seed_text)
-        model_config = _builtin_config(spec.arch, spec.weights)
-        model_name = spec.arch.replace("/", "-")
-        source = f"{spec.arch} ({spec.weights})"
-    else:
-        checkpoint = Path(spec.weights).expanduser()
-        if not checkpoint.is_file():
-            raise ModelLoadError(f"CLIP weights file {checkpoint} does not exist")
-        model_config = _builtin_config(spec.arch, spec.weights)
-        model_name = spec.arch.replace("/", "-")
-        source = str(checkpoint)
-
+    model_config, checkpoint, model_name, source, seed, _ = weights or _resolve_weights(spec)
     built = None
     if checkpoint is not None:
         built = _build_empty(model_name, precision)

@@ -146,7 +146,8 @@ def _openclip_model(lab: Lab) -> Any:
     if isinstance(model, OpenClipEmbedder):
         return model
     spec = lab.embedder_spec()
-    return load_embedder(spec, lab.device, lab.settings.embedder_precision or model.precision)
+    precision = lab.settings.embedder_precision or model.precision
+    return load_embedder(spec, lab.device, precision, digests=lab.file_digests)
 
 
 def _block_count(model: Any, lab: Lab) -> int:

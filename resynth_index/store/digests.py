@@ -25,6 +25,11 @@ replaced or removed since is caught, and the full path restores it. Bytes that r
 change of stat are found by ``rsx check`` (which reads every blob), and ``rsx ingest --reread``
 reads the original again.
 
+The same memory remembers weights digests (the ``weights_digests`` table): the digest of an
+embedder's tensors as loaded, keyed by a digest of the loaded files' SHA-256s and everything else
+that decides those tensors (``models/weights_digests.py``). Such a row is true for ever, so it is
+never checked against a stat; it is recalled or recorded only for files that have settled.
+
 The memory is an optimisation. A database that cannot be read or written (read-only, locked,
 a path it cannot store) means the file is read instead; nothing here ever fails a command, and a
 write waits at most ``WRITE_WAIT_S`` for a lock, then writing pauses for ``WRITE_PAUSE_S``.
@@ -47,7 +52,13 @@ from resynth_index import hashing
 from resynth_index.hashing import FileStat, file_stat
 from resynth_index.store.embeddings import embedded_sha256s
 from resynth_index.store.engine import BUSY_TIMEOUT_S, dialect_insert, in_chunks
-from resynth_index.store.models import FileDigestRow, ImageRow, ReferenceRow, utcnow
+from resynth_index.store.models import (
+    FileDigestRow,
+    ImageRow,
+    ReferenceRow,
+    WeightsDigestRow,
+    utcnow,
+)
 
 #: A file whose mtime is not this much older than the moment it was read is not remembered.
 RACY_WINDOW_NS = 2_000_000_000
@@ -187,13 +198,58 @@ def _upsert_statement(dialect: str) -> Any:
     return statement
 
 
+# ------------------------------------------------------------------------- weights digests
+def recalled_weights(session: Session, keys: Iterable[str]) -> dict[str, str]:
+    """key -> remembered weights digest, for those of ``keys`` that have a well-formed row."""
+    found: dict[str, str] = {}
+    for chunk in in_chunks([key for key in keys if _SHA256.fullmatch(key)]):
+        rows = session.execute(
+            select(WeightsDigestRow.load_key, WeightsDigestRow.digest).where(
+                WeightsDigestRow.load_key.in_(chunk)
+            )
+        )
+        found.update((key, digest) for key, digest in rows if _well_formed(digest))
+    return found
+
+
+def remember_weights(session: Session, key: str, digest: str) -> bool:
+    """Record (or overwrite) the weights digest of ``key``; False for a malformed one."""
+    if not (_SHA256.fullmatch(key) and _SHA256.fullmatch(digest)):
+        return False
+    base = dialect_insert(session.get_bind().dialect.name, WeightsDigestRow)
+    values = {"load_key": key, "digest": digest, "recorded_at": utcnow()}
+    session.execute(
+        base.values(values).on_conflict_do_update(
+            index_elements=["load_key"],
+            set_={"digest": base.excluded.digest, "recorded_at": base.excluded.recorded_at},
+        )
+    )
+    return True
+
+
+def latest_weights(session: Session, limit: int) -> dict[str, str]:
+    """The ``limit`` most recently recorded weights digests (key -> digest), for a process that
+    cannot reach the database (a Ray actor) to recall from."""
+    rows = session.execute(
+        select(WeightsDigestRow.load_key, WeightsDigestRow.digest)
+        .order_by(WeightsDigestRow.recorded_at.desc())
+        .limit(limit)
+    )
+    return {key: digest for key, digest in rows if _well_formed(digest)}
+
+
+def _well_formed(digest: object) -> bool:
+    return isinstance(digest, str) and _SHA256.fullmatch(digest) is not None
+
+
 # ------------------------------------------------------------------------- the lab's memory
 class StoredDigests:
     """``hashing.FileDigests`` backed by the lab's ``file_digests`` table (see the module notes).
 
     ``digest`` gives a file's SHA-256, read from the table when the file's stat matches its row,
     else by hashing the file (and remembering it). ``known`` and ``remember`` do the same for
-    many files at once, for a caller that reads the files itself (ingest).
+    many files at once, for a caller that reads the files itself (ingest). ``recall`` and
+    ``record`` make it a ``models.weights_digests.WeightsDigests`` too.
     """
 
     def __init__(self, engine: Engine, *, write_wait_s: float = WRITE_WAIT_S) -> None:
@@ -245,6 +301,37 @@ class StoredDigests:
         except _MEMORY_ERRORS:
             self._paused_until = time.monotonic() + WRITE_PAUSE_S
             return 0
+
+    def recall(self, key: str, files: Sequence[FileStat]) -> str | None:
+        """The weights digest remembered under ``key``, loaded from ``files`` (their stats before
+        loading); None when one has not settled or the database cannot be read."""
+        if not all(settled(stat) for stat in files):
+            return None
+        try:
+            with Session(self._engine) as session, session.begin():
+                return recalled_weights(session, [key]).get(key)
+        except _MEMORY_ERRORS:
+            return None
+
+    def record(self, key: str, digest: str, files: Sequence[FileStat]) -> None:
+        """Remember a weights digest just computed, unless one of ``files`` has not settled;
+        a database that refuses the write is treated as in ``remember``."""
+        if not all(settled(stat) for stat in files) or time.monotonic() < self._paused_until:
+            return
+        try:
+            with self._waiting_briefly() as session:
+                remember_weights(session, key, digest)
+        except _MEMORY_ERRORS:
+            self._paused_until = time.monotonic() + WRITE_PAUSE_S
+
+    def latest_weights(self, limit: int) -> dict[str, str]:
+        """The ``limit`` newest weights digests (key -> digest), for a process without the
+        database (a Ray actor); none when it cannot be read."""
+        try:
+            with Session(self._engine) as session, session.begin():
+                return latest_weights(session, limit)
+        except _MEMORY_ERRORS:
+            return {}
 
     @contextmanager
     def _waiting_briefly(self) -> Iterator[Session]:

@@ -212,3 +212,20 @@ class FileDigestRow(Base):
     ctime_ns: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     checked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WeightsDigestRow(Base):
+    """The digest of a model's weights as loaded (``hash_state_dict``), remembered so the next
+    load need not read every tensor to compute it (``models/weights_digests.py``).
+
+    Keyed by a digest of everything that determines it: the SHA-256 of each file loaded, the
+    loader's version, the library versions, model config, precision and device type. Equal keys
+    mean equal tensors, so a row is never invalidated (a new loader version makes new keys).
+    Derived data: a lost row only costs one more computation.
+    """
+
+    __tablename__ = "weights_digests"
+
+    load_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -81,6 +81,21 @@ def _folder_files(folder: Path) -> list[Path]:
     return [path for path in files if path.name.endswith(FINGERPRINT_SUFFIXES)]
 
 
+def fingerprint_files(path: str | Path, config: str | Path | None = None) -> list[Path]:
+    """The files ``weights_fingerprint`` reads for ``path`` (and ``config``), listed without
+    reading them (for a Ray coordinator to say which digests it knows); none that cannot be
+    listed."""
+    path = Path(path).expanduser()
+    try:
+        if path.is_dir():
+            return _folder_files(path)
+    except ModelLoadError:
+        return []
+    if path.is_file():
+        return [path, *(fingerprint_files(config) if config is not None else [])]
+    return []
+
+
 def weights_fingerprint(
     path: str | Path, config: str | Path | None = None, *, digests: FileDigests | None = None
 ) -> str:
