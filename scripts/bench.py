@@ -8,6 +8,9 @@ Rows:
   query       one warm query (models loaded, resyntheses cached, library API) vs one embedding
               forward of one image, on a lab holding N stored vectors (synthetic ones fill it);
               plus the lookup alone (a gather of the query's few dozen candidates)
+  ray         toy-zoo generation through the Ray executor (2 actors) vs the local executor, the
+              same work in one process each way (scripts/bench_ray.py --in-process-only): warm,
+              the actors up (a running pool's throughput; the target), and cold, starting them
   startup     `rsx --help` wall time
   CLI rows    `rsx resynthesize`, `rsx ingest`, `rsx query` as users run them (a fresh process
               each, two work sizes): the per-image cost against the bare operation at the same
@@ -123,6 +126,40 @@ def bench_cli_cpu(scratch: Path, quick: bool, embedders: list[str], threads: int
 
 
 # ------------------------------------------------------------------------------ main
+def bench_ray(quick: bool) -> list[Row]:
+    """The Ray rows, from ``scripts/bench_ray.py`` run in a process of its own (it holds every
+    process to one compute thread); none, with a line saying why, without the [scale] extra."""
+    import importlib.util
+    import json
+    import subprocess
+
+    if importlib.util.find_spec("ray") is None:
+        print("ray rows skipped: ray is not installed (pip install -e '.[scale]')", flush=True)
+        return []
+    script = Path(__file__).resolve().parent / "bench_ray.py"
+    command = [sys.executable, str(script), "--in-process-only", "--json"]
+    command += ["--captions", "8" if quick else "24", "--actors", "2"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"bench_ray.py failed:\n{done.stdout}{done.stderr}")
+    found = {row["name"]: row for row in json.loads(done.stdout.strip().splitlines()[-1])}
+    rows = []
+    for run, target in (("warm", "<= 1.2x"), ("cold", "(report)")):
+        local, ray = found[f"in process, local ({run})"], found[f"in process, ray x2 ({run})"]
+        what = "actors up" if run == "warm" else "starting 2 actors"
+        rows.append(
+            Row(
+                f"generation toy through Ray x2, {run} ({what}; {ray['images']} images)",
+                f"{ray['seconds']:.2f} s",
+                f"{local['seconds']:.2f} s local",
+                ray["ratio"],
+                target,
+                ray["ratio"] <= 1.2 if run == "warm" else None,
+            )
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, toy embedder only")
@@ -130,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, help="build the labs here and keep them")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--skip-cli", action="store_true", help="leave out the CLI rows")
+    parser.add_argument("--skip-ray", action="store_true", help="leave out the Ray rows")
     args = parser.parse_args(argv)
 
     quick = args.quick
@@ -168,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             rows.extend(found)
             notes.append(note)
+        if not args.skip_ray:
+            for row in bench_ray(quick):
+                rows.append(row)
+                print_row(row)
         rows.append(bench_help(3 if quick else 7))
         print_row(rows[-1])
         if not args.skip_cli:

@@ -1,6 +1,10 @@
 """Toy-zoo resynthesis through Ray (N actors) against the local executor, in one run.
 
     .venv/bin/python scripts/bench_ray.py [--captions 24] [--batch-size 4] [--actors 2]
+                                          [--in-process-only] [--json]
+
+``scripts/bench.py`` runs it with ``--in-process-only --json`` for its Ray rows (in a process of
+its own: this script holds every process to one compute thread).
 
 Copies of one fresh toy lab make the same resyntheses with the local executor and with the Ray
 executor. Prints a table: wall time, images per second, and the ratio to the local row of its
@@ -24,6 +28,7 @@ machine than Ray.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -88,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--captions", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--in-process-only", action="store_true", help="skip the command rows")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON only")
     args = parser.parse_args(argv)
 
     import ray
@@ -106,17 +113,20 @@ def main(argv: list[str] | None = None) -> int:
         captions_file = Path(tmp) / "captions.txt"
         captions_file.write_text("\n".join(_captions(args.captions, "command")), encoding="utf-8")
         actors = ("--executor", "ray", "--ray-actors", str(args.actors))
-        local_s = _command(copies["cli-local"], captions_file, args.batch_size)
-        rows.append(("command, local", images, local_s, 1.0))
-        # before this process starts its Ray: the command starts (and stops) one of its own
-        start_s = _command(copies["cli-ray-start"], captions_file, args.batch_size, *actors)
-        started = f"command, ray x{args.actors}, starting Ray"
-        rows.append((started, images, start_s, start_s / local_s))
+        if not args.in_process_only:
+            local_s = _command(copies["cli-local"], captions_file, args.batch_size)
+            rows.append(("command, local", images, local_s, 1.0))
+            # before this process starts its Ray: the command starts (and stops) one of its own
+            start_s = _command(copies["cli-ray-start"], captions_file, args.batch_size, *actors)
+            started = f"command, ray x{args.actors}, starting Ray"
+            rows.append((started, images, start_s, start_s / local_s))
         ray.init(num_cpus=args.actors, include_dashboard=False, log_to_driver=False)
-        address = ray.get_runtime_context().gcs_address
-        join = (*actors, "--ray-address", address)
-        join_s = _command(copies["cli-ray-join"], captions_file, args.batch_size, *join)
-        rows.append((f"command, ray x{args.actors}, joining", images, join_s, join_s / local_s))
+        if not args.in_process_only:
+            address = ray.get_runtime_context().gcs_address
+            join = (*actors, "--ray-address", address)
+            join_s = _command(copies["cli-ray-join"], captions_file, args.batch_size, *join)
+            joining = f"command, ray x{args.actors}, joining"
+            rows.append((joining, images, join_s, join_s / local_s))
         runner = None
 
         def runner_of(lab):
@@ -141,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
             if runner is not None:
                 runner.close()
             ray.shutdown()
+    if args.json:
+        keys = ("name", "images", "seconds", "ratio")
+        print(json.dumps([dict(zip(keys, row, strict=True)) for row in rows]))
+        return 0
     print(f"toy zoo, {len(GENERATORS)} generators, batch {args.batch_size}, {os.cpu_count()} CPUs")
     load = os.getloadavg()[0]
     print(f"load average {load:.2f} at the end")
