@@ -116,7 +116,7 @@ def bench_cli_cpu(scratch: Path, quick: bool, embedders: list[str], threads: int
                 ingest_batch=32,
                 ingest_sizes=(32, 96),
                 image_size=256,
-                query_sizes=(2, 10),
+                query_sizes=(2, 26),
                 repeat=2,
                 threads=threads,
                 embed_target=0.8,
