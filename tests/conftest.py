@@ -80,3 +80,22 @@ def make_toy_image(toy_lab: Path, tmp_path: Path):
 def copy_lab(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     return target
+
+
+@pytest.fixture
+def files_hashed(monkeypatch) -> list[str]:
+    """Every file the real ``hashing.hash_file`` reads from now on, by real path (this process's
+    cache of generator file digests emptied, as in a new process or a new Ray actor)."""
+    from resynth_index import hashing
+    from resynth_index.models.generators import diffusers
+
+    calls: list[str] = []
+    real = hashing.hash_file
+
+    def counting(path):
+        calls.append(os.path.realpath(path))
+        return real(path)
+
+    monkeypatch.setattr(hashing, "hash_file", counting)
+    diffusers._file_digests.clear()
+    return calls

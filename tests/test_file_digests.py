@@ -45,22 +45,6 @@ def age(*paths: Path, hours: float = 1.0) -> int:
     return when
 
 
-@pytest.fixture
-def hashed(monkeypatch) -> list[str]:
-    """Every file the real ``hashing.hash_file`` reads from now on (the in-process cache emptied,
-    as in a new process)."""
-    calls: list[str] = []
-    real = hashing.hash_file
-
-    def counting(path):
-        calls.append(os.path.realpath(path))
-        return real(path)
-
-    monkeypatch.setattr(hashing, "hash_file", counting)
-    diffusers._file_digests.clear()
-    return calls
-
-
 def new_process() -> None:
     """What a new ``rsx`` process starts with: no digest remembered in memory."""
     diffusers._file_digests.clear()
@@ -91,7 +75,7 @@ def rows(memory: StoredDigests) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- generator weights
-def test_a_second_process_reads_no_weight_file_and_a_changed_one_alone(toy_lab, hashed):
+def test_a_second_process_reads_no_weight_file_and_a_changed_one_alone(toy_lab, files_hashed):
     folder = toy_lab / "models" / "toy-toy-a"
     files = diffusers._folder_files(folder)
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
@@ -104,39 +88,39 @@ def test_a_second_process_reads_no_weight_file_and_a_changed_one_alone(toy_lab, 
             return lab.generator_model(row).fingerprint
 
     registered = open_generator()  # the first process reads every file, and remembers them
-    assert sorted(hashed) == sorted(os.path.realpath(f) for f in files)
+    assert sorted(files_hashed) == sorted(os.path.realpath(f) for f in files)
 
-    hashed.clear()
+    files_hashed.clear()
     assert open_generator() == registered
-    assert hashed == []  # the second reads none
+    assert files_hashed == []  # the second reads none
 
     age(weights, hours=2)  # touched: same bytes, another mtime
-    hashed.clear()
+    files_hashed.clear()
     assert open_generator() == registered
-    assert hashed == [str(weights.resolve())]
+    assert files_hashed == [str(weights.resolve())]
 
     when = file_stat(weights).mtime_ns  # replaced by a copy: same size, same mtime, new inode
     copy = weights.with_name("copy")
     shutil.copyfile(weights, copy)
     os.replace(copy, weights)
     os.utime(weights, ns=(when, when))
-    hashed.clear()
+    files_hashed.clear()
     assert open_generator() == registered
-    assert hashed == [str(weights.resolve())]
+    assert files_hashed == [str(weights.resolve())]
 
     data = bytearray(weights.read_bytes())  # replaced by other bytes of the same size and mtime
     data[-1] ^= 0xFF
     copy.write_bytes(bytes(data))
     os.replace(copy, weights)
     os.utime(weights, ns=(when, when))
-    hashed.clear()
+    files_hashed.clear()
     with pytest.raises(StoreError, match="no longer matches"):
         open_generator()
-    assert hashed == [str(weights.resolve())]
+    assert files_hashed == [str(weights.resolve())]
 
 
 def test_a_link_repointed_to_a_file_of_the_same_size_and_time_is_read_again(
-    tmp_path, memory, hashed
+    tmp_path, memory, files_hashed
 ):
     folder = pipeline_folder(tmp_path / "pipe")
     weights = folder / "unet" / "model.safetensors"
@@ -153,15 +137,17 @@ def test_a_link_repointed_to_a_file_of_the_same_size_and_time_is_read_again(
     weights.symlink_to(second)  # same size, same mtime: another real path, another inode
     assert file_stat(second).mtime_ns == when
     new_process()
-    hashed.clear()
+    files_hashed.clear()
     after = weights_fingerprint(folder, digests=memory)
-    assert hashed == [str(second.resolve())]
+    assert files_hashed == [str(second.resolve())]
     assert after != before
     new_process()
     assert after == weights_fingerprint(folder)  # what hashing every file gives
 
 
-def test_a_wrong_row_for_a_changed_stat_cannot_give_a_wrong_fingerprint(tmp_path, memory, hashed):
+def test_a_wrong_row_for_a_changed_stat_cannot_give_a_wrong_fingerprint(
+    tmp_path, memory, files_hashed
+):
     folder = pipeline_folder(tmp_path / "pipe")
     weights = folder / "unet" / "model.safetensors"
     truth = weights_fingerprint(folder)
@@ -185,9 +171,9 @@ def test_a_wrong_row_for_a_changed_stat_cannot_give_a_wrong_fingerprint(tmp_path
                 .values(sha256=bogus, **changed)
             )
         new_process()
-        hashed.clear()
+        files_hashed.clear()
         assert weights_fingerprint(folder, digests=memory) == truth, changed
-        assert hashed == [real]
+        assert files_hashed == [real]
         assert rows(memory)[real] != bogus  # rewritten with the truth
 
     with sessions.begin() as session:  # a matching row whose digest no writer could have made
@@ -195,21 +181,21 @@ def test_a_wrong_row_for_a_changed_stat_cannot_give_a_wrong_fingerprint(tmp_path
             update(FileDigestRow).where(FileDigestRow.path == real).values(sha256="not a digest")
         )
     new_process()
-    hashed.clear()
+    files_hashed.clear()
     assert weights_fingerprint(folder, digests=memory) == truth
-    assert hashed == [real]
+    assert files_hashed == [real]
 
 
-def test_a_freshly_written_file_is_read_every_time(tmp_path, memory, hashed):
+def test_a_freshly_written_file_is_read_every_time(tmp_path, memory, files_hashed):
     fresh = tmp_path / "fresh.bin"
     fresh.write_bytes(b"x" * 100)
     age(fresh, hours=-0.1)  # modified "now" (or later): the same tick could hide another write
     assert memory.digest(fresh) == memory.digest(fresh) == hashing.hash_bytes(b"x" * 100)
-    assert len(hashed) == 2 and rows(memory) == {}
+    assert len(files_hashed) == 2 and rows(memory) == {}
     age(fresh)
     memory.digest(fresh)
     memory.digest(fresh)
-    assert len(hashed) == 3 and list(rows(memory)) == [str(fresh.resolve())]
+    assert len(files_hashed) == 3 and list(rows(memory)) == [str(fresh.resolve())]
 
 
 def test_a_file_changed_while_it_is_read_is_not_remembered(tmp_path, memory, monkeypatch):
@@ -229,7 +215,7 @@ def test_a_file_changed_while_it_is_read_is_not_remembered(tmp_path, memory, mon
     assert rows(memory) == {}
 
 
-def test_an_unwritable_or_locked_database_only_costs_a_read(tmp_path, memory, hashed):
+def test_an_unwritable_or_locked_database_only_costs_a_read(tmp_path, memory, files_hashed):
     folder = pipeline_folder(tmp_path / "pipe")
     truth = weights_fingerprint(folder)
     database = tmp_path / "lab.sqlite"
@@ -274,7 +260,7 @@ def test_odd_files_are_read_not_remembered(tmp_path, memory):
 
 
 @pytest.mark.slow  # a PostgreSQL server starts for it
-def test_the_memory_works_on_both_engines(engine_url, tmp_path, hashed):
+def test_the_memory_works_on_both_engines(engine_url, tmp_path, files_hashed):
     """Upserts, 64-bit stats and the short lock wait on SQLite and on PostgreSQL."""
     engine = make_engine(engine_url)
     try:
@@ -284,18 +270,18 @@ def test_the_memory_works_on_both_engines(engine_url, tmp_path, hashed):
         weights = folder / "unet" / "model.safetensors"
         os.utime(weights, ns=(10**18, 10**18))
         truth = weights_fingerprint(folder)
-        hashed.clear()
+        files_hashed.clear()
         new_process()
-        assert weights_fingerprint(folder, digests=memory) == truth and len(hashed) == 3
+        assert weights_fingerprint(folder, digests=memory) == truth and len(files_hashed) == 3
         new_process()
-        assert weights_fingerprint(folder, digests=memory) == truth and len(hashed) == 3
+        assert weights_fingerprint(folder, digests=memory) == truth and len(files_hashed) == 3
         weights.write_bytes(b"v" * 4096)  # rewritten: the row is updated in place
         age(weights)
         new_process()
         changed = weights_fingerprint(folder, digests=memory)
-        assert changed != truth and len(hashed) == 4
+        assert changed != truth and len(files_hashed) == 4
         new_process()
-        assert weights_fingerprint(folder, digests=memory) == changed and len(hashed) == 4
+        assert weights_fingerprint(folder, digests=memory) == changed and len(files_hashed) == 4
         stat = file_stat(weights)
         with make_sessionmaker(engine).begin() as session:
             big = replace(stat, inode=2**64 - 1, device=2**63, path="/big")

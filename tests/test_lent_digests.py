@@ -13,8 +13,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
-
 from resynth_index import hashing
 from resynth_index.distributed import lent_digests
 from resynth_index.distributed.actors import EmbedderWorker, GeneratorSpec, GeneratorWorker
@@ -32,22 +30,6 @@ def age(*paths: Path, hours: float = 1.0) -> None:
     when = time.time_ns() - int(hours * HOUR_NS)
     for path in paths:
         os.utime(path, ns=(when, when))
-
-
-@pytest.fixture
-def files_hashed(monkeypatch) -> list[str]:
-    """Every file the real ``hashing.hash_file`` reads from now on (this process's cache of
-    generator file digests emptied, as in a new actor)."""
-    calls: list[str] = []
-    real = hashing.hash_file
-
-    def counting(path):
-        calls.append(os.path.realpath(path))
-        return real(path)
-
-    monkeypatch.setattr(hashing, "hash_file", counting)
-    diffusers._file_digests.clear()
-    return calls
 
 
 def test_a_lent_digest_serves_only_the_very_file_it_was_taken_of(tmp_path, files_hashed):

@@ -85,20 +85,6 @@ def tensors_hashed(monkeypatch) -> list[int]:
 
 
 @pytest.fixture
-def files_hashed(monkeypatch) -> list[str]:
-    """Every file the real ``hashing.hash_file`` reads from now on."""
-    calls: list[str] = []
-    real = hashing.hash_file
-
-    def counting(path):
-        calls.append(os.path.realpath(path))
-        return real(path)
-
-    monkeypatch.setattr(hashing, "hash_file", counting)
-    return calls
-
-
-@pytest.fixture
 def memory(tmp_path: Path):
     """A lab database at the head revision and its memory of digests (no lab around it)."""
     engine = make_engine(sqlite_url(tmp_path / "lab.sqlite"))
