@@ -14,7 +14,7 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from resynth_index.store.engine import in_chunks, insert_ignore
+from resynth_index.store.engine import in_chunks, insert_ignore_many
 from resynth_index.store.models import EmbeddingRow, ImageRow, utcnow
 
 VECTOR_DTYPE = np.dtype("<f4")  # little-endian float32, whatever the host
@@ -39,7 +39,7 @@ def add_embeddings(
     """Store one vector per image for this embedder (images already embedded are left as is)."""
     if not len(image_ids):
         return
-    insert_ignore(
+    insert_ignore_many(
         session,
         EmbeddingRow,
         [

@@ -152,6 +152,18 @@ def insert_ignore(
     return cast("CursorResult[Any]", session.execute(statement))
 
 
+def insert_ignore_many(
+    session: Session, model: type, rows: list[dict[str, Any]], conflict: list[str]
+) -> None:
+    """``insert_ignore`` of many rows as one executemany of a one-row statement: its compiled
+    form is cached, where a multi-row VALUES is compiled again for every call (about 3 ms for a
+    batch of 32 embeddings on the 2-core VM). Rows must all name the same columns."""
+    if not rows:
+        return
+    statement = dialect_insert(session.get_bind().dialect.name, model.__table__)  # type: ignore[attr-defined]
+    session.execute(statement.on_conflict_do_nothing(index_elements=conflict), rows)
+
+
 def upsert(
     session: Session, model: type, values: list[dict[str, Any]], conflict: list[str]
 ) -> None:
