@@ -116,11 +116,11 @@ def load_file(
         result = FileLoad(image=loaded, caption=caption, pid=os.getpid())
         if before is not None and before == stat_or_none(job.path):  # not changed while read
             result.before = before
-        if job.write_blob:
-            result.staged = blobs.stage(loaded.sha256, loaded.data)
         if transform is not None:
             picture = loaded.image if loaded.image.mode == "RGB" else loaded.image.convert("RGB")
             result.pixels = transform(picture).numpy()
+        if job.write_blob:  # last: a load that fails leaves no temporary file behind
+            result.staged = blobs.stage(loaded.sha256, loaded.data)
         if not keep_image:  # the decoded picture stays here; the consumer decodes it if need be
             result.image = LoadedImage(
                 loaded.sha256,
