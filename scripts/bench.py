@@ -119,7 +119,7 @@ def bench_cli_cpu(scratch: Path, quick: bool, embedders: list[str], threads: int
                 query_sizes=(2, 26),
                 repeat=2,
                 threads=threads,
-                embed_target=0.8,
+                embed_target=0.9,  # issue 12's CPU target for ViT-B-32 ingest
                 commands=("ingest", "query"),
             )
     return found
@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                 vectors=vectors if kind != "toy" or quick else min(vectors, 100_000),
                 k=2 if quick else 8,
                 queries=3 if quick else 10,
+                ingest_target=0.9,  # issue 12's target on this 2-core CPU (0.8 on a GPU)
             )
             rows.extend(found)
             notes.append(note)

@@ -92,7 +92,15 @@ def write_images(folder: Path, n: int, size: int) -> list[Path]:
 
 # ------------------------------------------------------------------------------ ingest
 def bench_ingest(
-    kind: str, spec, model, scratch: Path, n: int, batch: int, size: int, device: str = "cpu"
+    kind: str,
+    spec,
+    model,
+    scratch: Path,
+    n: int,
+    batch: int,
+    size: int,
+    device: str = "cpu",
+    target: float = 0.8,
 ) -> Row:
     from PIL import Image
 
@@ -119,8 +127,8 @@ def bench_ingest(
         f"{n / elapsed:.1f} img/s",
         f"{1 / forward:.1f} img/s forward",
         ratio,
-        ">= 0.80" if kind != "toy" else "(report)",
-        ratio >= 0.8 if kind != "toy" else None,
+        f">= {target:.2f}" if kind != "toy" else "(report)",
+        ratio >= target if kind != "toy" else None,
     )
 
 
@@ -245,11 +253,12 @@ def bench_embedder(
     k: int,
     queries: int,
     device: str = "cpu",
+    ingest_target: float = 0.8,
 ) -> tuple[list[Row], str]:
-    """The ingest row and the warm-query rows of one embedder (each printed when measured),
-    and the query lab's note."""
+    """The ingest row (its target ``ingest_target``, a ratio to the bare forward) and the
+    warm-query rows of one embedder (each printed when measured), and the query lab's note."""
     spec, model = load_embedder(kind, scratch, device=device)
-    rows = [bench_ingest(kind, spec, model, scratch, n, batch, size, device)]
+    rows = [bench_ingest(kind, spec, model, scratch, n, batch, size, device, ingest_target)]
     print_row(rows[-1])
     found, note = bench_query(
         kind, spec, model, scratch, vectors, k=k, queries=queries, device=device
