@@ -289,3 +289,19 @@ def assert_each_stored_once(lab: Path, files: list[Path], queries: int) -> None:
     assert index_problems(lab) == []
     check = rsx(lab, "check")
     assert check.exit_code == 0, check.output
+
+
+def interrupt_the_second_batch(monkeypatch) -> None:
+    """Make ingest's second batch raise KeyboardInterrupt (Ctrl-C) as it is stored."""
+    from resynth_index.pipeline import ingest as ingest_module
+
+    real_batch = ingest_module._ingest_batch
+    calls: list[int] = []
+
+    def interrupted_on_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "_ingest_batch", interrupted_on_the_second_batch)

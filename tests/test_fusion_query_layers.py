@@ -125,9 +125,6 @@ def test_query_layer_distances_equal_the_evaluations(
 ):
     """The same reference image asked about with ``rsx query --method fused`` gets, per
     candidate and layer, the distance ``rsx eval`` measures for it (1e-6)."""
-    from resynth_index.evaluation.data import load_eval_data
-    from resynth_index.evaluation.fusion import load_fusion_signals
-    from resynth_index.lab import Lab
 
     image = tmp_path / "refs-copy.png"
     shutil.copy(fused_lab_template.parent / "refs" / "toy-b-1001.png", image)
@@ -138,14 +135,7 @@ def test_query_layer_distances_equal_the_evaluations(
     answer = json.loads(result.stdout.strip().splitlines()[-1])
     signals = answer["fusion"]["signals"]
     assert {"layer-1", "layer-2"} <= set(signals)
-    with Lab.open(fused_lab) as lab:
-        data = load_eval_data(lab)
-        found = load_fusion_signals(lab, data, (), 0, metric="embedder", layers=LAYERS)
-        with lab.session() as session:
-            from resynth_index.store import repository
-
-            shas = repository.image_sha256s(session, [int(i) for i in data.image_ids])
-    row = [shas[int(i)] for i in data.image_ids].index(answer["sha256"])
+    data, found, row = _evaluation_signals(fused_lab, answer["sha256"])
     for layer in LAYERS:
         expected = found.values["none"][f"layer-{layer}"][row]
         got = [signals[f"layer-{layer}"][g] for g in data.generators]
@@ -232,14 +222,7 @@ def test_the_recorded_fusion_ranks_as_fused_loo_with_its_weights(fused_lab: Path
     assert fusion["weights"] == record["weights"]
     # the evaluation's signals of the same image (now a reference) fused with those weights
     _ingest_one(fused_lab, image, "toy-b", QUERY_CAPTION)
-    with Lab.open(fused_lab) as lab:
-        data = load_eval_data(lab)
-        found = load_fusion_signals(lab, data, (), 0, metric="embedder", layers=LAYERS)
-        from resynth_index.store import repository
-
-        with lab.session() as session:
-            shas = repository.image_sha256s(session, [int(i) for i in data.image_ids])
-    row = [shas[int(i)] for i in data.image_ids].index(answer["sha256"])
+    data, found, row = _evaluation_signals(fused_lab, answer["sha256"])
     missing = np.array([[len(v) == 0 for v in r] for r in data.resyntheses])
     arrays = {
         "resynthesis": np.where(missing, np.nan, data.resynthesis_distances(data.features)),
@@ -254,6 +237,22 @@ def test_the_recorded_fusion_ranks_as_fused_loo_with_its_weights(fused_lab: Path
     text = _rsx(fused_lab, "query", str(image), "--caption", QUERY_CAPTION, "--method", "fused")
     assert text.exit_code == 0, text.output
     assert f"fused calibration #{stored.id}" in text.stdout and "layer-2" in text.stdout
+
+
+def _evaluation_signals(lab_root: Path, sha256: str):
+    """What ``rsx eval`` loads for the lab (its data, its fusion signals at ``LAYERS``) and the
+    row of the image ``sha256`` in them."""
+    from resynth_index.evaluation.data import load_eval_data
+    from resynth_index.evaluation.fusion import load_fusion_signals
+    from resynth_index.lab import Lab
+    from resynth_index.store import repository
+
+    with Lab.open(lab_root) as lab:
+        data = load_eval_data(lab)
+        found = load_fusion_signals(lab, data, (), 0, metric="embedder", layers=LAYERS)
+        with lab.session() as session:
+            shas = repository.image_sha256s(session, [int(i) for i in data.image_ids])
+    return data, found, [shas[int(i)] for i in data.image_ids].index(sha256)
 
 
 def _ingest_one(lab_root: Path, image: Path, generator: str, caption: str) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hostile_files import interrupt_the_second_batch
 from PIL import Image
 from sqlalchemy import select
 
@@ -211,15 +212,7 @@ def test_seed_makes_a_plain_file_a_runnable_generators_resynthesis(toy_lab, make
 def test_ctrl_c_says_what_was_kept_and_a_rerun_continues(toy_lab, tmp_path, monkeypatch):
     images = noise_images(tmp_path / "in", 3)
     real_batch = ingest_module._ingest_batch
-    calls = []
-
-    def interrupted_on_the_second_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_batch(*args, **kwargs)
-
-    monkeypatch.setattr(ingest_module, "_ingest_batch", interrupted_on_the_second_batch)
+    interrupt_the_second_batch(monkeypatch)
     result = rsx(toy_lab, "ingest", str(tmp_path / "in"), "--batch-size", "1")
     assert result.exit_code == 130
     assert (

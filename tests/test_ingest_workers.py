@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from hostile_files import exif_rotated_jpeg, good_images
+from hostile_files import exif_rotated_jpeg, good_images, interrupt_the_second_batch
 from sqlalchemy import select
 
 from resynth_index.cli import cli
@@ -160,16 +160,7 @@ def test_ctrl_c_with_workers_raises_interrupted_and_ends_the_workers(
     folder = tmp_path / "incoming"
     good_images(folder, 6)
     pids = _record_loads(monkeypatch)
-    real_batch = ingest_module._ingest_batch
-    calls: list[int] = []
-
-    def interrupted_on_the_second_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_batch(*args, **kwargs)
-
-    monkeypatch.setattr(ingest_module, "_ingest_batch", interrupted_on_the_second_batch)
+    interrupt_the_second_batch(monkeypatch)
     with Lab.open(toy_lab) as lab, pytest.raises(IngestInterrupted) as raised:
         ingest(lab, expand_paths([folder]), batch_size=2, workers=2)
     assert raised.value.summary.added == 2
@@ -228,10 +219,10 @@ def test_a_file_refused_after_loading_leaves_neither_blob_nor_temporary_file(
     refused = files[1]
     real_precheck = ingest_module._precheck
 
-    def precheck(lab, item, sha256, caption, register_missing):
+    def precheck(lab, item, *rest):
         if Path(item.path) == refused:
             raise ingest_module.RsxError(f"{item.path}: refused for the test")
-        return real_precheck(lab, item, sha256, caption, register_missing)
+        return real_precheck(lab, item, *rest)
 
     monkeypatch.setattr(ingest_module, "_precheck", precheck)
     with Lab.open(toy_lab) as lab:

@@ -287,8 +287,9 @@ class RayResynthesizer:
             try:
                 sizes[spec.name] = int(ray.get(sizer.batch_size.remote(spec)))
             except ray.exceptions.RayError as error:
-                cause = getattr(error, "cause", None) or error
-                raise RsxError(f"sizing batches of {spec.name!r} on Ray: {cause}") from None
+                raise RsxError(
+                    f"sizing batches of {spec.name!r} on Ray: {ray_cause(error)}"
+                ) from None
         return sizes
 
     def for_query(
@@ -358,8 +359,9 @@ class RayResynthesizer:
             try:
                 images = [_decode(data) for data in ray.get(ready[0])]
             except ray.exceptions.RayTaskError as error:
-                cause = getattr(error, "cause", None) or error
-                raise RsxError(f"generating with {task.spec.name!r} on Ray: {cause}") from None
+                raise RsxError(
+                    f"generating with {task.spec.name!r} on Ray: {ray_cause(error)}"
+                ) from None
             except ray.exceptions.RayActorError as error:  # could not start, or died for good
                 raise RsxError(
                     f"a Ray actor generating with {task.spec.name!r} could not start or died "

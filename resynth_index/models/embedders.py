@@ -410,10 +410,9 @@ def _resolve_weights(spec: EmbedderSpec) -> _Weights:
     if spec.weights.startswith(LOCAL_DIR_PREFIX):
         folder = Path(spec.weights[len(LOCAL_DIR_PREFIX) :]).expanduser()
         model_config = _read_folder_config(folder)
-        checkpoint = _find_folder_checkpoint(folder)
-        files = (folder / _CONFIG_FILENAME, checkpoint)  # open_clip reads the config again
+        files = weight_files(spec)  # the config (open_clip reads it again) and the checkpoint
         return _Weights(
-            model_config, checkpoint, f"{LOCAL_DIR_PREFIX}{folder}", str(folder), 0, files
+            model_config, files[1], f"{LOCAL_DIR_PREFIX}{folder}", str(folder), 0, files
         )
     if spec.weights.startswith(RANDOM_WEIGHTS_PREFIX):
         seed_text = spec.weights[len(RANDOM_WEIGHTS_PREFIX) :]
@@ -427,7 +426,7 @@ def _resolve_weights(spec: EmbedderSpec) -> _Weights:
         raise ModelLoadError(f"CLIP weights file {checkpoint} does not exist")
     model_config = _builtin_config(spec.arch, spec.weights)
     model_name = spec.arch.replace("/", "-")
-    return _Weights(model_config, checkpoint, model_name, str(checkpoint), 0, (checkpoint,))
+    return _Weights(model_config, checkpoint, model_name, str(checkpoint), 0, weight_files(spec))
 
 
 def _load_context(model_config: Mapping[str, Any], device: str, precision: str) -> list[str]:

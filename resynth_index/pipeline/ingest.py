@@ -537,17 +537,19 @@ def _prefetch(
                         return
             else:
                 pending: deque = deque()
-                for batch in batches:
-                    pending.append((batch, pool.submit(_jobs(batch))))
-                    while len(pending) > 1:  # the workers load the next batch meanwhile
-                        earlier, submitted = pending.popleft()
-                        got = pool.result(submitted, stop)
-                        if got is None or not finish(earlier, got):
-                            return
-                while pending:
+
+                def finish_oldest() -> bool:
                     earlier, submitted = pending.popleft()
                     got = pool.result(submitted, stop)
-                    if got is None or not finish(earlier, got):
+                    return got is not None and finish(earlier, got)
+
+                for batch in batches:
+                    pending.append((batch, pool.submit(_jobs(batch))))
+                    # the workers load this batch while the one before is finished
+                    if len(pending) > 1 and not finish_oldest():
+                        return
+                while pending:
+                    if not finish_oldest():
                         return
             hand_over(done)
         except BaseException as error:  # re-raised in the consumer
@@ -592,6 +594,8 @@ def _finish_batch(
     entries: list[tuple[IngestItem, LoadedImage, Any] | IngestFailure] = []
     stats: dict[int, FileStat] = {}
     staged: dict[int, StagedBlob] = {}  # entry position -> its blob
+    refused: list[StagedBlob] = []  # blobs of files refused here: not left as debris
+    generators: dict[str, GeneratorRow | None] = {}  # looked up once a batch
     pixels_of: dict[str, Any] = {}
     files = iter(loads)
     try:
@@ -605,10 +609,12 @@ def _finish_batch(
                 continue
             image = load.image
             try:
-                _precheck(lab, item, image.sha256, load.caption, register_missing)
+                _precheck(lab, item, image.sha256, load.caption, register_missing, generators)
                 if item.role == "resynthesis":  # its slot is free: its blob goes in now
                     load.staged = lab.blobs.stage(image.sha256, image.data)
             except RsxError as error:
+                if load.staged is not None:
+                    refused.append(load.staged)
                 entries.append(IngestFailure(str(item.path), _reason(item, error)))
                 continue
             if load.before is not None:
@@ -623,10 +629,7 @@ def _finish_batch(
     except BaseException:
         lab.blobs.discard(load.staged for load in loads if load.staged is not None)
         raise
-    kept = {id(blob) for blob in staged.values()}  # refused files' blobs: not left as debris
-    lab.blobs.discard(
-        load.staged for load in loads if load.staged is not None and id(load.staged) not in kept
-    )
+    lab.blobs.discard(refused)
     blob_stats = {
         position: stat
         for position, path in zip(staged, placed, strict=True)
@@ -782,18 +785,22 @@ def _precheck(
     sha256: str,
     caption: tuple[str, str] | None,
     register_missing: bool,
+    generators: dict[str, GeneratorRow | None],
 ) -> None:
     """Refuse, with reads of the store only, what storing would refuse: a generator the lab
     does not know, a runnable generator's resynthesis without its seed, a resynthesis slot that
     holds another image. What needs no store (the caption) was checked where the file was read
     (``loading.caption_for``), before its blob was written; a resynthesis's blob is written only
-    after this check, so a refused delivery leaves no blob."""
+    after this check, so a refused delivery leaves no blob. ``generators``: the rows looked up
+    so far (by name; filled here), so a batch asks the store once a generator."""
     generator = None
     if item.role in ("resynthesis", "reference"):
         if not item.generator:
             raise RsxError(f"{item.path}: a {item.role} needs a generator")
-        with lab.session() as session:
-            generator = repository.generator_by_name(session, item.generator)
+        if item.generator not in generators:  # the caller's lookups, one a generator
+            with lab.session() as session:
+                generators[item.generator] = repository.generator_by_name(session, item.generator)
+        generator = generators[item.generator]
         if generator is None and not register_missing:
             raise _unknown_generator(item)
     if item.role == "resynthesis" and generator is not None and caption is not None:

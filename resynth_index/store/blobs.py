@@ -130,14 +130,16 @@ class BlobStore:
         (a blob whose rename or flush failed is not in place; its temporary file is removed)."""
         if not staged:
             return []
-        temps = list(dict.fromkeys(blob for blob in staged if blob.temp is not None))
+        # (temporary file, blob) of each blob to rename, each once
+        moves = list(dict.fromkeys((b.temp, b.target) for b in staged if b.temp is not None))
         try:
-            durable.flush_files([blob.temp for blob in temps])  # type: ignore[misc]
-            for blob in temps:
-                os.replace(blob.temp, blob.target)  # type: ignore[arg-type]
+            durable.flush_files([temp for temp, _target in moves])
+            for temp, target in moves:
+                os.replace(temp, target)
             durable.fsync_directories(d for blob in staged for d in blob.directories)
         except OSError as exc:
-            self.discard(temps)  # those not renamed yet
+            for temp, _target in moves:  # those not renamed yet
+                temp.unlink(missing_ok=True)
             raise StoreError(f"cannot put blobs in {self.root}: {exc.strerror or exc}") from None
         return [blob.target for blob in staged]
 

@@ -44,24 +44,18 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def fsync_directories(directories: Iterable[Path]) -> int:
-    """``fsync_directory`` each distinct directory once; how many were fsynced."""
-    distinct = sorted({Path(d) for d in directories}, key=lambda d: (-len(d.parts), str(d)))
-    _each(lambda directory: fsync_directory(directory), distinct)
-    return len(distinct)
-
-
-def fsync_file_data(fd: int) -> None:
-    """Flush a file's bytes (and the size needed to read them back) to the disk."""
-    sync = getattr(os, "fdatasync", os.fsync)
-    sync(fd)
+def fsync_directories(directories: Iterable[Path]) -> None:
+    """``fsync_directory`` each distinct directory once (side by side)."""
+    # looked up when called, so a test's stand-in for ``fsync_directory`` is the one run
+    _each(lambda directory: fsync_directory(directory), list({Path(d) for d in directories}))
 
 
 def fsync_path_data(path: Path) -> None:
-    """``fsync_file_data`` of a file written and closed earlier (opened again to flush it)."""
+    """Flush the bytes (and the size needed to read them back) of a file written and closed
+    earlier (opened again to flush it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        fsync_file_data(fd)
+        getattr(os, "fdatasync", os.fsync)(fd)
     finally:
         os.close(fd)
 

@@ -164,15 +164,6 @@ def insert_ignore_many(
     session.execute(statement.on_conflict_do_nothing(index_elements=conflict), rows)
 
 
-def upsert(
-    session: Session, model: type, values: list[dict[str, Any]], conflict: list[str]
-) -> None:
-    """INSERT ... ON CONFLICT (``conflict``) DO UPDATE every other column given in ``values``."""
-    statement = _dialect_insert(session, model).values(values)
-    changed = {name: statement.excluded[name] for name in values[0] if name not in conflict}
-    session.execute(statement.on_conflict_do_update(index_elements=conflict, set_=changed))
-
-
 def in_chunks(values: Iterable[_T]) -> Iterator[list[_T]]:
     """The distinct ``values`` (first occurrence order) in lists short enough for one IN (...)."""
     distinct = list(dict.fromkeys(values))
