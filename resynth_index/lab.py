@@ -21,7 +21,7 @@ from resynth_index.config import DATABASE_FILE, SETTINGS_FILE, LabSettings
 from resynth_index.errors import RsxError, StoreError
 from resynth_index.store import embeddings, migrate, repository
 from resynth_index.store.blobs import BlobStore
-from resynth_index.store.digests import StoredDigests
+from resynth_index.store.digests import HeldDigests, StoredDigests
 from resynth_index.store.engine import (
     database_url,
     make_engine,
@@ -112,11 +112,14 @@ class Lab:
         if database:
             database_url(database)  # a bad URL is refused before anything is made
         spec = _embedder_spec(root, embedder, layer)
-        # a bad embedder leaves no lab
-        model = load_embedder(_inside(root, spec), device=device, precision=precision)
-        return cls.create_with_embedder(
+        # a bad embedder leaves no lab; the digests its load makes are the new lab's to keep
+        held = HeldDigests()
+        model = load_embedder(_inside(root, spec), device=device, precision=precision, digests=held)
+        lab = cls.create_with_embedder(
             root, spec, model, label=embedder, device=device, database=database, blobs=blobs
         )
+        held.hand_to(lab.file_digests)
+        return lab
 
     @classmethod
     def create_with_embedder(

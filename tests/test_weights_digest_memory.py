@@ -143,6 +143,36 @@ def test_a_lab_opened_again_hashes_no_tensor(toy_lab, tensors_hashed):
     assert fingerprints_seen[0] == fingerprints_seen[1]
 
 
+def test_the_first_command_after_init_hashes_nothing_again(tmp_path, tensors_hashed, files_hashed):
+    """``Lab.create`` loads the embedder before the lab's database exists; what that load
+    hashed is handed to the new lab, so its first open reads no weight file and no tensor."""
+    folder = toy_folder(tmp_path / "clip")
+    truth = load(folder)
+    tensors_hashed.clear()
+    files_hashed.clear()
+    root = tmp_path / "lab"
+    with Lab.create(root, embedder=f"local-dir:{folder}") as made:
+        assert made.fingerprint == truth
+    assert len(tensors_hashed) == 1 and len(files_hashed) == 2  # paid once, by init
+    tensors_hashed.clear()
+    files_hashed.clear()
+    with Lab.open(root) as lab:
+        assert lab.embedder.fingerprint == truth
+    assert tensors_hashed == [] and files_hashed == []
+
+
+def test_init_keeps_no_digest_of_a_file_not_yet_settled(tmp_path, tensors_hashed, files_hashed):
+    folder = tmp_path / "clip"
+    save_toy_clip(folder)  # written just now: its digest is not trusted yet
+    root = tmp_path / "lab"
+    Lab.create(root, embedder=f"local-dir:{folder}").close()
+    files_hashed.clear()
+    tensors_hashed.clear()
+    with Lab.open(root) as lab:
+        assert lab.embedder.fingerprint
+    assert len(files_hashed) == 2 and len(tensors_hashed) == 1  # read again, as ever
+
+
 def test_a_checkpoint_file_is_remembered_like_a_folder(toy_arch, tmp_path, memory, tensors_hashed):
     """``ARCH@FILE`` weights: the key holds the architecture's config and the file's digest."""
     checkpoint = toy_folder(tmp_path / "clip") / WEIGHTS_FILENAME

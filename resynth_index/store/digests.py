@@ -353,6 +353,45 @@ class StoredDigests:
                     connection.exec_driver_sql(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
 
 
+class HeldDigests:
+    """The digests a load makes before its lab has a database (``Lab.create`` loads the
+    embedder first: a bad one leaves no lab), held in memory and then handed to the new lab's
+    memory by ``hand_to``, so the first command after ``rsx init`` hashes nothing again.
+
+    ``hashing.FileDigests`` and ``models.weights_digests.WeightsDigests``: ``digest`` reads the
+    file (kept only when its stat is the same before and after), ``recall`` knows nothing yet,
+    ``record`` keeps what it is given. The memory's own rules decide what it keeps (a file not
+    yet settled is left out, as ever).
+    """
+
+    def __init__(self) -> None:
+        self._files: list[tuple[FileStat, str]] = []
+        self._weights: list[tuple[str, str, tuple[FileStat, ...]]] = []
+
+    def digest(self, path: str | Path) -> str:
+        """The file's SHA-256 as ``hashing.hash_file`` gives it; raises ``OSError`` as it does."""
+        before = file_stat(path)
+        sha256 = hashing.hash_file(before.path)
+        try:
+            if file_stat(path) == before:  # not changed while it was read
+                self._files.append((before, sha256))
+        except OSError:
+            pass
+        return sha256
+
+    def recall(self, key: str, files: Sequence[FileStat]) -> str | None:
+        return None
+
+    def record(self, key: str, digest: str, files: Sequence[FileStat]) -> None:
+        self._weights.append((key, digest, tuple(files)))
+
+    def hand_to(self, memory: StoredDigests) -> None:
+        """Write what was held into ``memory`` (which never fails a command for it)."""
+        memory.remember(self._files)
+        for key, digest, files in self._weights:
+            memory.record(key, digest, files)
+
+
 # ------------------------------------------------------------------------- what ingest asks
 class StoredImage(NamedTuple):
     """What the store holds of an image, to tell whether a re-ingest of it would add anything."""
