@@ -114,7 +114,9 @@ def bench_cli_cpu(scratch: Path, quick: bool, embedders: list[str], threads: int
                 gen_batch=4,
                 gen_sizes=(4, 8),
                 ingest_batch=32,
-                ingest_sizes=(32, 96),
+                # 192 images between the two runs (about 8 s of forward): start-up jitter of a
+                # second moved the 32->96 slope by a third (0.69, 1.10, 1.34 in one session)
+                ingest_sizes=(32, 224),
                 image_size=256,
                 query_sizes=(2, 26),
                 repeat=2,
