@@ -366,10 +366,8 @@ def for_query(
     None when the lab has no calibration at all (today's answers, unchanged).
     """
     names = [row.name for row in generators]
-    with lab.session() as session:
-        stored = calibrations.active_calibration(session, names, conformal.METHOD)
-        if stored is None:
-            stored = calibrations.active_calibration(session, method=conformal.METHOD)
+    with lab.session() as session:  # this set's, else the newest of any set
+        stored = calibrations.calibration_for(session, names, conformal.METHOD)
     if stored is None:
         return None
     try:

@@ -322,11 +322,11 @@ def fusion_for_query(
 
     asked = None if layers is None else tuple(sorted(set(layers)))
     names = [row.name for row in generators]
-    with lab.session() as session:
-        stored = calibrations.active_calibration(session, names, FUSED)
-        other = None
-        if stored is None:
-            other = calibrations.active_calibration(session, None, FUSED)
+    with lab.session() as session:  # this set's, else the newest of any set
+        stored = calibrations.calibration_for(session, names, FUSED)
+    other = None
+    if stored is not None and set(stored.candidates) != set(names):
+        stored, other = None, stored
     if stored is None:
         note = None
         if other is not None:

@@ -11,9 +11,9 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import ColumnElement, Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from resynth_index.store.models import CaptionRow, QueryRow, utcnow
@@ -33,24 +33,36 @@ def record_query(
     The id exists only once the row is inserted, so the row is flushed first and ``answer`` gets
     its ``query_id`` before it is stored whole in ``result_json``.
     """
-    row = QueryRow(
-        created_at=utcnow(),
-        image_sha256=answer["sha256"],
-        image_path=answer["image"],
-        caption_hash=caption_hash,
-        caption_source=answer["caption_source"],
-        candidates_json=json.dumps(answer["candidates"]),
-        fingerprints_json=json.dumps(answer["fingerprints"], sort_keys=True),
-        distances_json=json.dumps(distances, sort_keys=True),
-        verdict=answer["verdict"],
-        result_json="{}",  # replaced below, in the same transaction, once the id is known
+    query_id = session.execute(
+        _INSERT_QUERY,
+        {
+            "created_at": utcnow(),
+            "image_sha256": answer["sha256"],
+            "image_path": answer["image"],
+            "caption_hash": caption_hash,
+            "caption_source": answer["caption_source"],
+            "candidates_json": json.dumps(answer["candidates"]),
+            "fingerprints_json": json.dumps(answer["fingerprints"], sort_keys=True),
+            "distances_json": json.dumps(distances, sort_keys=True),
+            "verdict": answer["verdict"],
+            "result_json": "{}",  # replaced below, in the same transaction, once the id is known
+        },
+    ).scalar_one()
+    answer["query_id"] = query_id
+    session.execute(
+        _ANSWER_OF_QUERY, {"query_id": query_id, "answer": json.dumps(answer, sort_keys=True)}
     )
-    session.add(row)
-    session.flush()
-    answer["query_id"] = row.id
-    row.result_json = json.dumps(answer, sort_keys=True)
-    session.flush()
-    return row.id
+    return query_id
+
+
+# built once (every query records its answer), as plain table statements: no ORM flush
+_QUERIES = cast(Table, QueryRow.__table__)
+_INSERT_QUERY = insert(_QUERIES).returning(_QUERIES.c.id)
+_ANSWER_OF_QUERY = (
+    update(_QUERIES)
+    .where(_QUERIES.c.id == bindparam("query_id"))
+    .values(result_json=bindparam("answer"))
+)
 
 
 def captions_asked(session: Session) -> dict[str, str]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, case, select, update
 from sqlalchemy.orm import Session
 
 from resynth_index.store.models import CalibrationRow, ReferenceRow, utcnow
@@ -113,6 +113,32 @@ def active_calibration(
         statement = statement.where(CalibrationRow.candidates_json == candidates_key(candidates))
     row = session.scalars(statement.order_by(CalibrationRow.id.desc()).limit(1)).first()
     return None if row is None else _stored(row)
+
+
+def calibration_for(
+    session: Session, candidates: Sequence[str], method: str
+) -> StoredCalibration | None:
+    """The newest active calibration of ``method`` for exactly this candidate set, else the
+    newest active one of ``method`` for any set (the caller tells which by its ``candidates``),
+    else None: what a query asks each time, in one statement built once."""
+    row = session.scalars(
+        _CALIBRATION_FOR, {"method": method, "key": candidates_key(candidates)}
+    ).first()
+    return None if row is None else _stored(row)
+
+
+_CALIBRATION_FOR = (
+    select(CalibrationRow)
+    .where(
+        CalibrationRow.superseded_by.is_(None),
+        CalibrationRow.method == bindparam("method"),
+    )
+    .order_by(
+        case((CalibrationRow.candidates_json == bindparam("key"), 0), else_=1),
+        CalibrationRow.id.desc(),
+    )
+    .limit(1)
+)
 
 
 def list_calibrations(session: Session) -> list[StoredCalibration]:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, Table, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -121,8 +121,9 @@ def _dialect_insert(session: Session, model: type) -> Any:
     return dialect_insert(session.get_bind().dialect.name, model)
 
 
-def dialect_insert(dialect: str, model: type) -> Any:
-    """The INSERT of the dialect named (``sqlite`` or ``postgresql``), which knows ON CONFLICT."""
+def dialect_insert(dialect: str, model: type | Table) -> Any:
+    """The INSERT of the dialect named (``sqlite`` or ``postgresql``), which knows ON CONFLICT,
+    into an ORM class's table or a ``Table`` (a plain table statement: no ORM bulk machinery)."""
     if dialect == "sqlite":
         from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 

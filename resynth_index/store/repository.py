@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import CursorResult, bindparam, exists, func, select, update
+from sqlalchemy import CursorResult, Table, bindparam, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from resynth_index.store.engine import dialect_insert, in_chunks, insert_ignore
@@ -33,12 +33,14 @@ def generator_by_name(session: Session, name: str) -> GeneratorRow | None:
     return session.scalar(select(GeneratorRow).where(GeneratorRow.name == name))
 
 
+# built once (every query asks): see ``store/embeddings.py`` for what that saves
+_ALL_GENERATORS = select(GeneratorRow).order_by(GeneratorRow.name)
+_ACTIVE_GENERATORS = _ALL_GENERATORS.where(GeneratorRow.retired_at.is_(None))
+
+
 def list_generators(session: Session, *, include_retired: bool = False) -> list[GeneratorRow]:
     """The registered generators by name; the retired ones only when asked."""
-    statement = select(GeneratorRow).order_by(GeneratorRow.name)
-    if not include_retired:
-        statement = statement.where(GeneratorRow.retired_at.is_(None))
-    return list(session.scalars(statement))
+    return list(session.scalars(_ALL_GENERATORS if include_retired else _ACTIVE_GENERATORS))
 
 
 def add_generator(
@@ -192,10 +194,11 @@ def _image_statements(dialect: str) -> tuple[Any, Any]:
     """``ensure_images``' INSERT (returning the hashes it added) and SELECT, per dialect."""
     statements = _IMAGE_STATEMENTS.get(dialect)
     if statements is None:
+        images = cast(Table, ImageRow.__table__)  # the table, not the ORM class: no ORM bulk path
         statements = _IMAGE_STATEMENTS[dialect] = (
-            dialect_insert(dialect, ImageRow)
+            dialect_insert(dialect, images)
             .on_conflict_do_nothing(index_elements=["sha256"])
-            .returning(ImageRow.sha256),
+            .returning(images.c.sha256),
             select(ImageRow.sha256, ImageRow.id).where(
                 ImageRow.sha256.in_(bindparam("shas", expanding=True))
             ),
@@ -222,11 +225,18 @@ def image_blob_paths(session: Session) -> dict[str, str]:
     return {sha: path for sha, path in session.execute(select(ImageRow.sha256, ImageRow.blob_path))}
 
 
+_CAPTION_INSERTS: dict[str, Any] = {}
+
+
 def ensure_caption(session: Session, caption_hash: str, text: str) -> None:
     """Record a caption under the hash of its normalised text (a no-op when known)."""
-    insert_ignore(
-        session, CaptionRow, {"hash": caption_hash, "text": text, "created_at": utcnow()}, ["hash"]
-    )
+    dialect = session.get_bind().dialect.name
+    statement = _CAPTION_INSERTS.get(dialect)
+    if statement is None:  # built once a dialect: every query records its caption
+        statement = _CAPTION_INSERTS[dialect] = dialect_insert(
+            dialect, CaptionRow
+        ).on_conflict_do_nothing(index_elements=["hash"])
+    session.execute(statement, {"hash": caption_hash, "text": text, "created_at": utcnow()})
 
 
 def caption_texts(session: Session, caption_hashes: Sequence[str]) -> dict[str, str]:
@@ -259,22 +269,28 @@ def stored_resyntheses(
     if not caption_hashes or not generator_ids:
         return []
     rows = session.execute(
-        select(
-            ResynthesisRow.caption_hash,
-            ResynthesisRow.generator_id,
-            ResynthesisRow.seed,
-            ResynthesisRow.settings_hash,
-            ResynthesisRow.image_id,
-            ImageRow.sha256,
-        )
-        .join(ImageRow, ImageRow.id == ResynthesisRow.image_id)
-        .where(
-            ResynthesisRow.caption_hash.in_(list(caption_hashes)),
-            ResynthesisRow.generator_id.in_(list(generator_ids)),
-        )
-        .order_by(ResynthesisRow.id)
+        _STORED_RESYNTHESES,
+        {"captions": list(caption_hashes), "generators": list(generator_ids)},
     )
     return [StoredResynthesis(*row) for row in rows]
+
+
+_STORED_RESYNTHESES = (  # built once: every query plans with it
+    select(
+        ResynthesisRow.caption_hash,
+        ResynthesisRow.generator_id,
+        ResynthesisRow.seed,
+        ResynthesisRow.settings_hash,
+        ResynthesisRow.image_id,
+        ImageRow.sha256,
+    )
+    .join(ImageRow, ImageRow.id == ResynthesisRow.image_id)
+    .where(
+        ResynthesisRow.caption_hash.in_(bindparam("captions", expanding=True)),
+        ResynthesisRow.generator_id.in_(bindparam("generators", expanding=True)),
+    )
+    .order_by(ResynthesisRow.id)
+)
 
 
 def ensure_resynthesis(
