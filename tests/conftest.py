@@ -99,3 +99,23 @@ def files_hashed(monkeypatch) -> list[str]:
     monkeypatch.setattr(hashing, "hash_file", counting)
     diffusers._file_digests.clear()
     return calls
+
+
+@pytest.fixture
+def head_engine(tmp_path: Path):
+    """A lab database (``tmp_path/lab.sqlite``) at the head revision, with no lab around it."""
+    from resynth_index.store import migrate
+    from resynth_index.store.engine import make_engine, sqlite_url
+
+    engine = make_engine(sqlite_url(tmp_path / "lab.sqlite"))
+    migrate.upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def memory(head_engine):
+    """The memory of digests (``StoredDigests``) of a lab database at the head revision."""
+    from resynth_index.store.digests import StoredDigests
+
+    return StoredDigests(head_engine)

@@ -5,20 +5,15 @@ these tests hold it to what the two lookups it replaced answered."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from resynth_index.store import calibrations, migrate
-from resynth_index.store.engine import make_engine, make_sessionmaker, sqlite_url
+from resynth_index.store import calibrations
+from resynth_index.store.engine import make_sessionmaker
 
 
 @pytest.fixture
-def sessions(tmp_path: Path):
-    engine = make_engine(sqlite_url(tmp_path / "lab.sqlite"))
-    migrate.upgrade(engine)
-    yield make_sessionmaker(engine)
-    engine.dispose()
+def sessions(head_engine):
+    return make_sessionmaker(head_engine)
 
 
 def save(sessions, candidates: list[str], method: str = "resynthesis") -> int:

@@ -31,7 +31,7 @@ from resynth_index.models.generators.diffusers import weights_fingerprint
 from resynth_index.pipeline import ingest as ingest_module
 from resynth_index.store import digests, migrate
 from resynth_index.store.digests import StoredDigests
-from resynth_index.store.engine import make_engine, make_sessionmaker, sqlite_url
+from resynth_index.store.engine import make_engine, make_sessionmaker
 from resynth_index.store.models import FileDigestRow
 
 HOUR_NS = 3600 * 10**9
@@ -48,15 +48,6 @@ def age(*paths: Path, hours: float = 1.0) -> int:
 def new_process() -> None:
     """What a new ``rsx`` process starts with: no digest remembered in memory."""
     diffusers._file_digests.clear()
-
-
-@pytest.fixture
-def memory(tmp_path: Path) -> StoredDigests:
-    """A lab database at the head revision and its memory of digests (no lab around it)."""
-    engine = make_engine(sqlite_url(tmp_path / "lab.sqlite"))
-    migrate.upgrade(engine)
-    yield StoredDigests(engine)
-    engine.dispose()
 
 
 def pipeline_folder(root: Path, weights: bytes = b"w" * 4096) -> Path:

@@ -32,7 +32,7 @@ from resynth_index.models.toyzoo.clip import (
 )
 from resynth_index.store import migrate
 from resynth_index.store.digests import StoredDigests
-from resynth_index.store.engine import make_engine, make_sessionmaker, sqlite_url
+from resynth_index.store.engine import make_engine, make_sessionmaker
 from resynth_index.store.models import WeightsDigestRow
 
 HOUR_NS = 3600 * 10**9
@@ -82,15 +82,6 @@ def tensors_hashed(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(fingerprints, "hash_state_dict", counting)
     return calls
-
-
-@pytest.fixture
-def memory(tmp_path: Path):
-    """A lab database at the head revision and its memory of digests (no lab around it)."""
-    engine = make_engine(sqlite_url(tmp_path / "lab.sqlite"))
-    migrate.upgrade(engine)
-    yield StoredDigests(engine)
-    engine.dispose()
 
 
 def rows(engine) -> dict[str, str]:
