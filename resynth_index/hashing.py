@@ -100,6 +100,17 @@ def file_stat(path: str | Path) -> FileStat:
     )
 
 
+def hash_unchanged(path: str | Path, before: FileStat) -> tuple[str, bool]:
+    """The file's SHA-256 (``hash_file`` of ``before.path``) and whether its stat after the read
+    is still ``before`` (taken before it): only then may the digest be remembered under it.
+    Raises ``OSError`` as ``hash_file`` does; a file gone after the read is "changed"."""
+    sha256 = hash_file(before.path)
+    try:
+        return sha256, file_stat(path) == before
+    except OSError:
+        return sha256, False
+
+
 class FileDigests(Protocol):
     """Something that gives a file's SHA-256, possibly from memory instead of reading it.
 

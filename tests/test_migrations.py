@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -136,12 +137,7 @@ def test_calibrations_migration_round_trips(tmp_path: Path) -> None:
     from resynth_index.store import calibrations
     from resynth_index.store.engine import make_sessionmaker
 
-    db = tmp_path / "lab.sqlite"
-    engine = make_engine(sqlite_url(db))
-    migrate.upgrade(engine, "0003_autoincrement")
-    _fill_first_revision(db)
-    before = _rows(db)
-    migrate.upgrade(engine, "0004_calibrations")
+    engine, db, before = _filled_then_upgraded(tmp_path, "0003_autoincrement", "0004_calibrations")
     with make_sessionmaker(engine).begin() as session:
         saved, superseded = calibrations.save_calibration(
             session, method="resynthesis", coverage=0.9, per_generator=False,
@@ -153,8 +149,7 @@ def test_calibrations_migration_round_trips(tmp_path: Path) -> None:
         found = calibrations.active_calibration(session, ["a", "b"])
         assert found is not None and found.record == {"quantile": 0.5}
     migrate.downgrade(engine, "0003_autoincrement")
-    with sqlite3.connect(db) as connection:
-        tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master")}
+    tables = _tables(db)
     assert "calibrations" not in tables and _rows(db) == before
     migrate.upgrade(engine)
     with make_sessionmaker(engine).begin() as session:
@@ -170,12 +165,7 @@ def test_file_digests_migration_round_trips(tmp_path: Path) -> None:
     from resynth_index.store import digests
     from resynth_index.store.engine import make_sessionmaker
 
-    db = tmp_path / "lab.sqlite"
-    engine = make_engine(sqlite_url(db))
-    migrate.upgrade(engine, "0004_calibrations")
-    _fill_first_revision(db)
-    before = _rows(db)
-    migrate.upgrade(engine, "0005_file_digests")
+    engine, db, before = _filled_then_upgraded(tmp_path, "0004_calibrations", "0005_file_digests")
     weights = tmp_path / "weights.bin"
     weights.write_bytes(b"w" * 10)
     os.utime(weights, ns=(10**18, 10**18))  # 2001: nanoseconds past 2**32, settled long ago
@@ -186,8 +176,7 @@ def test_file_digests_migration_round_trips(tmp_path: Path) -> None:
         assert digests.remembered(session, [stat]) == {stat: "a" * 64}
     migrate.downgrade(engine, "0004_calibrations")
     assert migrate.current_revision(engine) == "0004_calibrations"
-    with sqlite3.connect(db) as connection:
-        tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master")}
+    tables = _tables(db)
     assert "file_digests" not in tables and "calibrations" in tables and _rows(db) == before
     migrate.upgrade(engine)
     with make_sessionmaker(engine).begin() as session:
@@ -200,19 +189,15 @@ def test_weights_digests_migration_round_trips(tmp_path: Path) -> None:
     from resynth_index.store import digests
     from resynth_index.store.engine import make_sessionmaker
 
-    db = tmp_path / "lab.sqlite"
-    engine = make_engine(sqlite_url(db))
-    migrate.upgrade(engine, "0005_file_digests")
-    _fill_first_revision(db)
-    before = _rows(db)
-    migrate.upgrade(engine, "0006_weights_digests")
+    engine, db, before = _filled_then_upgraded(
+        tmp_path, "0005_file_digests", "0006_weights_digests"
+    )
     with make_sessionmaker(engine).begin() as session:
         assert digests.remember_weights(session, "a" * 64, "b" * 64)
     with make_sessionmaker(engine).begin() as session:
         assert digests.recalled_weights(session, ["a" * 64]) == {"a" * 64: "b" * 64}
     migrate.downgrade(engine, "0005_file_digests")
-    with sqlite3.connect(db) as connection:
-        tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master")}
+    tables = _tables(db)
     assert "weights_digests" not in tables and "file_digests" in tables and _rows(db) == before
     migrate.upgrade(engine)
     with make_sessionmaker(engine).begin() as session:
@@ -257,6 +242,23 @@ def test_opening_an_old_lab_upgrades_it(tmp_path: Path) -> None:
     }
     assert after["generators"][: len(before["generators"])] == before["generators"]
     assert len(after["generators"]) == len(before["generators"]) + 1
+
+
+def _filled_then_upgraded(tmp_path: Path, below: str, revision: str) -> tuple[Any, Path, dict]:
+    """A lab database at ``below`` holding the first revision's rows, then upgraded to
+    ``revision``: its engine, its path and those rows as they were before the upgrade."""
+    db = tmp_path / "lab.sqlite"
+    engine = make_engine(sqlite_url(db))
+    migrate.upgrade(engine, below)
+    _fill_first_revision(db)
+    before = _rows(db)
+    migrate.upgrade(engine, revision)
+    return engine, db, before
+
+
+def _tables(db: Path) -> set[str]:
+    with sqlite3.connect(db) as connection:
+        return {name for (name,) in connection.execute("SELECT name FROM sqlite_master")}
 
 
 def _rows(db: Path) -> dict[str, list[tuple]]:

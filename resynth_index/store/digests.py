@@ -263,12 +263,8 @@ class StoredDigests:
         known = self.known([before]).get(before)
         if known is not None:
             return known
-        sha256 = hashing.hash_file(before.path)
-        try:
-            after = file_stat(path)
-        except OSError:
-            return sha256
-        if after == before:  # not changed while it was read
+        sha256, unchanged = hashing.hash_unchanged(path, before)
+        if unchanged:
             self.remember([(before, sha256)])
         return sha256
 
@@ -371,12 +367,9 @@ class HeldDigests:
     def digest(self, path: str | Path) -> str:
         """The file's SHA-256 as ``hashing.hash_file`` gives it; raises ``OSError`` as it does."""
         before = file_stat(path)
-        sha256 = hashing.hash_file(before.path)
-        try:
-            if file_stat(path) == before:  # not changed while it was read
-                self._files.append((before, sha256))
-        except OSError:
-            pass
+        sha256, unchanged = hashing.hash_unchanged(path, before)
+        if unchanged:
+            self._files.append((before, sha256))
         return sha256
 
     def recall(self, key: str, files: Sequence[FileStat]) -> str | None:

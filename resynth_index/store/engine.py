@@ -161,8 +161,18 @@ def insert_ignore_many(
     batch of 32 embeddings on the 2-core VM). Rows must all name the same columns."""
     if not rows:
         return
-    statement = dialect_insert(session.get_bind().dialect.name, model.__table__)  # type: ignore[attr-defined]
-    session.execute(statement.on_conflict_do_nothing(index_elements=conflict), rows)
+    table: Table = model.__table__  # type: ignore[attr-defined]
+    dialect = session.get_bind().dialect.name
+    key = (dialect, table.name, tuple(conflict))
+    statement = _IGNORING_INSERTS.get(key)
+    if statement is None:  # built once: building it costs more than the insert of a few rows
+        statement = _IGNORING_INSERTS[key] = dialect_insert(dialect, table).on_conflict_do_nothing(
+            index_elements=conflict
+        )
+    session.execute(statement, rows)
+
+
+_IGNORING_INSERTS: dict[tuple[str, str, tuple[str, ...]], Any] = {}
 
 
 def in_chunks(values: Iterable[_T]) -> Iterator[list[_T]]:

@@ -15,7 +15,12 @@ from typing import Any, NamedTuple, cast
 from sqlalchemy import CursorResult, Table, bindparam, exists, func, select, update
 from sqlalchemy.orm import Session
 
-from resynth_index.store.engine import dialect_insert, in_chunks, insert_ignore
+from resynth_index.store.engine import (
+    dialect_insert,
+    in_chunks,
+    insert_ignore,
+    insert_ignore_many,
+)
 from resynth_index.store.models import (
     CaptionRow,
     GeneratorRow,
@@ -225,18 +230,14 @@ def image_blob_paths(session: Session) -> dict[str, str]:
     return {sha: path for sha, path in session.execute(select(ImageRow.sha256, ImageRow.blob_path))}
 
 
-_CAPTION_INSERTS: dict[str, Any] = {}
-
-
 def ensure_caption(session: Session, caption_hash: str, text: str) -> None:
     """Record a caption under the hash of its normalised text (a no-op when known)."""
-    dialect = session.get_bind().dialect.name
-    statement = _CAPTION_INSERTS.get(dialect)
-    if statement is None:  # built once a dialect: every query records its caption
-        statement = _CAPTION_INSERTS[dialect] = dialect_insert(
-            dialect, CaptionRow
-        ).on_conflict_do_nothing(index_elements=["hash"])
-    session.execute(statement, {"hash": caption_hash, "text": text, "created_at": utcnow()})
+    insert_ignore_many(
+        session,
+        CaptionRow,
+        [{"hash": caption_hash, "text": text, "created_at": utcnow()}],
+        ["hash"],
+    )
 
 
 def caption_texts(session: Session, caption_hashes: Sequence[str]) -> dict[str, str]:
