@@ -28,9 +28,10 @@ class RsxGroup(click.Group):
         except click.NoSuchOption as error:
             if error.option_name in _GLOBAL_OPTIONS and _GLOBAL_HINT not in error.message:
                 command = error.ctx.command_path.split()[1:] if error.ctx else ["COMMAND"]
-                error.message += (
-                    f" ({_GLOBAL_HINT}: rsx {error.option_name} X {' '.join(command)} ...)"
-                )
+                hint = f" ({_GLOBAL_HINT}: rsx {error.option_name} X {' '.join(command)} ...)"
+                raise click.NoSuchOption(
+                    error.option_name, error.message + hint, error.possibilities, error.ctx
+                ) from None
             raise
 
 

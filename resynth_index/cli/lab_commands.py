@@ -361,7 +361,7 @@ def _grouped(findings: Sequence[Finding], shown: int | None) -> list[str]:
     by_kind: dict[str, list[Finding]] = {}
     for finding in findings:
         by_kind.setdefault(finding.kind, []).append(finding)
-    lines = []
+    lines: list[str] = []
     for kind, group in by_kind.items():
         lines.extend(f.text for f in (group if shown is None else group[:shown]))
         hidden = 0 if shown is None else len(group) - shown

@@ -96,7 +96,7 @@ def resynthesize(
     on_ray = ray_options(executor, ray_address, ray_actors)
     lab = open_lab(ctx)
     generators = resynthesis.runnable_generators(lab, generator_name)
-    if pending:
+    if captions_file is None:  # --pending
         captions = resynthesis.pending_captions(lab)
     else:
         captions = resynthesis.captions_by_hash(resynthesis.read_captions_file(captions_file))

@@ -87,7 +87,9 @@ def load_eval_data(
     without_caption = sum(1 for r in refs if r.caption_hash is None)
     if without_caption:
         notes.append(f"{without_caption} reference(s) without a caption left out")
-    refs = [r for r in refs if r.caption_hash is not None]
+    # each captioned reference with its caption hash (typed ``str``, no longer ``str | None``)
+    captioned = [(r, r.caption_hash) for r in refs if r.caption_hash is not None]
+    refs = [r for r, _ in captioned]
     names = sorted({by_id[r.generator_id].name for r in refs})
     if len(names) < 2:
         raise RsxError(
@@ -98,7 +100,7 @@ def load_eval_data(
     if skipped:
         notes.append(f"generators without references left out: {', '.join(skipped)}")
     rows = [active[n] for n in names]
-    captions = list(dict.fromkeys(r.caption_hash for r in refs))
+    captions = list(dict.fromkeys(caption for _, caption in captioned))
     plan = plan_resyntheses(lab, captions, rows, resyntheses)
     if generate and plan.missing_count():
         if echo:
@@ -120,23 +122,23 @@ def load_eval_data(
         generators=names,
         image_ids=np.array([r.image_id for r in refs], dtype=np.int64),
         labels=np.array([index[by_id[r.generator_id].name] for r in refs], dtype=int),
-        captions=[r.caption_hash for r in refs],
+        captions=[caption for _, caption in captioned],
         features=np.stack([vectors[r.image_id] for r in refs]),
         resyntheses=[
             [
-                np.stack([vectors[i] for i in plan.stored.get((r.caption_hash, n), [])])
-                if plan.stored.get((r.caption_hash, n))
+                np.stack([vectors[i] for i in plan.stored.get((caption, n), [])])
+                if plan.stored.get((caption, n))
                 else np.zeros((0, lab.settings.embedder_dim), dtype=np.float32)
                 for n in names
             ]
-            for r in refs
+            for _, caption in captioned
         ],
         distance=lab.settings.distance,
         aggregation=lab.settings.aggregation,
         temperature=lab.settings.temperature,
         notes=notes,
         resynthesis_ids=[
-            [list(plan.stored.get((r.caption_hash, n), [])) for n in names] for r in refs
+            [list(plan.stored.get((caption, n), [])) for n in names] for _, caption in captioned
         ],
     )
 
@@ -147,7 +149,7 @@ def _vectors(lab: Lab, image_ids: Sequence[int]) -> dict[int, np.ndarray]:
 
 
 def perturbed_features(
-    lab: Lab, image_ids: Sequence[int], ops: Sequence[str], seed: int
+    lab: Lab, image_ids: Sequence[int] | np.ndarray, ops: Sequence[str], seed: int
 ) -> dict[str, np.ndarray]:
     """op -> (n, d) embeddings of the post-processed images (parameters drawn per image)."""
     from resynth_index.evaluation.perturb import apply, image_rng

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from resynth_index.errors import RsxError
 
@@ -41,10 +42,10 @@ def require_sklearn() -> None:
 
 # ----------------------------------------------------------------------------- draws
 def draw_shots(
-    labels: Sequence[int],
+    labels: ArrayLike,
     shots: int,
     rng: np.random.Generator,
-    classes: Sequence[int] | None = None,
+    classes: ArrayLike | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw ``shots`` training items per class; every other item is a test item.
 
@@ -52,16 +53,16 @@ def draw_shots(
     draw to those classes (items of other classes all go to test). A class with ``shots`` items or
     fewer cannot keep a test item and is refused.
     """
-    labels = np.asarray(labels)
-    classes = np.unique(labels) if classes is None else np.asarray(classes)
+    label_array = np.asarray(labels)
+    drawn = np.unique(label_array) if classes is None else np.asarray(classes)
     train: list[int] = []
-    for c in classes:
-        members = np.flatnonzero(labels == c)
+    for c in drawn:
+        members = np.flatnonzero(label_array == c)
         if len(members) <= shots:
             raise ValueError(f"class {c} has {len(members)} items: {shots} shots leave no test")
         train.extend(rng.choice(members, size=shots, replace=False).tolist())
     train_idx = np.array(sorted(train), dtype=int)
-    test_idx = np.setdiff1d(np.arange(len(labels)), train_idx)
+    test_idx = np.setdiff1d(np.arange(len(label_array)), train_idx)
     return train_idx, test_idx
 
 

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from resynth_index.errors import RsxError
 from resynth_index.evaluation.fewshot import INSTALL_HINT
@@ -42,24 +42,24 @@ def _sklearn_metrics():
     return sklearn_metrics
 
 
-def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+def accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """Share of queries predicted right; NaN without queries."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    if y_true.size == 0:
+    truth, pred = np.asarray(y_true), np.asarray(y_pred)
+    if truth.size == 0:
         return math.nan
-    return float(_sklearn_metrics().accuracy_score(y_true, y_pred))
+    return float(_sklearn_metrics().accuracy_score(truth, pred))
 
 
-def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
+def confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int) -> np.ndarray:
     """Counts: row = true class, column = predicted class (``n_classes`` x ``n_classes``)."""
-    y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
-    if y_true.size == 0:
+    truth, pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
+    if truth.size == 0:
         return np.zeros((n_classes, n_classes), dtype=int)
-    matrix = _sklearn_metrics().confusion_matrix(y_true, y_pred, labels=np.arange(n_classes))
+    matrix = _sklearn_metrics().confusion_matrix(truth, pred, labels=np.arange(n_classes))
     return matrix.astype(int)
 
 
-def per_class_accuracy(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
+def per_class_accuracy(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int) -> np.ndarray:
     """Recall of each class (diagonal over row sums of the confusion matrix); NaN for a class
     with no query."""
     matrix = confusion_matrix(y_true, y_pred, n_classes)
@@ -70,64 +70,64 @@ def per_class_accuracy(y_true: Sequence[int], y_pred: Sequence[int], n_classes: 
     return out
 
 
-def balanced_accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+def balanced_accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """Mean of the per-class recalls over the classes that have queries; NaN without queries.
 
     A predicted class that no query has does not count as a class (scikit-learn warns about it;
     the warning is silenced because the protocol expects it).
     """
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    if y_true.size == 0:
+    truth, pred = np.asarray(y_true), np.asarray(y_pred)
+    if truth.size == 0:
         return math.nan
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
-        return float(_sklearn_metrics().balanced_accuracy_score(y_true, y_pred))
+        return float(_sklearn_metrics().balanced_accuracy_score(truth, pred))
 
 
-def top_k_accuracy(y_true: Sequence[int], scores: np.ndarray, k: int = 3) -> float:
+def top_k_accuracy(y_true: ArrayLike, scores: np.ndarray, k: int = 3) -> float:
     """Share of queries whose true class is among the k best-scored (ties: lower class first)."""
-    y_true = np.asarray(y_true, dtype=int)
+    truth = np.asarray(y_true, dtype=int)
     scores = np.asarray(scores, dtype=float)
-    if y_true.size == 0:
+    if truth.size == 0:
         return math.nan
     n_classes = scores.shape[1]
     if k >= n_classes:
         return 1.0  # every class is in the top k
     if n_classes == 2:  # k == 1: scikit-learn's binary case would threshold one column
-        return accuracy(y_true, scores.argmax(axis=1))
+        return accuracy(truth, scores.argmax(axis=1))
     # scikit-learn ranks tied scores with the later column first; reversing the columns (and
     # the labels with them) makes it the earlier class, as argmax does.
     return float(
         _sklearn_metrics().top_k_accuracy_score(
-            n_classes - 1 - y_true, scores[:, ::-1], k=k, labels=np.arange(n_classes)
+            n_classes - 1 - truth, scores[:, ::-1], k=k, labels=np.arange(n_classes)
         )
     )
 
 
-def roc_auc(is_positive: Sequence[bool], score: Sequence[float]) -> float:
+def roc_auc(is_positive: ArrayLike, score: ArrayLike) -> float:
     """Area under the ROC curve: P(score of a positive > score of a negative), ties count half.
 
     NaN when there are no positives or no negatives.
     """
-    is_positive = np.asarray(is_positive, dtype=bool)
-    score = np.asarray(score, dtype=float)
-    n_pos = int(is_positive.sum())
-    if n_pos == 0 or n_pos == is_positive.size:
+    positive = np.asarray(is_positive, dtype=bool)
+    scores = np.asarray(score, dtype=float)
+    n_pos = int(positive.sum())
+    if n_pos == 0 or n_pos == positive.size:
         return math.nan
-    return float(_sklearn_metrics().roc_auc_score(is_positive, score))
+    return float(_sklearn_metrics().roc_auc_score(positive, scores))
 
 
-def macro_ovr_auc(y_true: Sequence[int], scores: np.ndarray) -> float:
+def macro_ovr_auc(y_true: ArrayLike, scores: np.ndarray) -> float:
     """Mean one-vs-rest ROC-AUC over the classes that have both positives and negatives.
 
     Each class's AUC ranks all queries by that class's score. Scores need not be probabilities.
     NaN when no class qualifies.
     """
-    y_true = np.asarray(y_true, dtype=int)
+    truth = np.asarray(y_true, dtype=int)
     scores = np.asarray(scores, dtype=float)
-    onehot = y_true[:, None] == np.arange(scores.shape[1])[None, :]
+    onehot = truth[:, None] == np.arange(scores.shape[1])[None, :]
     positives = onehot.sum(axis=0)
-    valid = np.flatnonzero((positives > 0) & (positives < y_true.size))
+    valid = np.flatnonzero((positives > 0) & (positives < truth.size))
     if valid.size == 0:
         return math.nan
     if valid.size == 1:
@@ -140,7 +140,7 @@ def macro_ovr_auc(y_true: Sequence[int], scores: np.ndarray) -> float:
     )
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: ArrayLike) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof=1), NaNs ignored.
 
     The standard deviation of a single value is NaN: one repeat has no spread to report.
@@ -154,12 +154,12 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------- open set
-def open_set_auroc(unknownness: Sequence[float], is_unknown: Sequence[bool]) -> float:
+def open_set_auroc(unknownness: ArrayLike, is_unknown: ArrayLike) -> float:
     """AUROC of telling unknown-source queries from known ones by their unknownness."""
     return roc_auc(is_unknown, unknownness)
 
 
-def known_threshold(known_unknownness: Sequence[float], percentile: float = 95.0) -> float:
+def known_threshold(known_unknownness: ArrayLike, percentile: float = 95.0) -> float:
     """The threshold above which a query is called unknown, chosen on known queries only."""
     values = np.asarray(known_unknownness, dtype=float)
     if values.size == 0:
@@ -168,10 +168,10 @@ def known_threshold(known_unknownness: Sequence[float], percentile: float = 95.0
 
 
 def open_set_accuracy(
-    y_true: Sequence[int],
-    y_pred: Sequence[int],
-    is_unknown: Sequence[bool],
-    unknownness: Sequence[float],
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
+    is_unknown: ArrayLike,
+    unknownness: ArrayLike,
     threshold: float,
 ) -> dict[str, float]:
     """Accuracy when 'unknown' is an answer: above the threshold a query is called unknown.
@@ -179,11 +179,11 @@ def open_set_accuracy(
     A known query is right when it stays under the threshold and gets its true class; an unknown
     one is right when it goes over. Also returns the two parts separately.
     """
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    is_unknown = np.asarray(is_unknown, dtype=bool)
+    truth, pred = np.asarray(y_true), np.asarray(y_pred)
+    unknown = np.asarray(is_unknown, dtype=bool)
     flagged = np.asarray(unknownness, dtype=float) > threshold
-    right = np.where(is_unknown, flagged, ~flagged & (y_true == y_pred))
-    known, unknown = ~is_unknown, is_unknown
+    right = np.where(unknown, flagged, ~flagged & (truth == pred))
+    known = ~unknown
     return {
         "accuracy": float(right.mean()) if right.size else math.nan,
         "known_accuracy": float(right[known].mean()) if known.any() else math.nan,

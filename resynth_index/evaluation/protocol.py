@@ -322,15 +322,15 @@ def run_protocol(
     notes = list(data.notes)
     dropped = [s for s in config.shots if s >= fewest]
     if dropped:
-        scarce = min(counts, key=counts.get)
+        scarce = min(counts, key=lambda g: counts[g])
         notes.append(
             f"shot count(s) {', '.join(map(str, dropped))} skipped: {scarce} has only {fewest}"
             " reference(s) and every generator must keep a test query"
         )
     if not usable:
         raise RsxError(
-            f"no shot count fits: {min(counts, key=counts.get)} has only {fewest} reference(s);"
-            " use --shots below that"
+            f"no shot count fits: {min(counts, key=lambda g: counts[g])} has only {fewest}"
+            " reference(s); use --shots below that"
         )
     distances = {cond: data.resynthesis_distances(q) for cond, q in queries.items()}
     runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
@@ -501,6 +501,15 @@ def result_for(summary: dict, cond: str, method: str, shots: int) -> dict | None
     return None
 
 
+def recorded_result(summary: dict, cond: str, method: str, shots: int) -> dict:
+    """``result_for`` where the entry must exist: a summary holds one for every condition, method
+    and shot count it lists, so a missing one means the summary is broken."""
+    entry = result_for(summary, cond, method, shots)
+    if entry is None:
+        raise ValueError(f"the summary has no result for {method}, {shots}-shot, condition {cond}")
+    return entry
+
+
 def hybrid_goal(summary: dict) -> list[dict[str, Any]]:
     """Per condition and shot count: is hybrid's mean accuracy >= max(resynthesis, clip-svm)?"""
     if not {"hybrid", "resynthesis", "clip-svm"} <= set(summary["methods"]):
@@ -509,7 +518,7 @@ def hybrid_goal(summary: dict) -> list[dict[str, Any]]:
     for cond in summary["conditions"]:
         for shots in summary["shots"]:
             acc = {
-                m: result_for(summary, cond, m, shots)["accuracy"]["mean"]
+                m: recorded_result(summary, cond, m, shots)["accuracy"]["mean"]
                 for m in ("hybrid", "resynthesis", "clip-svm")
             }
             target = max(acc["resynthesis"], acc["clip-svm"])
@@ -543,10 +552,10 @@ def fusion_goal(summary: dict) -> list[dict[str, Any]]:
     shots = min(summary["shots"])
     rows = []
     for cond in summary["conditions"]:
-        base = result_for(summary, cond, "resynthesis", shots)["families"]
+        base = recorded_result(summary, cond, "resynthesis", shots)["families"]
         scored = []
         for method in methods:
-            fam = result_for(summary, cond, method, shots)["families"]
+            fam = recorded_result(summary, cond, method, shots)["families"]
             within, across = fam["within"]["mean"], fam["across"]["mean"]
             if within is None or base["within"]["mean"] is None:
                 continue

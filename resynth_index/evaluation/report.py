@@ -12,7 +12,7 @@ from pathlib import Path
 from resynth_index.errors import RsxError
 from resynth_index.evaluation.conformal_eval import PER_GENERATOR
 from resynth_index.evaluation.fewshot import INSTALL_HINT
-from resynth_index.evaluation.protocol import CLEAN, result_for
+from resynth_index.evaluation.protocol import CLEAN, recorded_result, result_for
 
 METRIC_LABELS = {
     "accuracy": "accuracy",
@@ -90,7 +90,7 @@ def mean_over_operators_rows(summary: dict) -> list[list[str]]:
     for method in summary["methods"]:
         cells = []
         for shots in summary["shots"]:
-            means = [result_for(summary, c, method, shots)["accuracy"]["mean"] for c in ops]
+            means = [recorded_result(summary, c, method, shots)["accuracy"]["mean"] for c in ops]
             means = [m for m in means if m is not None]
             cells.append(f"{100 * sum(means) / len(means):.1f}" if means else "-")
         rows.append([method, *cells])
@@ -491,7 +491,7 @@ def _markdown(summary: dict, plot_names: list[str]) -> list[str]:
     lines += ["", f"## Per-generator accuracy (clean, {top}-shot)", ""]
     per_rows = []
     for method in summary["methods"]:
-        entry = result_for(summary, CLEAN, method, top)
+        entry = recorded_result(summary, CLEAN, method, top)
         per_rows.append(
             [method, *[_cell(entry["per_generator"][g]) for g in summary["generators"]]]
         )
@@ -515,7 +515,7 @@ def _plots(summary: dict, out: Path) -> list[Path]:
     for method in summary["methods"]:
         means, stds = [], []
         for shots in summary["shots"]:
-            acc = result_for(summary, CLEAN, method, shots)["accuracy"]
+            acc = recorded_result(summary, CLEAN, method, shots)["accuracy"]
             means.append(acc["mean"] * 100)
             stds.append((acc["std"] or 0) * 100)
         ax.errorbar(summary["shots"], means, yerr=stds, marker="o", capsize=3, label=method)
@@ -536,7 +536,9 @@ def _plots(summary: dict, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(max(6, len(conds) * 0.8), 4))
         width = 0.8 / len(summary["methods"])
         for k, method in enumerate(summary["methods"]):
-            values = [result_for(summary, c, method, top)["accuracy"]["mean"] * 100 for c in conds]
+            values = [
+                recorded_result(summary, c, method, top)["accuracy"]["mean"] * 100 for c in conds
+            ]
             ax.bar(np.arange(len(conds)) + k * width, values, width, label=method)
         ax.set_xticks(np.arange(len(conds)) + 0.4 - width / 2, conds, rotation=45, ha="right")
         ax.set_ylabel(f"accuracy (%), {top}-shot")
@@ -549,7 +551,9 @@ def _plots(summary: dict, out: Path) -> list[Path]:
 
     names = summary["generators"]
     for method in summary["methods"]:
-        matrix = np.array(result_for(summary, CLEAN, method, top)["confusion"], dtype=float)
+        matrix = np.array(
+            recorded_result(summary, CLEAN, method, top)["confusion"], dtype=np.float64
+        )
         rows = matrix.sum(axis=1, keepdims=True)
         share = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
         size = max(4, 0.5 * len(names) + 2)
@@ -564,7 +568,7 @@ def _plots(summary: dict, out: Path) -> list[Path]:
             for j in range(len(names)):
                 if matrix[i, j]:
                     color = "white" if share[i, j] > 0.5 else "black"
-                    ax.text(j, i, int(matrix[i, j]), ha="center", va="center", color=color)
+                    ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", color=color)
         fig.tight_layout()
         written.append(out / f"confusion_{_slug(method)}.png")
         fig.savefig(written[-1], dpi=110)

@@ -322,7 +322,7 @@ def _check_layer(model: Any, spec: EmbedderSpec) -> Any:
             f"has a {type(visual).__name__}"
         )
     count = len(visual.transformer.resblocks)
-    if not 1 <= spec.layer <= count:
+    if spec.layer is None or not 1 <= spec.layer <= count:
         raise RsxError(
             f"layer {spec.layer} does not exist: {spec.arch or spec.weights} has {count} "
             f"vision transformer blocks (use 1..{count})"

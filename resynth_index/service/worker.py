@@ -266,8 +266,8 @@ class QueryWorker:
                 if job.caption is not None:
                     self._warm.add(self._key(job))
             else:  # the image failed the hostile-file loader (or could not be stored)
-                error = result.error.replace(str(job.path), job.name)
-                endings.append(partial(job.fail, 422, error))
+                reason = result.error.replace(str(job.path), job.name)
+                endings.append(partial(job.fail, 422, reason))
                 self._count("failed")
         # the bookkeeping is done first: once a job ends, its waiter runs on the event loop, and
         # this thread should not be holding the GIL with more work then
