@@ -11,11 +11,12 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import ColumnElement, Table, bindparam, func, insert, select, update
+from sqlalchemy import ColumnElement, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from resynth_index.store.engine import table_of
 from resynth_index.store.models import CaptionRow, QueryRow, utcnow
 
 
@@ -56,7 +57,7 @@ def record_query(
 
 
 # built once (every query records its answer), as plain table statements: no ORM flush
-_QUERIES = cast(Table, QueryRow.__table__)
+_QUERIES = table_of(QueryRow)
 _INSERT_QUERY = insert(_QUERIES).returning(_QUERIES.c.id)
 _ANSWER_OF_QUERY = (
     update(_QUERIES)

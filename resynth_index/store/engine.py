@@ -121,6 +121,11 @@ def _dialect_insert(session: Session, model: type) -> Any:
     return dialect_insert(session.get_bind().dialect.name, model)
 
 
+def table_of(model: type) -> Table:
+    """The table of an ORM class, for plain table statements (no ORM bulk machinery)."""
+    return cast(Table, model.__table__)  # type: ignore[attr-defined]
+
+
 def dialect_insert(dialect: str, model: type | Table) -> Any:
     """The INSERT of the dialect named (``sqlite`` or ``postgresql``), which knows ON CONFLICT,
     into an ORM class's table or a ``Table`` (a plain table statement: no ORM bulk machinery)."""
@@ -161,7 +166,7 @@ def insert_ignore_many(
     batch of 32 embeddings on the 2-core VM). Rows must all name the same columns."""
     if not rows:
         return
-    table: Table = model.__table__  # type: ignore[attr-defined]
+    table = table_of(model)
     dialect = session.get_bind().dialect.name
     key = (dialect, table.name, tuple(conflict))
     statement = _IGNORING_INSERTS.get(key)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import CursorResult, Table, bindparam, exists, func, select, update
+from sqlalchemy import CursorResult, bindparam, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from resynth_index.store.engine import (
@@ -20,6 +20,7 @@ from resynth_index.store.engine import (
     in_chunks,
     insert_ignore,
     insert_ignore_many,
+    table_of,
 )
 from resynth_index.store.models import (
     CaptionRow,
@@ -199,7 +200,7 @@ def _image_statements(dialect: str) -> tuple[Any, Any]:
     """``ensure_images``' INSERT (returning the hashes it added) and SELECT, per dialect."""
     statements = _IMAGE_STATEMENTS.get(dialect)
     if statements is None:
-        images = cast(Table, ImageRow.__table__)  # the table, not the ORM class: no ORM bulk path
+        images = table_of(ImageRow)  # the table, not the ORM class: no ORM bulk path
         statements = _IMAGE_STATEMENTS[dialect] = (
             dialect_insert(dialect, images)
             .on_conflict_do_nothing(index_elements=["sha256"])
