@@ -93,12 +93,15 @@ def test_a_batch_is_stored_while_the_next_is_generated_and_batching_changes_no_p
     toy_lab, monkeypatch
 ):
     """The overlap is forced, not timed: storing batch k waits until batch k+1's generation has
-    begun (a sequential loop would never let it: the wait times out and the log shows it)."""
+    begun (a sequential loop would never let it: the wait times out and the log shows it). The
+    toy generator runs on the CPU, where batches are stored in line, so the test takes the
+    accelerator's choice."""
     import threading
 
     from resynth_index.pipeline import resynthesis
     from resynth_index.pipeline.resynthesis import resynthesize, runnable_generators
 
+    monkeypatch.setattr(resynthesis, "stores_beside_generation", lambda device: True)
     captions = {f"h{i}": f"caption number {i}" for i in range(5)}
     log: list[str] = []
     began = [threading.Event() for _ in range(4)]  # batch k's generation has begun
@@ -151,6 +154,81 @@ def test_a_batch_is_stored_while_the_next_is_generated_and_batching_changes_no_p
     assert batched.shape == alone.shape == (5, *batched.shape[1:])
     assert np.abs(batched - alone).max() <= 1
     assert np.mean(batched != alone) < 0.001
+
+
+def _logged_resynthesize(lab, monkeypatch, captions, batch_size, *, before_store=None, log=None):
+    """``resynthesize`` by toy-b with every generate and store call logged in order (in ``log``
+    when given: it is kept when the call raises)."""
+    from resynth_index.pipeline import resynthesis
+    from resynth_index.pipeline.resynthesis import resynthesize, runnable_generators
+
+    log = [] if log is None else log
+    real_store = resynthesis.store_resyntheses
+
+    def logged_store(*args, **kwargs):
+        batch = len([e for e in log if e.startswith("store")])
+        if before_store is not None:
+            before_store(batch)
+        ids = real_store(*args, **kwargs)
+        log.append(f"store {batch}")
+        return ids
+
+    monkeypatch.setattr(resynthesis, "store_resyntheses", logged_store)
+    [row] = [r for r in runnable_generators(lab) if r.name == "toy-b"]
+    model = lab.generator_model(row)
+    real_generate = model.generate
+
+    def logged_generate(requests, batch_size=8, progress=None):
+        log.append(f"generate {len([e for e in log if e.startswith('generate')])}")
+        return real_generate(requests, batch_size=batch_size, progress=progress)
+
+    model.generate = logged_generate
+    try:
+        return log, resynthesize(lab, captions, [row], batch_size=batch_size)
+    finally:
+        model.generate = real_generate
+
+
+def test_on_a_cpu_each_batch_is_stored_before_the_next_is_generated(toy_lab, monkeypatch):
+    captions = {f"h{i}": f"caption number {i}" for i in range(5)}
+    with Lab.open(toy_lab) as lab:
+        log, summary = _logged_resynthesize(lab, monkeypatch, captions, 2)
+    assert summary.generated == 5
+    assert log == ["generate 0", "store 0", "generate 1", "store 1", "generate 2", "store 2"]
+    assert count(toy_lab, ResynthesisRow) == 5
+
+
+@pytest.mark.parametrize("beside", [False, True], ids=["in-line", "beside"])
+def test_ctrl_c_while_a_batch_is_stored_keeps_that_batch_whole(toy_lab, monkeypatch, beside):
+    """A real SIGINT comes as the first batch begins to be stored: in line (the CPU's way) it is
+    held back until the batch is stored, beside (an accelerator's) it stops the generation of the
+    next batch while the writer thread finishes this one. Either way nothing more is generated
+    and the first batch is stored whole."""
+    import os
+    import signal
+    import time
+
+    from resynth_index.pipeline import resynthesis
+
+    monkeypatch.setattr(resynthesis, "stores_beside_generation", lambda device: beside)
+
+    log: list[str] = []
+
+    def interrupt_first(batch):
+        if batch == 0:
+            deadline = time.monotonic() + 30  # beside: once the next batch is being generated
+            while beside and "generate 1" not in log and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    captions = {f"h{i}": f"caption number {i}" for i in range(5)}
+    with Lab.open(toy_lab) as lab, pytest.raises(KeyboardInterrupt):
+        _logged_resynthesize(lab, monkeypatch, captions, 2, before_store=interrupt_first, log=log)
+    assert log == (["generate 0", "generate 1", "store 0"] if beside else ["generate 0", "store 0"])
+    assert count(toy_lab, ResynthesisRow) == 2  # the first batch, whole
+    assert count(toy_lab, EmbeddingRow) == count(toy_lab, ImageRow) == 2
+    assert rsx(toy_lab, "check").exit_code == 0
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def _noise_images(folder: Path, n: int, size: int = 48) -> list[Path]:

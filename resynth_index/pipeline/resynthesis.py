@@ -8,8 +8,10 @@ resynthesis supplied for the caption counts, and a caption it lacks becomes a wo
 Generation is the dominant cost of the method, so it is batched: the missing work of every
 caption in a call is grouped per generator and made ``batch_size`` images at a time. Each batch
 is stored whole (blobs, then its image and resynthesis rows in one transaction, then its
-embeddings) by a writer thread while the next batch is generated, and its pictures are dropped:
-memory holds two batches at most, and an interrupted run keeps every batch it generated.
+embeddings) as it lands (``pipeline/batch_writer``): by a writer thread while the next batch is
+generated when the generator runs on an accelerator, in line before the next batch is begun when
+it runs on the CPU (where the two would fight for the same cores). Its pictures are then
+dropped: memory holds two batches at most, and an interrupted run keeps every batch it generated.
 
 Generation can run for minutes, so it reports as it goes, through plain callbacks (no terminal
 code here): ``ProgressEvent`` says which stage, which generator and how far, and
@@ -32,6 +34,11 @@ from resynth_index.media.captions import caption_hash
 from resynth_index.media.images import LoadedImage
 from resynth_index.media.text import normalise_caption
 from resynth_index.models.generators import factory
+from resynth_index.pipeline.batch_writer import (
+    BatchWriter,
+    interrupts_deferred,
+    stores_beside_generation,
+)
 from resynth_index.pipeline.intake import encode_png, store_images, write_embeddings
 from resynth_index.pipeline.work_orders import restore_cell
 from resynth_index.store import audit, embeddings, repository
@@ -166,11 +173,12 @@ def generate_missing(
 ) -> list[int]:
     """Generate every missing resynthesis, batched per generator; store each batch as it lands.
 
-    A batch is stored and embedded by a writer thread while the next one is generated (see
-    ``BatchWriter``), then let go: at most two batches of pictures are alive at a time, and
-    generation waits for storage only when storing is the slower of the two. Returns the image
-    ids generated. The plan is updated
-    in place: generated images join ``stored`` and ``missing`` is emptied.
+    A batch is stored and embedded, then let go: on an accelerator by a writer thread
+    (``BatchWriter``) while the next one is generated (at most two batches of pictures are alive
+    at a time, and generation waits for storage only when storing is the slower of the two), on
+    the CPU here, before the next one is begun, with Ctrl-C held back until it is stored
+    (``stores_beside_generation``, ``interrupts_deferred``). Returns the image ids generated.
+    The plan is updated in place: generated images join ``stored`` and ``missing`` is emptied.
 
     ``batch_size`` None takes the lab's ``generation_batch_size``; "auto" (its default) is
     resolved per generator where it runs (``models.generators.batching``), after its model is
@@ -181,7 +189,11 @@ def generate_missing(
     and after each of its batches is committed, so an interrupted caller that counted them knows
     how many resyntheses were kept.
     """
-    from resynth_index.models.generators.batching import is_auto, resolve_batch_size
+    from resynth_index.models.generators.batching import (
+        generator_device,
+        is_auto,
+        resolve_batch_size,
+    )
     from resynth_index.models.generators.protocol import GenerationRequest
 
     setting = batch_size or lab.settings.generation_batch_size
@@ -219,6 +231,7 @@ def generate_missing(
                 events(ProgressEvent("generate", 0, len(work), name))
             model = lab.generator_model(row)
             size = plan.batch_sizes[name] = resolve_batch_size(setting, model)
+            beside = stores_beside_generation(generator_device(model))
             row_settings = _settings_hash(lab, row)
             for start in range(0, len(work), size):
                 chunk = work[start : start + size]
@@ -228,54 +241,15 @@ def generate_missing(
                 if events is not None:
                     done = ProgressEvent("generate", start + len(chunk), len(work), name)
                     committed = partial(events, done)
-                # stored while the next batch is generated; the writer holds it until then
-                writer.submit(partial(store, name, row, row_settings, chunk, images, committed))
-                del images
+                job = partial(store, name, row, row_settings, chunk, images, committed)
+                del images  # the job holds them until they are stored
+                if beside:  # stored while the next batch is generated
+                    writer.submit(job)
+                else:  # on the CPU: stored here, before the next batch is begun
+                    with interrupts_deferred():
+                        job()
     plan.missing.clear()
     return made
-
-
-class BatchWriter:
-    """Stores one generated batch in a thread while the caller generates the next.
-
-    ``submit`` first waits for the batch before (re-raising its error, if it failed), so one
-    batch at most is being stored and storage order is generation order. Leaving the ``with``
-    block waits for the last batch, also when the caller leaves it with an error or Ctrl-C: a
-    batch that was generated is stored, never lost, before the error goes on. Generation keeps
-    the accelerator (or the cores) busy while PNG encoding, hashing, the database, the blobs and
-    the embedder's forward for the batch before run beside it.
-    """
-
-    def __init__(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsx-batch-writer")
-        self._pending: Any = None
-
-    def submit(self, job: Callable[[], None]) -> None:
-        self.wait()
-        self._pending = self._pool.submit(job)
-
-    def wait(self) -> None:
-        """Wait for the batch being stored; its error, if any, is raised here."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def __enter__(self) -> BatchWriter:
-        return self
-
-    def __exit__(self, kind: object, error: object, trace: object) -> None:
-        try:
-            if kind is None:
-                self.wait()
-            else:  # store what was generated, then let the caller's error go on
-                try:
-                    self.wait()
-                except Exception:  # noqa: BLE001 - the caller's error is the one to report
-                    pass
-        finally:
-            self._pool.shutdown(wait=True)
 
 
 def _one_at_a_time(callback: Callable[..., None] | None) -> Callable[..., None] | None:

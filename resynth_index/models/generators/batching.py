@@ -113,11 +113,10 @@ def generator_batch_size(model: Any) -> int:
     Reads the device and image size from its settings. On CUDA the pipeline is loaded first (it
     would be for the first batch anyway) so the free memory read is what its weights leave.
     """
-    from resynth_index.models.devices import resolve_device
     from resynth_index.models.generators.protocol import concrete_dtype
 
     settings = model.settings
-    device = resolve_device(settings.device)
+    device = generator_device(model)
     free: int | None = None
     pipeline_class: str | None = None
     if device.startswith("cuda"):
@@ -135,6 +134,13 @@ def generator_batch_size(model: Any) -> int:
         pipeline_class=pipeline_class,
         dtype=concrete_dtype(settings.dtype, device),
     )
+
+
+def generator_device(model: Any) -> str:
+    """The concrete device ``model`` (a runnable generator) runs on, from its settings."""
+    from resynth_index.models.devices import resolve_device
+
+    return resolve_device(model.settings.device)
 
 
 def resolve_batch_size(setting: Any, model: Any) -> int:

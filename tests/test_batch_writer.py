@@ -1,0 +1,102 @@
+"""Storing generated batches (pipeline/batch_writer): the writer thread, Ctrl-C held back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+
+from resynth_index.pipeline.batch_writer import (
+    BatchWriter,
+    interrupts_deferred,
+    stores_beside_generation,
+)
+
+
+def test_storing_runs_beside_an_accelerator_and_in_line_on_a_cpu():
+    assert not stores_beside_generation("cpu")
+    assert all(stores_beside_generation(device) for device in ("cuda", "cuda:1", "mps"))
+
+
+def test_a_ctrl_c_in_the_block_is_raised_once_the_block_is_done():
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)  # handled before the next line: held back
+            finished.append(True)
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_held_back_ctrl_c_goes_to_the_handler_that_was_there_before():
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: seen.append(number))
+    try:
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            assert seen == []
+        assert seen == [signal.SIGINT]  # delivered once, after the block
+        with interrupts_deferred():
+            pass
+        assert seen == [signal.SIGINT]  # nothing came: nothing delivered
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_off_the_main_thread_nothing_is_touched():
+    handlers = []
+
+    def run():
+        with interrupts_deferred():
+            handlers.append(signal.getsignal(signal.SIGINT))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert handlers == [signal.default_int_handler]
+
+
+def test_the_writer_stores_in_order_and_hands_back_a_failure():
+    done: list[int] = []
+    release = threading.Event()
+
+    def first():
+        release.wait(timeout=30)
+        done.append(1)
+
+    with BatchWriter() as writer:
+        writer.submit(first)
+        assert done == []  # handed over: the caller goes on while it is stored
+        release.set()
+        writer.submit(lambda: done.append(2))  # waits for the first
+        assert done == [1]
+    assert done == [1, 2]
+
+    def broken():
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        with BatchWriter() as writer:
+            writer.submit(broken)
+            writer.submit(lambda: done.append(3))  # the failure surfaces here; 3 is never run
+    assert done == [1, 2]
+
+
+def test_leaving_with_an_error_still_stores_the_batch_handed_over():
+    done: list[int] = []
+    release = threading.Event()
+
+    def slow():
+        release.wait(timeout=30)
+        done.append(1)
+
+    with pytest.raises(KeyboardInterrupt):
+        with BatchWriter() as writer:
+            writer.submit(slow)
+            release.set()
+            raise KeyboardInterrupt
+    assert done == [1]
+    assert not [t for t in threading.enumerate() if t.name == "rsx-batch-writer"]
