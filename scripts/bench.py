@@ -8,6 +8,9 @@ Rows:
   query       one warm query (models loaded, resyntheses cached, library API) vs one embedding
               forward of one image, on a lab holding N stored vectors (synthetic ones fill it);
               plus the lookup alone (a gather of the query's few dozen candidates)
+  resynthesize  ``resynthesize`` in process (generation, then each batch stored and embedded: the
+              product's own loop, models loaded) vs bare ``generate`` on the same generator at the
+              same batch, in interleaved rounds (toy zoo on the CPU)
   ray         toy-zoo generation through the Ray executor (2 actors) vs the local executor, the
               same work in one process each way (scripts/bench_ray.py --in-process-only): warm,
               the actors up (a running pool's throughput; the target), and cold, starting them
@@ -41,6 +44,8 @@ from bench_common import (  # noqa: E402
     Row,
     bench_embedder,
     bench_help,
+    load_embedder,
+    make_lab,
     print_report,
     print_row,
     timed,
@@ -66,6 +71,45 @@ def bench_generation(n: int, batch: int, repeat: int) -> Row:
         ratio,
         ">= 1.2x",
         ratio >= 1.2,
+    )
+
+
+def bench_resynthesize(scratch: Path, n: int, batch: int, rounds: int) -> Row:
+    """``resynthesize`` of ``n`` fresh captions against ``generate`` of ``n`` requests on the same
+    loaded toy generator, alternating, ``rounds`` times: medians of the per-image times, so a
+    change of machine load hits both sides (the CLI rows add a fresh process to each side)."""
+    import statistics
+    import time
+
+    from resynth_index.models.generators.protocol import GenerationRequest
+    from resynth_index.pipeline import resynthesis
+
+    spec, model = load_embedder("toy", scratch)
+    lab = make_lab(scratch / "lab-resynthesize", spec, model)
+    row = lab.add_toy_generator("toy-a", 11, resyntheses=1)
+    generator = lab.generator_model(row)
+    requests = [GenerationRequest(f"bare, a photograph of subject {i}", i) for i in range(n)]
+    generator.generate(requests[:batch], batch_size=batch)  # load + warm-up
+    bare, product = [], []
+    for round_ in range(rounds):
+        bare.append(timed(lambda: generator.generate(requests, batch_size=batch)) / n)
+        texts = [f"round {round_}, a photograph of subject {i}" for i in range(n)]
+        start = time.perf_counter()
+        summary = resynthesis.resynthesize(
+            lab, resynthesis.captions_by_hash(texts), [row], batch_size=batch
+        )
+        product.append((time.perf_counter() - start) / n)
+        assert summary.generated == n, summary
+    lab.close()
+    per_bare, per_product = statistics.median(bare), statistics.median(product)
+    ratio = per_bare / per_product
+    return Row(
+        f"resynthesize in process, toy zoo, batch {batch} ({n} images x {rounds} rounds)",
+        f"{1 / per_product:.1f} img/s",
+        f"{1 / per_bare:.1f} img/s bare generate",
+        ratio,
+        ">= 0.85",
+        ratio >= 0.85,
     )
 
 
@@ -191,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     try:
         rows.append(bench_generation(n=4 if quick else 16, batch=4, repeat=1 if quick else 2))
+        print_row(rows[-1])
+        rows.append(
+            bench_resynthesize(scratch, n=8 if quick else 32, batch=4, rounds=1 if quick else 3)
+        )
         print_row(rows[-1])
         gpu = None if quick else bench_generation_sd15_cuda(n=16, batch=16)
         if gpu is not None:

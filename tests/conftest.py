@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -38,6 +39,15 @@ TOY_GENERATORS = {"toy-a": 11, "toy-b": 22, "toy-c": 33}
 def _no_default_lab(monkeypatch, tmp_path_factory) -> None:
     """A test that forgets --lab must never touch the user's real lab."""
     monkeypatch.setenv("RSX_LAB", str(tmp_path_factory.getbasetemp() / "no-lab-given"))
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt during the test, whatever the suite inherited: a
+    shell starts a background job with SIGINT ignored, and Python then keeps it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")

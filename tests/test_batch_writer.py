@@ -20,7 +20,7 @@ def test_storing_runs_beside_an_accelerator_and_in_line_on_a_cpu():
     assert all(stores_beside_generation(device) for device in ("cuda", "cuda:1", "mps"))
 
 
-def test_a_ctrl_c_in_the_block_is_raised_once_the_block_is_done():
+def test_a_ctrl_c_in_the_block_is_raised_once_the_block_is_done(ctrl_c_raises):
     finished = []
     with pytest.raises(KeyboardInterrupt):
         with interrupts_deferred():
@@ -30,7 +30,7 @@ def test_a_ctrl_c_in_the_block_is_raised_once_the_block_is_done():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_a_held_back_ctrl_c_goes_to_the_handler_that_was_there_before():
+def test_a_held_back_ctrl_c_goes_to_the_handler_that_was_there_before(ctrl_c_raises):
     seen: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda number, frame: seen.append(number))
     try:
@@ -46,7 +46,7 @@ def test_a_held_back_ctrl_c_goes_to_the_handler_that_was_there_before():
         signal.signal(signal.SIGINT, previous)
 
 
-def test_off_the_main_thread_nothing_is_touched():
+def test_off_the_main_thread_nothing_is_touched(ctrl_c_raises):
     handlers = []
 
     def run():

@@ -199,7 +199,9 @@ def test_on_a_cpu_each_batch_is_stored_before_the_next_is_generated(toy_lab, mon
 
 
 @pytest.mark.parametrize("beside", [False, True], ids=["in-line", "beside"])
-def test_ctrl_c_while_a_batch_is_stored_keeps_that_batch_whole(toy_lab, monkeypatch, beside):
+def test_ctrl_c_while_a_batch_is_stored_keeps_that_batch_whole(
+    toy_lab, monkeypatch, beside, ctrl_c_raises
+):
     """A real SIGINT comes as the first batch begins to be stored: in line (the CPU's way) it is
     held back until the batch is stored, beside (an accelerator's) it stops the generation of the
     next batch while the writer thread finishes this one. Either way nothing more is generated
