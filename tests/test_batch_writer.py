@@ -59,20 +59,29 @@ def test_off_the_main_thread_nothing_is_touched(ctrl_c_raises):
     assert handlers == [signal.default_int_handler]
 
 
-def test_the_writer_stores_in_order_and_hands_back_a_failure():
-    done: list[int] = []
+def _held(done: list[int], value: int):
+    """A batch's store that appends ``value`` to ``done`` once its event is set: (job, event)."""
     release = threading.Event()
 
-    def first():
-        release.wait(timeout=30)
-        done.append(1)
+    def job():
+        assert release.wait(timeout=30), "never released"
+        done.append(value)
+
+    return job, release
+
+
+def test_the_writer_stores_in_order_and_hands_back_a_failure():
+    done: list[int] = []
+    first, release_first = _held(done, 1)
+    second, release_second = _held(done, 2)
 
     with BatchWriter() as writer:
         writer.submit(first)
         assert done == []  # handed over: the caller goes on while it is stored
-        release.set()
-        writer.submit(lambda: done.append(2))  # waits for the first
+        release_first.set()
+        writer.submit(second)  # waits for the first
         assert done == [1]
+        release_second.set()
     assert done == [1, 2]
 
     def broken():
@@ -87,11 +96,7 @@ def test_the_writer_stores_in_order_and_hands_back_a_failure():
 
 def test_leaving_with_an_error_still_stores_the_batch_handed_over():
     done: list[int] = []
-    release = threading.Event()
-
-    def slow():
-        release.wait(timeout=30)
-        done.append(1)
+    slow, release = _held(done, 1)
 
     with pytest.raises(KeyboardInterrupt):
         with BatchWriter() as writer:
