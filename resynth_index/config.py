@@ -6,6 +6,7 @@ A lab is a directory::
     lab.sqlite      the store (source of truth), unless settings name a PostgreSQL database
     blobs/          content-addressed copies of every image seen (or the path settings name)
     index/          FAISS index files derived from the store (rebuildable)
+    quarantine/     blobs no row pointed at, moved aside by 'rsx check --repair'
     models/         models the lab materialised itself (the toy zoo)
 
 Its location comes from ``--lab PATH``, else ``$RSX_LAB``, else a per-user data directory.
@@ -28,6 +29,7 @@ from resynth_index.errors import StoreError
 LAB_ENV = "RSX_LAB"
 SETTINGS_FILE = "settings.json"
 DATABASE_FILE = "lab.sqlite"
+QUARANTINE_DIR = "quarantine"  # orphan blobs a repair moved aside (never deleted unless asked)
 #: 2: generation_batch_size may be "auto" (the default). A version-1 file holding 8, the old
 #: default, with no recorded change of it, loads as "auto" (see ``LabSettings.load``).
 SETTINGS_VERSION = 2
@@ -113,6 +115,11 @@ class LabSettings:
 
     def validate(self) -> None:
         """Refuse settings no lab can run with (StoreError, one line)."""
+        if not isinstance(self.embedder, dict) or not isinstance(self.embedder_fingerprint, str):
+            raise StoreError("embedder must be an object and embedder_fingerprint text")
+        dim = self.embedder_dim
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
+            raise StoreError("embedder_dim must be a whole number")
         if self.embedder_precision and self.embedder_precision not in EMBEDDER_PRECISIONS:
             raise StoreError(
                 f"embedder_precision must be one of {', '.join(EMBEDDER_PRECISIONS)}, "
@@ -200,15 +207,24 @@ class LabSettings:
             ) from None
         except (OSError, ValueError) as error:
             raise StoreError(f"cannot read {path}: {error}") from None
+        if not isinstance(raw, dict):
+            raise StoreError(f"cannot read {path}: not a JSON object{_RESTORE_SETTINGS}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
+        unknown = sorted(str(key) for key in set(raw) - known)
         if unknown:
             raise StoreError(f"{path} has unknown settings: {', '.join(unknown)}")
-        if not isinstance(raw, dict):
-            raise StoreError(f"cannot read {path}: not a JSON object")
+        _check_version(path, raw.get("version", 1))
+        missing = [key for key in REQUIRED_SETTINGS if not raw.get(key)]
+        if missing:
+            raise StoreError(
+                f"{path} lacks {', '.join(missing)}: it does not describe a lab{_RESTORE_SETTINGS}"
+            )
         raw = _upgraded(raw)
-        settings = cls(**raw)
-        settings.validate()
+        try:
+            settings = cls(**raw)
+            settings.validate()
+        except (TypeError, ValueError) as error:  # a value of the wrong type
+            raise StoreError(f"cannot read {path}: {error}") from None
         return settings
 
     def save(self, lab_dir: Path) -> None:
@@ -222,6 +238,24 @@ class LabSettings:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
+
+
+#: What every lab's settings file names, set by ``rsx init``: without them no lab can open (a
+#: file reduced to ``{}`` would otherwise load as a lab with no embedder).
+REQUIRED_SETTINGS = ("embedder", "embedder_fingerprint", "embedder_dim")
+_RESTORE_SETTINGS = " (restore settings.json from a backup; the database and blobs are untouched)"
+
+
+def _check_version(path: Path, version: Any) -> None:
+    """Refuse a settings file of a version this code does not know (a newer rsx wrote it, or
+    the file was edited): read with the wrong meaning, it could change what the lab does."""
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise StoreError(f"{path} names an unknown settings version {version!r}{_RESTORE_SETTINGS}")
+    if version > SETTINGS_VERSION:
+        raise StoreError(
+            f"{path} is of settings version {version}, newer than this rsx reads"
+            f" ({SETTINGS_VERSION}): upgrade rsx to open this lab"
+        )
 
 
 #: The settings that may change after a lab is created, by the name ``rsx config`` gives them

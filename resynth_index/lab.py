@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
-from resynth_index.config import DATABASE_FILE, SETTINGS_FILE, LabSettings
+from resynth_index.config import DATABASE_FILE, QUARANTINE_DIR, SETTINGS_FILE, LabSettings
 from resynth_index.errors import RsxError, StoreError
 from resynth_index.store import embeddings, migrate, repository
-from resynth_index.store.blobs import BlobStore
+from resynth_index.store.blobs import BlobStore, Quarantine
 from resynth_index.store.digests import HeldDigests, StoredDigests
 from resynth_index.store.engine import (
     database_url,
@@ -65,20 +65,26 @@ class Lab:
         device: str | None = None,
         *,
         embedder: Embedder | None = None,
+        new_database: bool = False,
     ) -> None:
         """A lab over ``root`` (see ``create`` and ``open``). ``embedder``, when given, is an
-        embedder already loaded (e.g. shared by another lab); it must be the lab's own."""
+        embedder already loaded (e.g. shared by another lab); it must be the lab's own.
+        ``new_database``: the lab's SQLite file may be created (``rsx init`` alone); otherwise
+        a missing one is an error, never a new empty database."""
         self.root = root
         self.settings = settings
         self.device = device or settings.device
         # the lab's own SQLite file, unless settings name a PostgreSQL database
         url = database_url(settings.database_url) if settings.database_url else ""
-        self.engine = make_engine(url or sqlite_url(root / DATABASE_FILE))
+        self.engine = make_engine(
+            url or sqlite_url(root / DATABASE_FILE, existing=not new_database)
+        )
         self._sessions = make_sessionmaker(self.engine)
         self.blobs = BlobStore(_blob_root(root, settings.blobs))
         # the digests of files read before (weights, ingested images), kept in the database
         self.file_digests = StoredDigests(self.engine)
-        self._generators: dict[str, Generator] = {}
+        # generator name -> (the registration it was built for, the model)
+        self._generators: dict[str, tuple[tuple[str, str, str | None], Generator]] = {}
         self._embedder: Embedder | None = None
         if embedder is not None:
             self._check_embedder(embedder, "the embedder given")
@@ -107,10 +113,9 @@ class Lab:
         from resynth_index.models.embedders import load_embedder
 
         root = Path(root)
-        if (root / SETTINGS_FILE).exists():
-            raise StoreError(f"{root} is already an rsx lab")
         if database:
             database_url(database)  # a bad URL is refused before anything is made
+        _check_new_lab_folder(root, database=bool(database), blobs=blobs)
         spec = _embedder_spec(root, embedder, layer)
         # a bad embedder leaves no lab; the digests its load makes are the new lab's to keep
         held = HeldDigests()
@@ -138,13 +143,15 @@ class Lab:
         ``label`` is how the embedder was named (default ``ARCH@WEIGHTS``); ``database`` and
         ``blobs`` as for ``create``."""
         root = Path(root)
-        if (root / SETTINGS_FILE).exists():
-            raise StoreError(f"{root} is already an rsx lab")
+        _check_new_lab_folder(root, database=bool(database), blobs=blobs)
         url = database_url(database) if database else ""
         blob_path = str(Path(blobs).expanduser().resolve()) if blobs is not None else ""
-        for sub in ("index", "models"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
-        _blob_root(root, blob_path).mkdir(parents=True, exist_ok=True)
+        try:
+            for sub in ("index", "models"):
+                (root / sub).mkdir(parents=True, exist_ok=True)
+            _blob_root(root, blob_path).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StoreError(f"cannot create the lab at {root}: {error.strerror}") from None
         settings = LabSettings(
             embedder=spec.to_dict(),
             embedder_label=label or f"{spec.arch}@{spec.weights}",
@@ -155,7 +162,7 @@ class Lab:
             database_url=url,
             blobs=blob_path,
         )
-        lab = cls(root, settings, device=device, embedder=model)
+        lab = cls(root, settings, device=device, embedder=model, new_database=True)
         with reaching_database(lab.engine):
             migrate.upgrade(lab.engine)
             # an index from the start: a run killed before its sync then leaves an index that
@@ -174,12 +181,22 @@ class Lab:
         so it is not loaded again; refused when its fingerprint is not the lab's.
         """
         root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise StoreError(f"{root} is a file, not a lab folder")
         if not root.is_dir():
             raise StoreError(f"no lab at {root}; create one with 'rsx init'")
         settings = LabSettings.load(root)
+        if not settings.database_url:
+            _require_database_file(root)
         lab = cls(root, settings, device=device, embedder=embedder)
-        with reaching_database(lab.engine):
-            migrate.ensure_current(lab.engine)
+        try:
+            with reaching_database(lab.engine):
+                if migrate.current_revision(lab.engine) is None:
+                    raise StoreError(_no_schema(root, lab.engine, settings))
+                migrate.ensure_current(lab.engine)
+        except BaseException:
+            lab.close()
+            raise
         return lab
 
     def close(self) -> None:
@@ -296,16 +313,27 @@ class Lab:
         query. Says what changed since the index was opened or last synced."""
         return self.index.sync(self.embedding_source, self._embedding_feed)
 
-    def check(self, repair: bool = False) -> CheckReport:
+    def check(
+        self, repair: bool = False, *, force: bool = False, purge_quarantine: bool = False
+    ) -> CheckReport:
         """``rsx check``: compare the database with the blobs and the index; with ``repair``
-        rebuild what is derived (embeddings, the index) and remove debris no writer owns."""
+        rebuild what is derived (embeddings, the index), remove temporary files no writer owns
+        and move orphan blobs to the quarantine (see ``store.integrity.check_lab``)."""
         from resynth_index.pipeline.intake import ensure_embeddings
         from resynth_index.store.integrity import check_lab
 
         def embed(image_id: int) -> None:
             ensure_embeddings(self, {image_id: None})
 
-        return check_lab(self, repair=repair, embed=embed)
+        return check_lab(
+            self, repair=repair, embed=embed, force=force, purge_quarantine=purge_quarantine
+        )
+
+    @property
+    def quarantine(self) -> Quarantine:
+        """Where repairs put blobs no row points at (``<lab>/quarantine``): never deleted but by
+        ``rsx check --repair --purge-quarantine``."""
+        return Quarantine(self.root / QUARANTINE_DIR)
 
     # ----------------------------------------------------------------- generators
     def add_generator(
@@ -516,10 +544,15 @@ class Lab:
         )
 
     def generator_model(self, row: GeneratorRow) -> Generator:
-        """The runnable (or imported) generator behind a registered row, loaded once."""
+        """The runnable (or imported) generator behind a registered row, loaded once per
+        registration: a row whose fingerprint, settings or files changed since (``rsx generator
+        set`` run by another process while this one serves) gets a model built afresh, so the
+        images made are always those of the settings they are stored under."""
         from resynth_index.models.generators.factory import build_generator
 
-        if row.name not in self._generators:
+        registration = (row.fingerprint, row.settings_json, row.source)
+        held = self._generators.get(row.name)
+        if held is None or held[0] != registration:
             model = build_generator(
                 row.name,
                 row.kind,
@@ -534,8 +567,9 @@ class Lab:
                     f"{model.fingerprint[:12]}, registered {row.fingerprint[:12]}): its weights or "
                     "settings changed; register the new one under another name"
                 )
-            self._generators[row.name] = model
-        return self._generators[row.name]
+            self._generators[row.name] = (registration, model)
+            return model
+        return held[1]
 
     # ----------------------------------------------------------------- paths
     def _portable_path(self, path: Path) -> str:
@@ -552,6 +586,77 @@ class Lab:
             return None
         path = Path(stored)
         return path if path.is_absolute() else self.root / path
+
+
+def _check_new_lab_folder(root: Path, *, database: bool, blobs: Path | None) -> None:
+    """Refuse to make a lab where one cannot be made, or where an earlier lab's evidence lies:
+    a lab already (settings.json), a file on the way, a database file or blobs without settings
+    (a lab whose settings.json was lost must be restored, not overwritten by a new one)."""
+    for folder in (root, *root.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise StoreError(f"cannot create a lab at {root}: {folder} is a file")
+            break
+    if (root / SETTINGS_FILE).exists():
+        raise StoreError(f"{root} is already an rsx lab")
+    leftovers = []
+    database_file = root / DATABASE_FILE
+    if not database and database_file.is_file() and database_file.stat().st_size > 0:
+        leftovers.append(DATABASE_FILE)
+    if blobs is None and _holds_files(root / "blobs"):
+        leftovers.append("blobs/")
+    if leftovers:
+        raise StoreError(
+            f"{root} holds an earlier lab's {' and '.join(leftovers)} but no {SETTINGS_FILE}:"
+            f" restore its {SETTINGS_FILE} from a backup to open it, or make the new lab in"
+            " another folder"
+        )
+
+
+def _holds_files(folder: Path) -> bool:
+    """Whether ``folder`` holds any file at any depth (stops at the first)."""
+    if not folder.is_dir():
+        return False
+    return any(names for _here, _subdirs, names in os.walk(folder))
+
+
+def _require_database_file(root: Path) -> None:
+    """Refuse a lab whose SQLite file is missing or empty: its settings, blobs and index are
+    the evidence that a database was there; a new empty one would make them all orphans."""
+    path = root / DATABASE_FILE
+    wal = root / f"{DATABASE_FILE}-wal"
+    if path.is_file() and (path.stat().st_size > 0 or (wal.is_file() and wal.stat().st_size)):
+        return
+    state = "is missing" if not path.exists() else "is empty"
+    raise StoreError(
+        f"the lab's database {path} {state}, while its {_what_remains(root)} remain:"
+        f" restore {DATABASE_FILE} from a backup (rsx never makes a new database for an"
+        " existing lab; 'rsx init' makes a new lab in another folder)"
+    )
+
+
+def _no_schema(root: Path, engine: Any, settings: LabSettings) -> str:
+    """Why a lab whose database holds no rsx schema is refused, and how to restore it."""
+    from resynth_index.store.engine import database_name
+
+    where = database_name(engine)
+    fix = (
+        f"check the database URL in {root / SETTINGS_FILE} (a typo names another database)"
+        " or restore the database from a backup"
+        if settings.database_url
+        else f"restore {DATABASE_FILE} from a backup"
+    )
+    return (
+        f"the lab's database {where} holds no rsx lab (no schema), while its"
+        f" {_what_remains(root)} remain: {fix}; only 'rsx init' creates a lab's schema"
+    )
+
+
+def _what_remains(root: Path) -> str:
+    """What of a lab is still there, for the messages above: "settings, blobs and index"."""
+    found = ["settings"]
+    found += [what for what in ("blobs", "index") if _holds_files(root / what)]
+    return found[0] if len(found) == 1 else f"{', '.join(found[:-1])} and {found[-1]}"
 
 
 def _blob_root(root: Path, recorded: str) -> Path:

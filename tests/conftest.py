@@ -50,6 +50,14 @@ def ctrl_c_raises():
     signal.signal(signal.SIGINT, previous)
 
 
+@pytest.fixture
+def serve_extra() -> None:
+    """Skip (or fail, under RSX_REQUIRE_SERVICES=1) a service test without the [serve] extra."""
+    from serving import skip_without_serve_extra
+
+    skip_without_serve_extra()
+
+
 @pytest.fixture(scope="session")
 def toy_lab_template(tmp_path_factory) -> Path:
     """A lab with the toy embedder and three toy generators (built once; copy before use)."""

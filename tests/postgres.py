@@ -126,6 +126,7 @@ class PostgresServer:
     account: _Account
     host: str = "127.0.0.1"
     user: str = SUPERUSER
+    options: str = ""  # what ``pg_ctl start -o`` was given: ``start_again`` gives it again
 
     @property
     def data_dir(self) -> Path:
@@ -195,8 +196,12 @@ class PostgresServer:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def start_postgres(bin_dir: Path) -> PostgresServer:
-    """initdb + pg_ctl start in a new temporary folder; raises RuntimeError with the log."""
+def start_postgres(bin_dir: Path, *, durable: bool = False) -> PostgresServer:
+    """initdb + pg_ctl start in a new temporary folder; raises RuntimeError with the log.
+
+    Without ``durable`` the server skips flushing (fsync, synchronous_commit and full-page
+    writes off): quick, and nothing here outlives the session. A test that stops a server
+    abruptly and counts what survived needs ``durable``: an unflushed commit would be lost."""
     account = _Account.for_server()
     # not under pytest's base temp: that folder is private to us, and the server may be nobody
     base = Path(tempfile.mkdtemp(prefix="rsx-pg-"))
@@ -220,33 +225,56 @@ def start_postgres(bin_dir: Path) -> PostgresServer:
         shutil.rmtree(base, ignore_errors=True)
         raise RuntimeError(f"initdb failed ({init.returncode}):\n{log}")
     for attempt in range(START_ATTEMPTS):
-        server = PostgresServer(bin_dir, base, _free_port(), account)
+        port = _free_port()
         options = " ".join(
             [
-                f"-c port={server.port}",
+                f"-c port={port}",
                 "-c listen_addresses=127.0.0.1",
                 f"-c unix_socket_directories={base}",
-                "-c fsync=off",
-                "-c synchronous_commit=off",
-                "-c full_page_writes=off",
+                *([] if durable else ["-c fsync=off", "-c synchronous_commit=off"]),
+                *([] if durable else ["-c full_page_writes=off"]),
                 "-c max_connections=200",
             ]
         )
-        started = account.run(
-            [
-                str(bin_dir / "pg_ctl"), "start", "-w", "-t", "60",
-                "-D", str(server.data_dir), "-l", str(base / "server.log"), "-o", options,
-            ],
-            base / "pg_ctl.log",
-            base,
-        )  # fmt: skip
-        if started.returncode == 0:
+        server = PostgresServer(bin_dir, base, port, account, options=options)
+        if _pg_ctl_start(server).returncode == 0:
             return server
         if attempt == START_ATTEMPTS - 1:
             detail = (base / "pg_ctl.log").read_text(errors="replace") + server.log_tail()
             stop_postgres(server)
             raise RuntimeError(f"PostgreSQL did not start:\n{detail}")
     raise AssertionError("unreachable")
+
+
+def _pg_ctl_start(server: PostgresServer) -> subprocess.CompletedProcess[str]:
+    return server.account.run(
+        [
+            str(server.bin_dir / "pg_ctl"), "start", "-w", "-t", "60",
+            "-D", str(server.data_dir), "-l", str(server.base / "server.log"),
+            "-o", server.options,
+        ],
+        server.base / "pg_ctl.log",
+        server.base,
+    )  # fmt: skip
+
+
+def stop_now(server: PostgresServer) -> None:
+    """Stop the server at once, as a crash or a pulled cable would (``-m immediate``: sessions
+    are cut without a goodbye); its data stays for ``start_again``."""
+    stopped = server.account.run(
+        [str(server.bin_dir / "pg_ctl"), "stop", "-w", "-m", "immediate", "-D",
+         str(server.data_dir)],
+        server.base / "pg_ctl.log",
+        server.base,
+    )  # fmt: skip
+    if stopped.returncode != 0:
+        raise RuntimeError(f"PostgreSQL did not stop:\n{server.log_tail()}")
+
+
+def start_again(server: PostgresServer) -> None:
+    """Start a server ``stop_now`` stopped, on the same port and data (crash recovery runs)."""
+    if _pg_ctl_start(server).returncode != 0:
+        raise RuntimeError(f"PostgreSQL did not start again:\n{server.log_tail()}")
 
 
 def stop_postgres(server: PostgresServer) -> None:
@@ -323,24 +351,33 @@ def postgres_lab_template(
     toy_lab_template: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[Path, str]:
-    """The toy lab with its store in a PostgreSQL template database: (lab folder, database).
+    """The toy lab with its store in a PostgreSQL template database: (lab folder, database),
+    made by ``toy_lab_on``."""
+    root = tmp_path_factory.mktemp("pg-template") / "lab"
+    return root, toy_lab_on(postgres_server, toy_lab_template, root)
 
-    Made from the SQLite toy lab's folder (its toy models are reused, not rebuilt): its settings
-    point at a new database, which opening the lab migrates, and the toy generators are
-    registered there again.
-    """
+
+def toy_lab_on(server: PostgresServer, toy_lab_template: Path, root: Path) -> str:
+    """Make ``root`` a copy of the SQLite toy lab whose store is a new database on ``server``
+    (its name is returned): the toy models are reused, not rebuilt; the database gets the
+    schema as ``rsx init`` gives it (opening a lab never creates one), and the toy generators
+    are registered there again."""
     from conftest import TOY_GENERATORS
 
     from resynth_index.lab import Lab
+    from resynth_index.store import migrate
+    from resynth_index.store.engine import make_engine
 
-    root = tmp_path_factory.mktemp("pg-template") / "lab"
     shutil.copytree(toy_lab_template, root, ignore=shutil.ignore_patterns("lab.sqlite*"))
-    database = postgres_server.create_database()
-    _point_at(root, postgres_server.url(database))
+    database = server.create_database()
+    engine = make_engine(server.url(database))
+    migrate.upgrade(engine)
+    engine.dispose()
+    _point_at(root, server.url(database))
     with Lab.open(root) as lab:
         for name, seed in TOY_GENERATORS.items():
             lab.add_toy_generator(name, seed)
-    return root, database
+    return database
 
 
 def _point_at(root: Path, url: str) -> None:

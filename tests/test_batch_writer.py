@@ -105,3 +105,46 @@ def test_leaving_with_an_error_still_stores_the_batch_handed_over():
             raise KeyboardInterrupt
     assert done == [1]
     assert not [t for t in threading.enumerate() if t.name == "rsx-batch-writer"]
+
+
+def test_the_last_batch_failing_as_the_caller_leaves_with_its_own_error_is_not_lost(caplog):
+    """The caller's error goes on (it is why the run stopped); the last batch's failure is logged
+    in one line, with no traceback for a user error, and kept for the command's summary."""
+    from resynth_index.errors import StoreError
+
+    def broken():
+        raise StoreError("the blob folder is read-only")
+
+    with pytest.raises(KeyboardInterrupt):
+        with BatchWriter() as writer:
+            writer.submit(broken)
+            raise KeyboardInterrupt
+    assert isinstance(writer.lost_error, StoreError)
+    [record] = [r for r in caplog.records if r.name == "resynth_index.pipeline.batch_writer"]
+    assert record.levelname == "ERROR"
+    assert record.getMessage() == "the last batch could not be stored: the blob folder is read-only"
+    assert record.exc_info is None
+
+
+def test_an_unexpected_failure_of_the_last_batch_is_logged_with_its_traceback(caplog):
+    def broken():
+        raise OSError("disk full")
+
+    with pytest.raises(ValueError, match="the caller's"):
+        with BatchWriter() as writer:
+            writer.submit(broken)
+            raise ValueError("the caller's")
+    assert isinstance(writer.lost_error, OSError)
+    [record] = [r for r in caplog.records if r.name == "resynth_index.pipeline.batch_writer"]
+    assert record.getMessage() == "the last batch could not be stored: disk full"
+    assert record.exc_info is not None and record.exc_info[1] is writer.lost_error
+
+
+def test_nothing_is_lost_or_logged_when_the_last_batch_was_stored(caplog):
+    done: list[int] = []
+    with pytest.raises(KeyboardInterrupt):
+        with BatchWriter() as writer:
+            writer.submit(lambda: done.append(1))
+            raise KeyboardInterrupt
+    assert done == [1] and writer.lost_error is None
+    assert not [r for r in caplog.records if r.name == "resynth_index.pipeline.batch_writer"]

@@ -289,33 +289,193 @@ def test_changed_models_settings_or_missing_resyntheses_leave_it_unused(
     )
 
 
-@pytest.mark.slow
-def test_calibrate_generates_missing_resyntheses_of_runnable_candidates(toy_lab: Path) -> None:
-    """Toy generators: references at seeds resyntheses never use; --generate makes the rest."""
-    from resynth_index.lab import Lab
-    from resynth_index.models.generators.protocol import GenerationRequest
-
-    captions = ["a red bicycle", "a bowl of pears"]
-    folder = toy_lab.parent / "refs"
-    folder.mkdir()
+def test_missing_imported_resyntheses_are_named_and_become_work_orders(
+    reference_lab: Path, tmp_path: Path
+) -> None:
+    """References whose caption lacks an imported candidate's resynthesis: the refusal says
+    which, and how they come; their work orders are recorded for 'rsx export-prompts'."""
+    rng = np.random.default_rng(5)
     lines = ["path,role,generator,caption"]
-    with Lab.open(toy_lab) as lab:
-        for row in lab.generators():
-            model = lab.generator_model(row)
-            images = model.generate(
-                [GenerationRequest(c, 1000 + i) for i, c in enumerate(captions)]
-            )
-            for i, image in enumerate(images):
-                image.save(folder / f"{row.name}-{i}.png")
-                lines.append(f"{row.name}-{i}.png,reference,{row.name},{captions[i]}")
-    (folder / "refs.csv").write_text("\n".join(lines) + "\n")
-    assert _rsx(toy_lab, "ingest", str(folder / "refs.csv")).exit_code == 0
-    without = _rsx(toy_lab, "calibrate", "--coverage", "0.8")
-    assert without.exit_code == 1 and "the lab has 0" in without.output
-    assert "6 reference(s) left out: their caption lacks resyntheses by toy-a (6)" in without.output
-    made = _rsx(toy_lab, "calibrate", "--coverage", "0.8", "--generate")
+    for generator in GENERATORS:
+        for i in range(3):  # 9 references of PARTIAL, which imp-c never made
+            name = f"{generator}-partial-ref-{i}.png"
+            _picture(_bases()[-1], generator, rng).save(tmp_path / name)
+            lines.append(f"{name},reference,{generator},{PARTIAL}")
+    (tmp_path / "more.csv").write_text("\n".join(lines) + "\n")
+    assert _rsx(reference_lab, "ingest", str(tmp_path / "more.csv")).exit_code == 0
+
+    refused = _rsx(reference_lab, "calibrate", "--coverage", "0.97")
+    assert refused.exit_code == 1
+    [line] = refused.output.strip().splitlines()
+    assert line.endswith(
+        "97 % coverage needs at least 33 usable references of the candidates; the lab has 24:"
+        " 9 reference(s) left out, lacking a resynthesis of their caption by imported imp-c (9):"
+        " deliver them ('rsx export-prompts' lists the work orders); or lower --coverage"
+    )  # 24 + 9 would be enough: 'ingest more references' would be the wrong advice
+    assert _stored(reference_lab)[0] == []
+    orders = _rsx(reference_lab, "export-prompts")
+    assert orders.exit_code == 0, orders.output
+    [_header, order] = orders.stdout.strip().splitlines()
+    assert order.startswith("imp-c,") and PARTIAL in order
+
+    made = _rsx(reference_lab, "calibrate", "--coverage", "0.8")
     assert made.exit_code == 0, made.output
+    assert "note: 9 reference(s) left out, lacking a resynthesis of their caption by" in made.stdout
+
+
+def test_refusals_name_the_shortfall_and_whether_more_references_are_needed() -> None:
+    """The words of a refusal for too few references, from what was left out and why."""
+    from resynth_index.errors import RsxError
+    from resynth_index.pipeline.calibrated import ReferenceSet, check_enough, check_usable
+    from resynth_index.pipeline.resynthesis import ResynthesisPlan
+    from resynth_index.store.calibrations import CalibrationReference
+    from resynth_index.store.models import GeneratorRow
+
+    rows = [
+        GeneratorRow(id=1, name="mj", kind="imported"),
+        GeneratorRow(id=2, name="sd", kind="toy"),
+    ]
+    found = ReferenceSet(
+        generators=rows, references=[CalibrationReference(1, 10, 2, "c")],
+        plan=ResynthesisPlan(), caption_texts={}, generate=False,
+        lacking={"mj": 3, "sd": 12}, short_of={"imported": 3, "runnable": 12},
+        left_out={"mj": 6, "sd": 7}, other_notes=["2 reference(s) without a caption left out"],
+    )  # fmt: skip
+    with pytest.raises(RsxError) as refused:
+        check_enough(found, 0.95, per_generator=False)
+    assert str(refused.value) == (
+        "95 % coverage needs at least 19 usable references of the candidates; the lab has 1:"
+        " 12 reference(s) left out, lacking resyntheses of their caption by sd (12): drop"
+        " --no-generate to make them; 3 reference(s) left out, lacking a resynthesis of their"
+        " caption by imported mj (3): deliver them ('rsx export-prompts' lists the work"
+        " orders); ingest more references; or lower --coverage; 2 reference(s) without a"
+        " caption left out"
+    )  # 1 + 13 left out < 19: more references are needed whatever is made
+    with pytest.raises(RsxError) as refused:
+        check_enough(found, 0.9, per_generator=True)  # 9 each: sd 1 + 7, mj 0 + 6
+    assert "mj has 0, sd has 1: 12 reference(s) left out" in str(refused.value)
+    assert "; ingest more references; or lower --coverage" in str(refused.value)
+    check_usable(found, "fused")  # one usable reference is enough to choose weights on
+    found.references.clear()
+    with pytest.raises(RsxError) as refused:
+        check_usable(found, "fused")
+    assert str(refused.value).startswith(
+        "--method fused needs references of the candidates to choose its weights on, and the"
+        " lab has no usable one: 12 reference(s) left out, lacking resyntheses"
+    )
+
+
+@pytest.fixture
+def toy_references(toy_lab: Path, make_toy_image, tmp_path: Path) -> Path:
+    """The toy lab with 6 references ingested (2 per toy generator, at seeds resyntheses never
+    use) and no resynthesis stored."""
+    lines = ["path,role,generator,caption"]
+    for generator in ("toy-a", "toy-b", "toy-c"):
+        for i, caption in enumerate(TOY_CAPTIONS):
+            image = make_toy_image(generator, caption, seed=1000 + i)
+            lines.append(f"{image.name},reference,{generator},{caption}")
+    (tmp_path / "refs.csv").write_text("\n".join(lines) + "\n")
+    ingested = _rsx(toy_lab, "ingest", str(tmp_path / "refs.csv"))
+    assert ingested.exit_code == 0, ingested.output
+    return toy_lab
+
+
+TOY_CAPTIONS = ["a red bicycle", "a bowl of pears"]
+TOY_PLAN = "planning 6 generations (3 generators x 1 resynthesis x 2 captions)"
+
+
+def _resyntheses(lab: Path) -> int:
+    from resynth_index.lab import Lab
+    from resynth_index.store.stats import store_counts
+
+    with Lab.open(lab) as opened, opened.session() as session:
+        return store_counts(session, opened.fingerprint).resyntheses
+
+
+@pytest.mark.slow
+def test_calibrate_makes_the_missing_resyntheses_by_default(toy_references: Path) -> None:
+    """As 'rsx query' does; --no-generate refuses, naming what is missing and how it comes."""
+    missing = (
+        "6 reference(s) left out, lacking resyntheses of their caption by toy-a (6), toy-b (6),"
+        " toy-c (6): drop --no-generate to make them"
+    )
+    refused = _rsx(toy_references, "calibrate", "--coverage", "0.8", "--no-generate")
+    assert refused.exit_code == 1
+    [line] = refused.output.strip().splitlines()
+    assert f"the lab has 0: {missing}; or lower --coverage" in line
+    assert "ingest more references" not in line  # they are there: their resyntheses are not
+    fused = _rsx(toy_references, "calibrate", "--method", "fused", "--no-generate")
+    assert fused.exit_code == 1
+    [line] = fused.output.strip().splitlines()
+    assert line.endswith(f"the lab has no usable one: {missing}")
+    assert _resyntheses(toy_references) == 0 and _stored(toy_references)[0] == []
+
+    made = _rsx(toy_references, "calibrate", "--coverage", "0.8")
+    assert made.exit_code == 0, made.output
+    assert TOY_PLAN in made.stderr
     assert "references used: 6 (toy-a 2, toy-b 2, toy-c 2)" in made.stdout
+    assert _resyntheses(toy_references) == 6
+    again = _rsx(toy_references, "calibrate", "--method", "fused", "--generate")  # still taken
+    assert again.exit_code == 0, again.output
+    assert "planning" not in again.stderr  # nothing left to make
+    assert "references used: 6 (toy-a 2, toy-b 2, toy-c 2)" in again.stdout
+
+
+@pytest.mark.slow
+def test_more_generations_than_the_cap_need_yes(
+    toy_references: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rule of 'rsx query' (its GENERATION_CAP, lowered here): refused before anything is
+    generated, unless --yes."""
+    from resynth_index.cli import generation
+
+    monkeypatch.setattr(generation, "GENERATION_CAP", 5)
+    refused = _rsx(toy_references, "calibrate", "--coverage", "0.8")
+    assert refused.exit_code == 1
+    assert refused.output.strip().splitlines() == [
+        TOY_PLAN,
+        "Error: 6 generations is more than the 5 a calibration makes without asking; pass --yes"
+        " to go ahead, or --no-generate, or fewer --candidates",
+    ]
+    assert _resyntheses(toy_references) == 0 and _stored(toy_references)[0] == []
+    made = _rsx(toy_references, "calibrate", "--coverage", "0.8", "--yes")
+    assert made.exit_code == 0, made.output
+    assert TOY_PLAN in made.stderr and _resyntheses(toy_references) == 6
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_generation_says_what_was_kept(
+    toy_references: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As 'rsx query': each batch is stored whole, the count is said, the exit status is 130."""
+    from resynth_index.config import LabSettings
+    from resynth_index.lab import Lab
+
+    settings = LabSettings.load(toy_references)
+    settings.generation_batch_size = 2  # one batch per toy generator (2 captions)
+    settings.save(toy_references)
+    with Lab.open(toy_references) as lab:
+        model_class = type(lab.generator_model(lab.generators()[0]))
+    real = model_class.generate
+    calls: list[int] = []
+
+    def generate_then_interrupt(self, requests, *args, **kwargs):
+        calls.append(len(requests))
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(self, requests, *args, **kwargs)
+
+    monkeypatch.setattr(model_class, "generate", generate_then_interrupt)
+    interrupted = _rsx(toy_references, "calibrate", "--coverage", "0.8")
+    assert interrupted.exit_code == 130 and calls == [2, 2]
+    assert interrupted.stderr.splitlines()[-1] == (
+        "interrupted: 2 resyntheses stored; rerun to continue"
+    )
+    assert _resyntheses(toy_references) == 2 and _stored(toy_references)[0] == []
+    monkeypatch.setattr(model_class, "generate", real)
+    rerun = _rsx(toy_references, "calibrate", "--coverage", "0.8")
+    assert rerun.exit_code == 0, rerun.output
+    assert "planning 4 generations (2 generators x 1 resynthesis x 2 captions" in rerun.stderr
 
 
 def _calibrated_answer(**changes):

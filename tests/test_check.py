@@ -62,13 +62,61 @@ def test_altered_or_missing_blob_is_named_and_not_repairable(toy_lab, make_toy_i
     assert f"cannot repair: blob {shas[1]}: missing" in result.output
 
 
-def test_orphan_blob_is_removed_by_repair(toy_lab):
+def test_an_orphan_blob_goes_to_quarantine_never_away(toy_lab, tmp_path):
+    """One orphan among ten blobs (10 %): a repair moves it to the lab's quarantine, where a
+    check notes it, and only --purge-quarantine deletes it."""
+    from hostile_files import good_images
+
+    good_images(tmp_path / "incoming", 9)
+    assert rsx(toy_lab, "ingest", str(tmp_path / "incoming")).exit_code == 0
     with Lab.open(toy_lab) as lab:
-        data = b"orphan bytes"
-        sha = hashlib.sha256(data).hexdigest()
-        lab.blobs.put(sha, data)
+        sha = _orphan(lab)
+        quarantined = lab.quarantine.path_for(sha)
     assert rsx(toy_lab, "check").exit_code == 1
-    assert rsx(toy_lab, "check", "--repair").exit_code == 0
+    repaired = rsx(toy_lab, "check", "--repair")
+    assert repaired.exit_code == 0, repaired.output
+    assert "repaired: moved 1 orphan blob to quarantine" in repaired.output
+    assert quarantined.read_bytes() == b"bytes no row points at"
+    noted = rsx(toy_lab, "check")
+    assert noted.exit_code == 0 and "1 blob(s) in quarantine" in noted.output
+    purged = rsx(toy_lab, "check", "--repair", "--purge-quarantine")
+    assert purged.exit_code == 0 and "deleted 1 quarantined blob(s)" in purged.output
+    assert not quarantined.exists()
+    assert rsx(toy_lab, "check").output == "ok: database, blobs and index agree\n"
+
+
+def test_orphans_of_a_database_without_images_stay_unless_forced(toy_lab):
+    with Lab.open(toy_lab) as lab:
+        sha = _orphan(lab)
+    held = rsx(toy_lab, "check", "--repair")
+    assert held.exit_code == 1
+    assert "the database holds no image at all" in held.output
+    assert "fix:" not in held.output  # no repair is offered: it would move the evidence
+    with Lab.open(toy_lab) as lab:
+        assert lab.blobs.exists(sha)
+    forced = rsx(toy_lab, "check", "--repair", "--force")
+    assert forced.exit_code == 0, forced.output
+    with Lab.open(toy_lab) as lab:
+        assert not lab.blobs.exists(sha) and lab.quarantine.path_for(sha).is_file()
+
+
+def test_force_and_purge_go_with_repair(toy_lab):
+    for flag in ("--force", "--purge-quarantine"):
+        result = rsx(toy_lab, "check", flag)
+        assert result.exit_code == 2 and "go with --repair" in result.output
+
+
+def test_a_blob_the_database_names_comes_back_from_quarantine(toy_lab, make_toy_image):
+    _ingest_three(toy_lab, make_toy_image)
+    with Lab.open(toy_lab) as lab:
+        sha = sorted(lab.blobs.iter_shas())[0]
+        lab.quarantine.take(lab.blobs, sha)  # as a repair against an older database would
+    check = rsx(toy_lab, "check")
+    assert check.exit_code == 1 and f"blob {sha}: in quarantine, yet the database names it" in (
+        check.output
+    )
+    repaired = rsx(toy_lab, "check", "--repair")
+    assert repaired.exit_code == 0 and "moved 1 blob(s) back from quarantine" in repaired.output
     assert rsx(toy_lab, "check").exit_code == 0
 
 
@@ -127,6 +175,40 @@ def test_repair_during_an_ingest_loses_nothing(toy_lab, make_toy_image, monkeypa
         )
 
 
+@pytest.mark.parametrize("writer", ["query", "resynthesize"])
+def test_images_a_writer_has_not_embedded_yet_are_no_damage(
+    toy_lab, make_toy_image, monkeypatch, writer
+):
+    """A query (or a resynthesis run) stores its images, then embeds them: a check meanwhile
+    notes them and repairs nothing, because the writer holds the blob store's lock until its
+    embeddings are stored (a service under load is such a writer, all the time)."""
+    from resynth_index.media.captions import caption_hash
+    from resynth_index.pipeline import intake
+    from resynth_index.pipeline.query import run_queries
+    from resynth_index.pipeline.resynthesis import resynthesize, runnable_generators
+
+    image = make_toy_image("toy-a", "a kite")
+    reports = []
+
+    def check_now(name: str) -> None:
+        if name == "embedding" and not reports:
+            with Lab.open(toy_lab) as other:
+                reports.append(other.check(repair=True))
+
+    monkeypatch.setattr(intake, "crash_point", check_now)
+    with Lab.open(toy_lab) as lab:
+        if writer == "query":
+            [answer] = run_queries(lab, [image], caption="a kite", candidates=["toy-a"])
+            assert answer.verdict == "toy-a"
+        else:
+            resynthesize(lab, {caption_hash("a kite"): "a kite"}, runnable_generators(lab))
+    [report] = reports
+    assert not report.problems and not report.repaired, report.problems
+    assert any("without an embedding left alone: a writer" in note for note in report.notes)
+    monkeypatch.undo()
+    assert rsx(toy_lab, "check").exit_code == 0
+
+
 # --- the report: grouped, summed up, with the fix; stray files named and left alone -----------
 
 
@@ -155,25 +237,29 @@ def test_an_interrupted_ingest_is_summed_up_with_the_fix_to_run(toy_lab, make_to
     ]
     assert "problem: ... and 27 more orphan blobs" in lines
     assert f"problem: index {index_name}: index file missing" in lines
-    assert lines[-3:] == [
-        "33 problems: 32 orphan blobs, index file missing",
-        f"fix: rsx --lab {toy_lab} check --repair"
-        "  (removes the orphan blobs; rebuilds the index from the database)",
-        " or: rerun the interrupted ingest or query: it stores the orphan blobs' rows",
+    assert (
+        "problem: 32 orphan blob(s) left in place: 32 of 35 blobs (91 %) is more than the 10 %"
+        " a repair moves on its own; rerun the interrupted ingest or query (it stores their"
+        f" rows), restore the lab's database ({toy_lab / 'lab.sqlite'}) from its newest backup,"
+        " or quarantine them with --repair --force"
+    ) in lines
+    assert lines[-2:] == [
+        "34 problems: 32 orphan blobs, orphan blobs held back, index file missing",
+        f"fix: rsx --lab {toy_lab} check --repair  (rebuilds the index from the database)",
     ]
     every = rsx(toy_lab, "check", "--all")
     assert sum("(orphan)" in line for line in every.output.splitlines()) == 32
     assert "more orphan blobs" not in every.output
 
-    repaired = rsx(toy_lab, "check", "--repair")
+    repaired = rsx(toy_lab, "check", "--repair", "--force")
     assert repaired.exit_code == 0, repaired.output
-    assert "repaired: removed 32 orphan blobs" in repaired.output
+    assert "repaired: moved 32 orphan blobs to quarantine" in repaired.output
     assert f"repaired: rebuilt index {index_name} from 3 embedding(s)" in repaired.output
     assert repaired.output.splitlines()[-1] == (
         "33 problems: 32 orphan blobs, index file missing; all repaired"
     )
     again = rsx(toy_lab, "check")
-    assert again.exit_code == 0 and again.output == "ok: database, blobs and index agree\n"
+    assert again.exit_code == 0 and "ok: database, blobs and index agree" in again.output
 
 
 def test_stray_files_are_named_and_never_removed(toy_lab):
@@ -269,7 +355,7 @@ def test_the_summary_counts_each_kind_once_per_problem():
         " index out of step with the database"
     )
     assert report.repairs() == [
-        "removes the orphan blobs",
+        "moves the orphan blobs to the lab's quarantine",
         "embeds them",
         "rebuilds the index from the database",
     ]

@@ -63,6 +63,9 @@ def test_ingest_killed_then_checked_and_rerun(toy_lab, tmp_path, point, nth):
     if check.exit_code != 0:
         assert "problem:" in check.output
         repair = rsx(toy_lab, "check", "--repair")
+        if repair.exit_code != 0:  # the debris is a large share of this small lab: held back
+            assert "orphan blob(s) left in place" in repair.output, repair.output
+            repair = rsx(toy_lab, "check", "--repair", "--force")  # into quarantine
         assert repair.exit_code == 0, repair.output
         again = rsx(toy_lab, "check")
         assert again.exit_code == 0, again.output

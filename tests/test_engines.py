@@ -414,7 +414,7 @@ def test_query_names_the_source_and_the_second_generates_nothing(
 
 @pytest.mark.slow
 def test_check_passes_a_clean_lab_and_finds_an_orphan(engine_lab: Path, tmp_path: Path) -> None:
-    good_images(tmp_path / "in", 2, seed=20)
+    good_images(tmp_path / "in", 9, seed=20)  # one orphan among ten blobs: a repair moves it
     assert rsx(engine_lab, "ingest", str(tmp_path / "in")).exit_code == 0
     clean = rsx(engine_lab, "check")
     assert clean.exit_code == 0, clean.output
@@ -484,7 +484,7 @@ def test_an_unreachable_server_is_one_line_and_no_lab(tmp_path: Path) -> None:
     url = f"postgresql+psycopg://rsx@127.0.0.1:{port}/rsx"
     result = rsx(tmp_path / "lab", "init", "--database", url)
     assert result.exit_code == 1, result.output
-    assert result.output.startswith(f"Error: cannot use the database {url}: ")
+    assert result.output.startswith(f"Error: the lab's database {url} could not be reached (")
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "lab" / "settings.json").exists()
 
@@ -522,7 +522,8 @@ def test_the_password_comes_from_libpq_never_the_url(
     monkeypatch.delenv("PGPASSFILE", raising=False)
 
     refused = rsx(lab_dir, "init", "--database", url)
-    assert refused.exit_code == 1 and "cannot use the database" in refused.output
+    assert refused.exit_code == 1 and "refused this lab" in refused.output
+    assert "credentials (PGPASSWORD, ~/.pgpass)" in refused.output
     assert len(refused.output.strip().splitlines()) == 1, refused.output
     assert not (lab_dir / "settings.json").exists()
 

@@ -143,6 +143,29 @@ def test_fusion_weights_never_look_at_test_queries():
     assert _loo_weights(data, signals, train, test) == chosen
 
 
+def test_fused_loo_records_its_training_and_nested_accuracies():
+    """Each split of ``fused-loo`` records the in-sample accuracy of its weights on the training
+    references (``train_accuracy``) and the rule's nested leave-one-out on them."""
+    from resynth_index.pipeline.fusion_query import fixed_weights, fusion_weight_choice
+
+    data, signals = _synthetic()
+    train, test = _split(data, shots=4)
+    distances = {"none": data.resynthesis_distances(data.features)}
+    known = np.arange(data.n_classes)
+    extra = protocol._score_split(
+        data, "fused-loo", {"none": data.features}, distances, train, test, known, 0, signals, {}
+    )["none"].extra
+    arrays = {
+        "resynthesis": distances["none"][train],
+        "reconstruction": signals.values["none"]["reconstruction"][train],
+    }
+    choice = fusion_weight_choice(arrays, data.labels[train], fixed_weights(sorted(arrays), {}))
+    assert extra["fusion_weights"] == choice.weights
+    assert extra["train_accuracy"] == choice.training_accuracy
+    assert extra["nested_loo_accuracy"] == choice.nested_loo_accuracy
+    assert extra["nested_loo_accuracy"] <= extra["train_accuracy"]
+
+
 def test_aeroblade_ranks_unsupported_candidates_last_and_names_them():
     data, signals = _synthetic()
     train, test = _split(data)

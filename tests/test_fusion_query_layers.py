@@ -2,8 +2,9 @@
 
 ``rsx query --method fused`` measures ``layer-N`` (the resynthesis distance at vision block N
 of the lab's embedder) exactly as ``rsx eval`` does, keeps the blocks' vectors of stored images
-so nothing is read twice, and fuses with the weights ``rsx calibrate --method fused`` chose by
-leave-one-out on the lab's references (or fixed equal ones), saying which.
+so nothing is read twice, and fuses with the weights ``rsx calibrate --method fused`` chose on
+the lab's references (or fixed equal ones), saying which and quoting the choice's nested
+leave-one-out and training accuracies.
 """
 
 from __future__ import annotations
@@ -186,9 +187,9 @@ def test_the_recorded_fusion_ranks_as_fused_loo_with_its_weights(fused_lab: Path
     from resynth_index.evaluation.fusion import load_fusion_signals
     from resynth_index.lab import Lab
     from resynth_index.pipeline.fusion_query import (
-        choose_fusion_weights,
         fixed_weights,
         fuse,
+        fusion_weight_choice,
     )
 
     [stored] = _fused_calibrations(fused_lab)
@@ -204,10 +205,11 @@ def test_the_recorded_fusion_ranks_as_fused_loo_with_its_weights(fused_lab: Path
         "resynthesis": np.where(missing, np.nan, data.resynthesis_distances(data.features)),
         **found.values["none"],
     }
-    weights, accuracy = choose_fusion_weights(
-        signals, data.labels, fixed_weights(sorted(signals), {})
-    )
-    assert weights == record["weights"] and accuracy == pytest.approx(record["loo_accuracy"])
+    choice = fusion_weight_choice(signals, data.labels, fixed_weights(sorted(signals), {}))
+    assert choice.weights == record["weights"]
+    assert choice.training_accuracy == pytest.approx(record["training_accuracy"])
+    assert choice.nested_loo_accuracy == pytest.approx(record["nested_loo_accuracy"])
+    assert "loo_accuracy" not in record  # the in-sample figure goes by its own name
 
     image = _make_image(fused_lab, "toy-b", QUERY_CAPTION, tmp_path / "q.png")
     result = _rsx(
@@ -219,6 +221,8 @@ def test_the_recorded_fusion_ranks_as_fused_loo_with_its_weights(fused_lab: Path
     assert fusion["source"] == "recorded" and fusion["layers"] == [1, 2]
     assert fusion["calibration"]["id"] == stored.id
     assert fusion["calibration"]["references"] == 12
+    for key in ("nested_loo_accuracy", "training_accuracy"):
+        assert fusion["calibration"][key] == record[key]
     assert fusion["weights"] == record["weights"]
     # the evaluation's signals of the same image (now a reference) fused with those weights
     _ingest_one(fused_lab, image, "toy-b", QUERY_CAPTION)
@@ -237,6 +241,9 @@ def test_the_recorded_fusion_ranks_as_fused_loo_with_its_weights(fused_lab: Path
     text = _rsx(fused_lab, "query", str(image), "--caption", QUERY_CAPTION, "--method", "fused")
     assert text.exit_code == 0, text.output
     assert f"fused calibration #{stored.id}" in text.stdout and "layer-2" in text.stdout
+    nested = f"nested leave-one-out accuracy {record['nested_loo_accuracy'] * 100:.1f} %"
+    training = f"training accuracy (in-sample) {record['training_accuracy'] * 100:.1f} %"
+    assert nested in text.stdout and training in text.stdout
 
 
 def _evaluation_signals(lab_root: Path, sha256: str):
@@ -277,7 +284,8 @@ def test_the_weights_come_from_the_references_only(fused_lab: Path, tmp_path: Pa
     saved = json.loads(again.stdout)
     assert saved["superseded"] == [first.id]
     assert saved["calibration"]["weights"] == first.record["weights"]
-    assert saved["calibration"]["loo_accuracy"] == first.record["loo_accuracy"]
+    for key in ("nested_loo_accuracy", "training_accuracy"):
+        assert saved["calibration"][key] == first.record[key]
     assert saved["calibration"]["reference_ids"] == first.record["reference_ids"]
     # references change: toy-c's images recorded as toy-a's
     _ingest_references(fused_lab, tmp_path / "wrong", CAPTIONS, 3000, label={"toy-c": "toy-a"})
@@ -287,8 +295,66 @@ def test_the_weights_come_from_the_references_only(fused_lab: Path, tmp_path: Pa
     assert changed.exit_code == 0, changed.output
     latest = _fused_calibrations(fused_lab)[0]
     assert len(latest.record["reference_ids"]) == 24
-    assert latest.record["loo_accuracy"] != first.record["loo_accuracy"]
+    assert latest.record["training_accuracy"] != first.record["training_accuracy"]
     assert "references used: 24" in changed.stdout
+    nested = latest.record["nested_loo_accuracy"]
+    assert f"nested leave-one-out top-1 accuracy on these references: {nested * 100:.1f} %" in (
+        changed.stdout
+    )
+    assert "training accuracy, in-sample:" in changed.stdout
+
+
+def test_an_older_calibration_is_read_and_its_figure_called_training_accuracy(
+    fused_lab: Path, tmp_path: Path
+):
+    """A fused calibration saved before the nested figure existed holds the in-sample accuracy
+    as ``loo_accuracy``: queries still use it, and quote the figure as training accuracy."""
+    from resynth_index.lab import Lab
+    from resynth_index.store.models import CalibrationRow
+
+    [stored] = _fused_calibrations(fused_lab)
+    old = {k: v for k, v in stored.record.items() if not k.endswith("_accuracy")}
+    old["loo_accuracy"] = stored.record["training_accuracy"]
+    with Lab.open(fused_lab) as lab, lab.session() as session:
+        session.get(CalibrationRow, stored.id).record_json = json.dumps(old)
+    image = _make_image(fused_lab, "toy-a", QUERY_CAPTION, tmp_path / "q.png")
+    base = ["query", str(image), "--caption", QUERY_CAPTION, "--method", "fused"]
+    answered = _rsx(fused_lab, *base, "--json")
+    assert answered.exit_code == 0, answered.output
+    fusion = json.loads(answered.stdout.strip().splitlines()[-1])["fusion"]
+    assert fusion["source"] == "recorded" and fusion["calibration"]["id"] == stored.id
+    assert fusion["calibration"]["nested_loo_accuracy"] is None
+    assert fusion["calibration"]["training_accuracy"] == old["loo_accuracy"]
+    text = _rsx(fused_lab, *base)
+    assert text.exit_code == 0, text.output
+    assert "no nested leave-one-out accuracy (calibrated before it was measured)" in text.stdout
+    assert f"training accuracy (in-sample) {old['loo_accuracy'] * 100:.1f} %" in text.stdout
+
+
+def test_a_lab_that_ran_a_fused_query_is_freed_once_closed_and_dropped(
+    toy_lab: Path, make_toy_image
+):
+    """The reconstruction scorer kept per lab (``fusion_query._SCORERS``, weak keys) must not
+    hold its lab, or every lab that ran a fused query would live as long as the process."""
+    import gc
+    import weakref
+
+    from resynth_index.lab import Lab
+    from resynth_index.pipeline import fusion_query
+    from resynth_index.pipeline.query import run_queries
+
+    image = make_toy_image("toy-a", QUERY_CAPTION)
+    lab = Lab.open(toy_lab)
+    [answer] = run_queries(lab, [image], caption=QUERY_CAPTION, method="fused")
+    assert answer.method == "fused" and answer.fusion["signals"]["reconstruction"]
+    assert lab in fusion_query._SCORERS  # the scorer was made, and is kept while the lab lives
+    scorers = len(fusion_query._SCORERS)
+    gone = weakref.ref(lab)
+    lab.close()
+    del lab, answer
+    gc.collect()
+    assert gone() is None
+    assert len(fusion_query._SCORERS) == scorers - 1
 
 
 def test_a_fusion_that_does_not_apply_falls_back_to_fixed_weights(fused_lab: Path, tmp_path):

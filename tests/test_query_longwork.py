@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from resynth_index.cli import cli
-from resynth_index.cli import query as query_command
+from resynth_index.cli import cli, generation
 from resynth_index.cli.app import StatusLine
 from resynth_index.config import LabSettings
 from resynth_index.lab import Lab
@@ -196,7 +195,7 @@ def test_piped_query_shows_the_plan_and_no_progress(toy_lab, make_toy_image):
 
 @pytest.mark.slow
 def test_a_plan_over_the_cap_is_refused_until_yes(toy_lab, make_toy_image, monkeypatch):
-    monkeypatch.setattr(query_command, "GENERATION_CAP", 5)
+    monkeypatch.setattr(generation, "GENERATION_CAP", 5)
     image = make_toy_image("toy-a", CAPTION)
     before = blob_files(toy_lab)
     args = ["query", "--json", str(image), "--caption", CAPTION, "--resyntheses", "2"]

@@ -25,15 +25,9 @@ from serving import (  # noqa: E402
     make_toy_images,
     rsx_command,
     running_service,
-    skip_without_serve_extra,
 )
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _serve_extra() -> None:
-    skip_without_serve_extra()
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("serve_extra")]
 
 
 @pytest.fixture(scope="module")

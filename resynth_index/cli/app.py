@@ -25,6 +25,8 @@ class RsxGroup(click.Group):
             return super().invoke(ctx)
         except RsxError as error:
             raise click.ClickException(str(error)) from None
+        except OSError as error:  # a disk that is full or read-only, a folder that vanished
+            raise click.ClickException(one_line(_os_failure(error))) from None
         except click.NoSuchOption as error:
             if error.option_name in _GLOBAL_OPTIONS and _GLOBAL_HINT not in error.message:
                 command = error.ctx.command_path.split()[1:] if error.ctx else ["COMMAND"]
@@ -33,6 +35,54 @@ class RsxGroup(click.Group):
                     error.option_name, error.message + hint, error.possibilities, error.ctx
                 ) from None
             raise
+        except Exception as error:
+            # the database failed in the middle of a command (a server stopped, a corrupt or
+            # read-only file, a full disk): one line, never a traceback with SQL and parameters
+            where = _database_of(ctx, error)
+            if where is None:
+                raise
+            from resynth_index.store.engine import database_failure
+
+            raise click.ClickException(one_line(database_failure(error, where))) from None
+
+
+def one_line(message: str) -> str:
+    """A message as the single line a failure gets on stderr."""
+    return " ".join(message.split()) or "failed"
+
+
+def _os_failure(error: OSError) -> str:
+    """An operating-system failure in words: what failed, on which file, and why."""
+    why = error.strerror or str(error)
+    where = f" ({error.filename})" if error.filename else ""
+    return f"cannot go on: {why}{where}; what was stored before is kept"
+
+
+def _database_of(ctx: click.Context, error: Exception) -> str | None:
+    """How to name the lab's database in a message about ``error``, when ``error`` is a failure
+    of the database (SQLAlchemy's or a driver's); None for any other error, which is a bug and
+    keeps its traceback."""
+    from sqlalchemy.exc import DBAPIError
+
+    if not isinstance(error, DBAPIError) and not _driver_error(error):
+        return None
+    lab = (ctx.obj or {}).get("lab")
+    if lab is not None:
+        from resynth_index.store.engine import database_name
+
+        return database_name(lab.engine)
+    return str((ctx.obj or {}).get("lab_dir", "of this lab"))
+
+
+def _driver_error(error: Exception) -> bool:
+    """Whether ``error`` is a database driver's own (sqlite3's or psycopg's), raised where no
+    SQLAlchemy wrapper caught it."""
+    import sqlite3
+
+    if isinstance(error, sqlite3.Error):
+        return True
+    psycopg = sys.modules.get("psycopg")
+    return psycopg is not None and isinstance(error, psycopg.Error)
 
 
 _GLOBAL_OPTIONS = ("--lab", "--device")
@@ -43,7 +93,7 @@ _GLOBAL_HINT = "--lab and --device go before the command"
 @click.option(
     "--lab",
     "lab_dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
     help=f"Lab directory (default: ${LAB_ENV}, else a per-user data directory).",
 )
 @click.option(
@@ -70,9 +120,12 @@ def cli(ctx: click.Context, lab_dir: Path | None, device: str | None) -> None:
 
 
 def open_lab(ctx: click.Context):
+    """The lab the command works on; remembered so a failure of its database names it."""
     from resynth_index.lab import Lab
 
-    return Lab.open(ctx.obj["lab_dir"], device=ctx.obj["device"])
+    lab = Lab.open(ctx.obj["lab_dir"], device=ctx.obj["device"])
+    ctx.obj["lab"] = lab
+    return lab
 
 
 def progress_bar(label: str, total: int):

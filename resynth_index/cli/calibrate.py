@@ -1,19 +1,31 @@
 """`rsx calibrate`: calibrate prediction sets (or choose the fused method's weights) on the lab's
-references, for `rsx query` to use."""
+references, for `rsx query` to use.
+
+Like `rsx query`, it first makes the runnable candidates' missing resyntheses of the references'
+captions (`--no-generate`: stored ones only), with the same progress (a status line on a
+terminal), the same planning line on stderr and the same rule: more than `GENERATION_CAP`
+generations need `--yes`. Ctrl-C says how many resyntheses were kept and exits 130.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from resynth_index.cli.app import cli, open_lab
+from resynth_index.cli.app import StatusLine, cli, open_lab
+from resynth_index.cli.generation import GENERATION_CAP, GenerationProgress, announce_plan
 
 if TYPE_CHECKING:
+    from resynth_index.lab import Lab
     from resynth_index.pipeline.calibrated import CalibrationOutcome
     from resynth_index.pipeline.fusion_lab import FusionOutcome
+    from resynth_index.pipeline.resynthesis import PlannedGenerations, ProgressCallback
+    from resynth_index.store.models import GeneratorRow
 
 
 @cli.command()
@@ -22,7 +34,7 @@ if TYPE_CHECKING:
     default="resynthesis",
     show_default=True,
     help="resynthesis: prediction sets of its answers; fused: choose the fused method's"
-    " weights on the references (leave-one-out), for 'rsx query --method fused'.",
+    " weights on the references (best accuracy on a grid), for 'rsx query --method fused'.",
 )
 @click.option(
     "--coverage",
@@ -44,7 +56,17 @@ if TYPE_CHECKING:
     " default_candidates, else all active).",
 )
 @click.option(
-    "--generate", is_flag=True, help="Make runnable candidates' missing resyntheses first."
+    "--generate/--no-generate",
+    default=True,
+    show_default=True,
+    help="Make the runnable candidates' missing resyntheses of the references' captions first,"
+    " as 'rsx query' does (--no-generate: use stored ones only). An imported candidate's"
+    " missing ones become work orders ('rsx export-prompts').",
+)
+@click.option(
+    "--yes",
+    is_flag=True,
+    help=f"Generate even when the calibration plans more than {GENERATION_CAP} generations.",
 )
 @click.option(
     "--fusion-layers",
@@ -54,7 +76,7 @@ if TYPE_CHECKING:
 @click.option("--json", "as_json", is_flag=True, help="Print the saved calibration as JSON.")
 @click.pass_context
 def calibrate(
-    ctx, method, coverage, per_generator, candidates, generate, fusion_layers, as_json
+    ctx, method, coverage, per_generator, candidates, generate, yes, fusion_layers, as_json
 ) -> None:
     """Calibrate prediction sets on the lab's references of known generator.
 
@@ -65,16 +87,21 @@ def calibrate(
     candidates that contain the true generator at the chosen coverage. A new calibration of the
     same candidates replaces the older one for queries; every one stays in the lab for audit.
 
+    As 'rsx query' does, the runnable candidates' missing resyntheses of the references'
+    captions are made first (--no-generate: stored ones only); an imported candidate's missing
+    ones are recorded as work orders ('rsx export-prompts').
+
     \b
     Examples:
       rsx calibrate
       rsx calibrate --coverage 0.9 --per-generator
       rsx calibrate --candidates sd15,sdxl,midjourney --json
-      rsx calibrate --method fused --fusion-layers 1,2,3
+      rsx calibrate --no-generate
+      rsx calibrate --method fused --fusion-layers 1,2,3 --yes
     """
     from click.core import ParameterSource
 
-    from resynth_index.pipeline.calibrated import calibrate_lab, check_method
+    from resynth_index.pipeline.calibrated import check_method
     from resynth_index.pipeline.layers import parse_layers
     from resynth_index.pipeline.query import select_candidates
 
@@ -93,26 +120,106 @@ def calibrate(
     lab = open_lab(ctx)
     names = [n.strip() for n in candidates.split(",") if n.strip()] if candidates else None
     rows = select_candidates(lab, names)
-    if method == "fused":
-        from resynth_index.pipeline.fusion_lab import calibrate_fusion
+    status = StatusLine()
+    watch = GenerationProgress(status)  # rsx query's status line and count of what was stored
+    work = _Work(
+        generate=generate,
+        on_plan=partial(
+            announce_plan,
+            status,
+            yes,
+            what="a calibration",
+            smaller="--no-generate, or fewer --candidates",
+        ),
+        events=watch,
+        echo=partial(_echo, status),
+    )
+    try:
+        with status:
+            if method == "fused":
+                shown = _calibrate_fused(lab, rows, layers, work)
+            else:
+                shown = _calibrate_sets(lab, rows, method, coverage, per_generator, work)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: {watch.kept()}; rerun to continue", err=True)
+        ctx.exit(130)
+    _show(as_json, *shown)
 
-        echo = partial(click.echo, err=True)
-        fused = calibrate_fusion(lab, rows, layers=layers, generate=generate, echo=echo)
-        _show(as_json, _fusion_json(fused), fused.summary["notes"], lambda: fusion_text(fused))
-        return
+
+#: What ``_show`` prints of a saved calibration: its JSON record, its notes, its text.
+_Shown = tuple[dict[str, Any], list[str], Callable[[], str]]
+
+
+@dataclass(frozen=True)
+class _Work:
+    """How a calibration makes what its references lack: whether to generate, and the
+    planning line, progress events and messages that show it (as ``rsx query`` shows them)."""
+
+    generate: bool
+    on_plan: Callable[[PlannedGenerations], None]
+    events: ProgressCallback
+    echo: Callable[[str], None]
+
+
+def _calibrate_sets(
+    lab: Lab,
+    rows: list[GeneratorRow],
+    method: str,
+    coverage: float,
+    per_generator: bool,
+    work: _Work,
+) -> _Shown:
+    """Prediction sets: the missing resyntheses made, then calibrated and saved."""
+    from resynth_index.pipeline.calibrated import calibrate_lab
+
     outcome = calibrate_lab(
         lab,
         rows,
         method=method,
         coverage=coverage,
         per_generator=per_generator,
-        generate=generate,
-        echo=lambda line: click.echo(line, err=True),
+        generate=work.generate,
+        echo=work.echo,
+        on_plan=work.on_plan,
+        events=work.events,
     )
-    _show(as_json, _as_json(outcome), outcome.summary["notes"], lambda: summary_text(outcome))
+    return _as_json(outcome), outcome.summary["notes"], partial(summary_text, outcome)
 
 
-def _show(as_json: bool, record: dict[str, Any], notes: list[str], text) -> None:
+def _calibrate_fused(
+    lab: Lab, rows: list[GeneratorRow], layers: tuple[int, ...], work: _Work
+) -> _Shown:
+    """The fused weights: the references' missing resyntheses made here, with the planning line
+    and progress (``calibrate_fusion`` then finds nothing left to make), then chosen and saved.
+
+    A block the embedder lacks and a lab without any usable reference are refused first.
+    """
+    from resynth_index.pipeline.calibrated import check_usable, prepare_references
+    from resynth_index.pipeline.fusion_lab import FUSED, calibrate_fusion
+    from resynth_index.pipeline.layers import layer_reader
+
+    if layers:
+        layer_reader(lab, layers)  # refused before anything is generated
+    prepare_references(
+        lab,
+        rows,
+        generate=work.generate,
+        check=partial(check_usable, method=FUSED),
+        on_plan=work.on_plan,
+        events=work.events,
+        echo=work.echo,
+    )
+    fused = calibrate_fusion(lab, rows, layers=layers, generate=work.generate, echo=work.echo)
+    return _fusion_json(fused), fused.summary["notes"], partial(fusion_text, fused)
+
+
+def _echo(status: StatusLine, line: str) -> None:
+    """A message on stderr, the status line cleared first so that it never lands mid-line."""
+    status.clear()
+    click.echo(line, err=True)
+
+
+def _show(as_json: bool, record: dict[str, Any], notes: list[str], text: Callable[[], str]) -> None:
     """The calibration as one JSON object (its notes on stderr) or as ``text()``."""
     if as_json:
         click.echo(json.dumps(record, sort_keys=True))
@@ -149,7 +256,7 @@ def fusion_text(outcome: FusionOutcome) -> str:
     lines = [
         f"fused calibration #{outcome.id} saved"
         + (f" (supersedes {replaced})" if replaced else "")
-        + f": weights chosen by leave-one-out on the references, layers {layers}",
+        + f": weights chosen by accuracy on the references (0.1-step grid), layers {layers}",
         f"candidates: {', '.join(record.candidates)}"
         f" ({record.distance} distance, {record.aggregation} over resyntheses,"
         f" {record.reconstruction_metric} reconstruction)",
@@ -161,9 +268,12 @@ def fusion_text(outcome: FusionOutcome) -> str:
     alone = ", ".join(
         f"{name} {value * 100:.1f} %" for name, value in sorted(summary["accuracy_alone"].items())
     )
+    nested = record.nested_loo_accuracy
     lines.append(
-        f"leave-one-out top-1 accuracy on these references: {record.loo_accuracy * 100:.1f} %"
-        f" (each signal alone: {alone})"
+        "nested leave-one-out top-1 accuracy on these references:"
+        f" {'-' if nested is None else f'{nested * 100:.1f} %'}"
+        f" (training accuracy, in-sample: {record.training_accuracy * 100:.1f} %;"
+        f" each signal alone: {alone})"
     )
     lines.extend(f"note: {note}" for note in summary["notes"])
     lines.append("'rsx query --method fused' with exactly these candidates now uses these weights")

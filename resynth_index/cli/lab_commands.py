@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from resynth_index.cli.app import cli, open_lab
+from resynth_index.config import DATABASE_FILE
 
 if TYPE_CHECKING:
     from resynth_index.lab import Lab
@@ -123,8 +124,8 @@ def _lab_facts(lab: Lab) -> dict[str, Any]:
     index = stats.index_file_state(lab.index_path)
     settings = lab.settings
     url = lab.engine.url
-    if url.get_backend_name() == "sqlite" and url.database:
-        database = Path(url.database)
+    if url.get_backend_name() == "sqlite":
+        database = lab.root / DATABASE_FILE
         wal = database.with_name(database.name + "-wal")
         store = {
             "url": None,
@@ -304,24 +305,44 @@ SHOWN_PER_KIND = 5
 @cli.command()
 @click.option("--repair", is_flag=True, help="Rebuild what can be derived; name what cannot.")
 @click.option(
+    "--force",
+    is_flag=True,
+    help="With --repair: quarantine orphan blobs even when the database holds no image, when"
+    " they are many (over 10 % of the blobs) or when the index holds vectors the database"
+    " lacks, and rebuild such an index.",
+)
+@click.option(
+    "--purge-quarantine",
+    is_flag=True,
+    help="With --repair: delete the blobs earlier repairs moved to the lab's quarantine.",
+)
+@click.option(
     "--all", "show_all", is_flag=True, help="Every problem, not the first few of each kind."
 )
 @click.pass_context
-def check(ctx: click.Context, repair: bool, show_all: bool) -> None:
+def check(
+    ctx: click.Context, repair: bool, force: bool, purge_quarantine: bool, show_all: bool
+) -> None:
     """Verify the database against the blob store and the vector index.
 
     Prints the problems (the first few of each kind), what was repaired, what cannot be, then
     a summary line and the fix to run. Exits non-zero when any problem remains. Files in the
-    blob store that it never writes are named and left alone.
+    blob store that it never writes are named and left alone. A repair never deletes a blob:
+    orphan blobs go to the lab's quarantine folder, and stay where they are while the database
+    holds no image or the index remembers vectors the database lacks (a lost or old database
+    is restored, not repaired around).
 
     \b
     Examples:
       rsx --lab ./lab check
       rsx --lab ./lab check --repair
       rsx --lab ./lab check --all          # every orphan blob, not the first few
+      rsx --lab ./lab check --repair --purge-quarantine
     """
+    if (force or purge_quarantine) and not repair:
+        raise click.UsageError("--force and --purge-quarantine go with --repair")
     lab = open_lab(ctx)
-    report = lab.check(repair=repair)
+    report = lab.check(repair=repair, force=force, purge_quarantine=purge_quarantine)
     shown = None if show_all else SHOWN_PER_KIND
     for line in report.notes:
         click.echo(f"note: {line}")

@@ -19,13 +19,13 @@ import click
 
 from resynth_index.cli.app import StatusLine, cli, open_lab
 from resynth_index.cli.executors import executor_options, ray_options
+from resynth_index.cli.generation import GENERATION_CAP, GenerationProgress, announce_plan
 from resynth_index.cli.render import render_answer
 
 if TYPE_CHECKING:
-    from resynth_index.pipeline.resynthesis import PlannedGenerations, ProgressEvent
+    pass
 
 #: The most generations one ``rsx query`` makes unless ``--yes`` is given.
-GENERATION_CAP = 1000
 
 
 @cli.command()
@@ -127,7 +127,7 @@ def query(
 
         model = TransformersCaptioner(captioner_path, device=lab.device)
     status = StatusLine()
-    watch = _Progress(status)
+    watch = GenerationProgress(status)
     runner = None
     if on_ray is not None:
         from resynth_index.distributed.executor import RayResynthesizer
@@ -144,15 +144,19 @@ def query(
                 generate=not no_generate,
                 captioner=model,
                 progress=watch,
-                on_plan=partial(_announce_plan, status, yes),
+                on_plan=partial(
+                    announce_plan,
+                    status,
+                    yes,
+                    what="a query",
+                    smaller="lower --resyntheses or --candidates",
+                ),
                 method=method,
                 generator=runner.for_query if runner is not None else None,
                 fusion_layers=layers or None,
             )
     except KeyboardInterrupt:
-        stored = watch.stored
-        kept = f"{stored} resynthes{'is' if stored == 1 else 'es'} stored"
-        click.echo(f"interrupted: {kept}; rerun to continue", err=True)
+        click.echo(f"interrupted: {watch.kept()}; rerun to continue", err=True)
         ctx.exit(130)
     finally:
         if runner is not None:
@@ -212,63 +216,3 @@ def _check_report_path(report: Path, force: bool) -> None:
             )
         if not os.access(report, os.W_OK):
             raise click.ClickException(f"cannot write the report {report}: it is read-only")
-
-
-class _Progress:
-    """Shows the pipeline's progress events on the status line and counts what was stored."""
-
-    def __init__(self, status: StatusLine) -> None:
-        self.status = status
-        self._stored: dict[str, int] = {}  # generator -> resyntheses committed in this call
-
-    @property
-    def stored(self) -> int:
-        """Resyntheses committed so far in this call (each event follows a batch's commit)."""
-        return sum(self._stored.values())
-
-    def __call__(self, event: ProgressEvent) -> None:
-        if event.stage == "generate" and event.generator is not None:
-            self._stored[event.generator] = event.done
-            text = f"{event.generator}: generating {event.done} of {event.total}"
-        elif event.stage == "load":
-            text = f"loading and captioning images: {event.done} of {event.total}"
-        elif event.stage == "embed":
-            text = f"embedding: {event.done} of {event.total} images"
-        else:
-            text = f"{event.stage}: {event.done} of {event.total}"
-        self.status.show(text)
-
-
-def _announce_plan(status: StatusLine, yes: bool, planned: PlannedGenerations) -> None:
-    """Say what will be generated; refuse more than ``GENERATION_CAP`` without ``--yes``.
-
-    Called by the pipeline before anything is stored, so a refusal leaves nothing written.
-    """
-    if planned.total <= 0:
-        return
-    status.clear()
-    click.echo(f"planning {describe_plan(planned)}", err=True)
-    if planned.total > GENERATION_CAP and not yes:
-        raise click.ClickException(
-            f"{planned.total} generations is more than the {GENERATION_CAP} a query makes "
-            "without asking; pass --yes to go ahead, or lower --resyntheses or --candidates"
-        )
-
-
-def describe_plan(planned: PlannedGenerations) -> str:
-    """``12 generations (2 generators x 3 resyntheses x 2 captions)``, and what is reused."""
-    counts = sorted(set(planned.resyntheses.values()))
-    per = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-    parts = [
-        _plural(len(planned.generators), "generator", "generators"),
-        f"{per} {'resynthesis' if per == '1' else 'resyntheses'}",
-        _plural(planned.captions, "caption", "captions"),
-    ]
-    text = f"{_plural(planned.total, 'generation', 'generations')} ({' x '.join(parts)}"
-    if planned.stored:
-        text += f", less {planned.stored} already stored"
-    return text + ")"
-
-
-def _plural(count: int, one: str, many: str) -> str:
-    return f"{count} {one if count == 1 else many}"

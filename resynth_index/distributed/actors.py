@@ -52,10 +52,16 @@ class GeneratorWorker:
         self.spec: GeneratorSpec | None = None
         self.model: Any = None
         self.hashed: list[str] = []  # the weight files this actor had to read
+        self.batches = 0  # the batches this actor generated
 
     def pid(self) -> int:
         """The process id of this actor (tests kill it to check that a run survives)."""
         return os.getpid()
+
+    def batches_made(self) -> int:
+        """How many batches this actor generated since it started (tests check that the work
+        went to the actors that were free)."""
+        return self.batches
 
     def files_hashed(self) -> list[str]:
         """The files this actor read to fingerprint its generators (those the coordinator did
@@ -114,6 +120,7 @@ class GeneratorWorker:
             [GenerationRequest(caption, seed) for caption, seed in requests],
             batch_size=batch_size,
         )
+        self.batches += 1
         return [encode_png(image) for image in images]
 
 

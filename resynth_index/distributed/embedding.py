@@ -21,6 +21,7 @@ from resynth_index.distributed.executor import (
     TASK_RETRIES,
     RayOptions,
     join_ray,
+    leave_ray,
     ray_cause,
     require_ray,
 )
@@ -98,7 +99,7 @@ class RayEmbedder:
             ray.kill(actor, no_restart=True)
         self.pool = []
         if self._started_ray:
-            ray.shutdown()
+            leave_ray()
             self._started_ray = False
 
     def __enter__(self) -> RayEmbedder:

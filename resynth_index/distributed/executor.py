@@ -5,10 +5,12 @@ missing (caption, seed) pairs of each generator are cut into tasks of ``batch_si
 of a local batch. A batch size of "auto" (the lab's default) is resolved as the local path
 resolves it, by ``models.generators.batching.generator_batch_size`` on an actor, where the
 generator runs (its device, its free memory once loaded), once per generator before the run.
-Each task goes to a pool of actors that hold that generator (one per GPU where the cluster has
-GPUs, one per CPU otherwise). Every actor can hold any generator: the tasks go out
-in plan order, generator after generator, so each actor loads each generator once, and one pool
-serves the whole run (and, for a ``RayResynthesizer`` kept open, the runs after it).
+Each task goes to an actor of a pool (one per GPU where the cluster has GPUs, one per CPU
+otherwise) that is free: one task in flight per actor, the next handed to whichever finishes
+first, so a slow actor never holds a queue while the others idle. Every actor can hold any
+generator: the tasks go out in plan order, generator after generator, so each actor loads each
+generator once, and one pool serves the whole run (and, for a ``RayResynthesizer`` kept open,
+the runs after it).
 
 Why the coordinator writes. Every result comes back here as PNG bytes and is stored by
 ``pipeline.resynthesis.store_resyntheses``, the function the local path stores with: blobs,
@@ -23,14 +25,22 @@ committed batch and a re-run plans only the rest.
 Faults. Actors are created with ``max_restarts`` and ``max_task_retries``: an actor whose
 process dies is restarted (reloading its generator) and its unfinished tasks run again.
 Generation is deterministic per (generator, caption, seed), so a rerun task returns the same
-pictures.
+pictures. What Ray cannot recover from (a task's own error, an actor dead beyond its restarts,
+an object or its owner lost, a worker crashed) ends the run with one line, never a traceback:
+the tasks still in flight are cancelled, every batch stored so far stays committed, and a rerun
+plans only the rest. Nothing is lost but the work of the batches not stored yet.
 """
 
 from __future__ import annotations
 
+import bisect
 import io
+import logging
 import os
-from collections.abc import Callable, Sequence
+import sys
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, redirect_stdout, suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -41,6 +51,7 @@ from resynth_index.distributed.lent_digests import lend_generator
 from resynth_index.errors import RsxError
 from resynth_index.models.generators import factory
 from resynth_index.models.generators.batching import default_batch_size, is_auto
+from resynth_index.pipeline.batch_writer import interrupts_deferred
 from resynth_index.pipeline.resynthesis import (
     ProgressCallback,
     ProgressEvent,
@@ -57,8 +68,10 @@ if TYPE_CHECKING:
 #: How often Ray restarts a dead actor, and reruns a task whose actor died, before giving up.
 ACTOR_RESTARTS = 4
 TASK_RETRIES = 4
-#: Tasks in flight per actor: one running, one queued, so an actor never idles between tasks.
-TASKS_PER_ACTOR = 2
+#: Ray's switch for logging to the terminal (see ``_ray_log_in_files``).
+RAY_LOG_TO_STDERR = "RAY_LOG_TO_STDERR"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,7 +100,12 @@ def require_ray() -> Any:
 
 def join_ray(options: RayOptions) -> bool:
     """Join the cluster ``options`` names, or start a local Ray; True when this call started
-    one (its owner shuts it down). A process already connected stays as it is."""
+    one (its owner shuts it down, ``leave_ray``). A process already connected stays as it is.
+
+    Nothing Ray says reaches stdout, which holds only what rsx prints (``--json``: JSON lines):
+    the actors' output stays on their nodes (``log_to_driver``), the driver's Python log goes
+    to stderr, its C++ log to Ray's files (``_ray_log_in_files``), and the rest is sent to
+    stderr while Ray starts (``stdout_to_stderr``)."""
     ray = require_ray()
     if ray.is_initialized():
         return False
@@ -98,10 +116,80 @@ def join_ray(options: RayOptions) -> bool:
     else:
         kwargs["address"] = options.address
     try:
-        ray.init(**kwargs)
+        with stdout_to_stderr(), _ray_log_in_files():
+            ray.init(**kwargs)
     except ConnectionError as error:
         raise RsxError(f"cannot reach the Ray cluster at {options.address}: {error}") from None
     return options.address is None
+
+
+def leave_ray() -> None:
+    """Disconnect from Ray, stopping the local Ray this process started; as quiet on stdout as
+    ``join_ray``."""
+    with stdout_to_stderr():
+        require_ray().shutdown()
+
+
+@contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """While the block runs, what this process writes to stdout goes to stderr: Python's
+    ``sys.stdout``, and file descriptor 1 itself, which the processes started meanwhile inherit.
+
+    Ray prints to stdout in ways ``log_to_driver`` does not stop: a ``print`` in some builds (the
+    usage-stats notice of a nightly wheel), and every line of the processes a local Ray starts
+    (the GCS server, the raylet, and the workers the raylet starts later) where they keep their
+    parent's stdout rather than Ray's log files (they do under ``RAY_LOG_TO_STDERR=1``, which
+    ``_ray_log_in_files`` takes away). Only while Ray starts or stops: another thread's output
+    to stdout meanwhile goes to stderr too (rsx prints its results once the work is done).
+    """
+    for stream in (sys.stdout, sys.__stdout__):
+        if stream is not None:
+            stream.flush()  # what was printed before stays first on stdout
+    saved = _point_stdout_at_stderr()
+    try:
+        with redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if sys.stderr is not None:
+            sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+@contextmanager
+def _ray_log_in_files() -> Iterator[None]:
+    """While Ray starts, without ``RAY_LOG_TO_STDERR``: Ray's C++ parts (this process's core
+    worker, and the GCS server and raylet of a local Ray) would obey it by writing their log to
+    stdout (Ray 2.60 does, for the whole session, so no redirection while Ray starts can help).
+    Their log stays in Ray's files; a warning says so."""
+    value = os.environ.pop(RAY_LOG_TO_STDERR, None)
+    if value is not None and value.strip() not in ("", "0"):
+        logger.warning(
+            "%s is ignored: Ray would write its log to stdout, which holds only what rsx "
+            "prints; it stays in Ray's log files (/tmp/ray/session_latest/logs)",
+            RAY_LOG_TO_STDERR,
+        )
+    try:
+        yield
+    finally:
+        if value is not None:
+            os.environ[RAY_LOG_TO_STDERR] = value
+
+
+def _point_stdout_at_stderr() -> int | None:
+    """Make file descriptor 1 a copy of 2; a copy of what 1 was, to put back (None, touching
+    nothing, where this process has no such descriptors)."""
+    try:
+        saved = os.dup(1)
+    except OSError:
+        return None
+    try:
+        os.dup2(2, 1)
+    except OSError:
+        os.close(saved)
+        return None
+    return saved
 
 
 class RayResynthesizer:
@@ -128,7 +216,7 @@ class RayResynthesizer:
         """Let the pool go, and stop Ray if this object started it."""
         self._release_pool()
         if self._started_ray:
-            require_ray().shutdown()
+            leave_ray()
             self._started_ray = False
 
     def __enter__(self) -> RayResynthesizer:
@@ -331,48 +419,69 @@ class RayResynthesizer:
         progress: Callable[[int], None] | None,
         events: ProgressCallback | None,
     ) -> list[int]:
-        """Submit ``tasks`` in plan order (a window of them in flight), store each as it lands;
-        the image ids made, each joining ``plan.stored``.
+        """Hand ``tasks`` out in plan order, each to an actor that is free (``_Flight``), and
+        store each batch as it lands; the image ids made, each joining ``plan.stored``.
 
-        Submitted in order, a generator's tasks reach every actor before the next generator's,
-        so an actor loads each generator once.
+        Before each batch is stored, every actor whose task has finished meanwhile is handed its
+        next one, so it generates while this process stores. Should anything fail, the tasks
+        still in flight are cancelled before the error goes on: every batch stored so far stays
+        committed, and a rerun makes the rest.
         """
         ray = require_ray()
-        waiting = list(reversed(tasks))  # popped from the end: plan order
-        running: dict[Any, _Task] = {}
-        done: dict[str, int] = {}
+        flight = _Flight(self.pool, tasks)
+        landing = _Landing(plan)
+        fetched: deque[tuple[_Task, list[bytes]]] = deque()  # at most one batch per actor
+        done: dict[str, int] = {}  # resyntheses stored per generator
         made: list[int] = []
-        turn = 0
-        while waiting or running:
-            while waiting and len(running) < TASKS_PER_ACTOR * len(self.pool):
-                task = waiting.pop()
-                if task.spec.name not in done:
-                    done[task.spec.name] = 0
-                    if events is not None:
-                        events(ProgressEvent("generate", 0, task.of, task.spec.name))
-                actor = self.pool[turn % len(self.pool)]
-                turn += 1
-                requests = [(captions[c], seed) for c, seed in task.chunk]
-                running[actor.generate.remote(task.spec, requests, task.batch_size)] = task
-            ready, _ = ray.wait(list(running), num_returns=1)
-            task = running.pop(ready[0])
-            try:
-                images = [_decode(data) for data in ray.get(ready[0])]
-            except ray.exceptions.RayTaskError as error:
-                raise RsxError(
-                    f"generating with {task.spec.name!r} on Ray: {ray_cause(error)}"
-                ) from None
-            except ray.exceptions.RayActorError as error:  # could not start, or died for good
-                raise RsxError(
-                    f"a Ray actor generating with {task.spec.name!r} could not start or died "
-                    f"beyond its {ACTOR_RESTARTS} restarts: {ray_cause(error)}"
-                ) from None
-            done[task.spec.name] += len(task.chunk)
-            committed = None
-            if events is not None:
-                event = ProgressEvent("generate", done[task.spec.name], task.of, task.spec.name)
-                committed = partial(events, event)
-            image_ids = store_resyntheses(
+
+        def send(actor: Any, task: _Task) -> Any:
+            if task.spec.name not in done:
+                done[task.spec.name] = 0
+                if events is not None:
+                    events(ProgressEvent("generate", 0, task.of, task.spec.name))
+            requests = [(captions[c], seed) for c, seed in task.chunk]
+            return actor.generate.remote(task.spec, requests, task.batch_size)
+
+        try:
+            flight.hand_out(send)
+            while flight.running or fetched:
+                for ref, actor, task in flight.finished(wait=not fetched):
+                    try:
+                        fetched.append((task, ray.get(ref)))
+                    except ray.exceptions.RayError as error:
+                        raise self._failed(flight, error, task, len(made)) from None
+                    flight.free.append(actor)
+                flight.hand_out(send)
+                task, pictures = fetched.popleft()
+                done[task.spec.name] += len(task.chunk)
+                image_ids = self._store(task, pictures, plan, done[task.spec.name], events)
+                del pictures  # let go before the next batch is fetched
+                landing.add(task.spec.name, task.chunk, image_ids)
+                made.extend(image_ids)
+                if progress is not None:
+                    progress(len(task.chunk))
+        except BaseException:
+            flight.cancel()
+            raise
+        return made
+
+    def _store(
+        self,
+        task: _Task,
+        pictures: list[bytes],
+        plan: ResynthesisPlan,
+        done: int,
+        events: ProgressCallback | None,
+    ) -> list[int]:
+        """Store ``task``'s batch (PNG bytes from its actor), ``done`` being its generator's
+        count once it is; the image ids, in ``task.chunk`` order. A Ctrl-C meanwhile is held
+        back until the batch is stored whole, as on the local path."""
+        images = [_decode(data) for data in pictures]
+        committed = None
+        if events is not None:
+            committed = partial(events, ProgressEvent("generate", done, task.of, task.spec.name))
+        with interrupts_deferred():
+            return store_resyntheses(
                 self.lab,
                 task.row,
                 task.spec.settings_hash,
@@ -381,13 +490,84 @@ class RayResynthesizer:
                 plan.sha256,
                 on_committed=committed,
             )
-            del images
-            for (caption, _seed), image_id in zip(task.chunk, image_ids, strict=True):
-                plan.stored[(caption, task.spec.name)].append(image_id)
-            made.extend(image_ids)
-            if progress is not None:
-                progress(len(task.chunk))
-        return made
+
+    def _failed(self, flight: _Flight, error: Any, task: _Task, kept: int) -> RsxError:
+        """The one-line error for a Ray failure of ``task``, once the tasks still in flight are
+        cancelled; ``kept`` resyntheses were stored before it. A failure that is not the task's
+        own (an actor dead for good, an object or its owner lost, a worker crashed) lets the pool
+        go too: a pool kept open for later runs (``rsx query``) starts afresh at the next."""
+        ray = require_ray()
+        flight.cancel()
+        if not isinstance(error, ray.exceptions.RayTaskError):
+            self._release_pool()
+        return RsxError(_failure(ray, error, task.spec.name) + _kept(kept))
+
+
+class _Flight:
+    """A run's tasks between plan and store: those waiting (in plan order), the actors that are
+    free, and one task in flight per busy actor (ref -> actor and task).
+
+    Each task goes to an actor that is free, never into the queue of a busy one: a slow actor (a
+    slower device, a restart reloading its generator) takes fewer tasks, where handing them out
+    in turn would leave the others idle at the end of the run while its queue drains. Tasks
+    still leave in plan order, generator after generator, so an actor sees a generator's tasks
+    before the next's and loads each once; the first goes to the pool's first actor, the one
+    that sized the batches (``_auto_sizes``) and holds the first generator. Batches land in any
+    order: each is stored on its own (``store_resyntheses``) and ``_Landing`` keeps the seeds'.
+    """
+
+    def __init__(self, pool: Sequence[Any], tasks: Sequence[_Task]) -> None:
+        self.waiting = deque(tasks)
+        self.free = deque(pool)
+        self.running: dict[Any, tuple[Any, _Task]] = {}
+
+    def hand_out(self, send: Callable[[Any, _Task], Any]) -> None:
+        """Give each free actor the next waiting task (``send`` submits it, returning its ref)."""
+        while self.waiting and self.free:
+            actor, task = self.free.popleft(), self.waiting.popleft()
+            self.running[send(actor, task)] = (actor, task)
+
+    def finished(self, wait: bool) -> list[tuple[Any, Any, _Task]]:
+        """The tasks in flight that have finished, well or not (each as its ref, its actor and
+        the task), taken out of flight; with ``wait``, at least one, waited for."""
+        ray = require_ray()
+        ready, rest = [], list(self.running)
+        if wait and rest:
+            ready, rest = ray.wait(rest, num_returns=1)
+        if rest:
+            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+            ready = [*ready, *more]
+        return [(ref, *self.running.pop(ref)) for ref in ready]
+
+    def cancel(self) -> None:
+        """Cancel every task in flight and drop those waiting: after a failure their pictures
+        would not be stored (a rerun makes them), so the actors should not spend time on them.
+        A task that finished meanwhile, or whose actor is gone, cannot be cancelled: that is
+        not an error."""
+        ray = require_ray()
+        for ref in self.running:
+            with suppress(Exception):
+                ray.cancel(ref)
+        self.running.clear()
+        self.waiting.clear()
+
+
+class _Landing:
+    """Puts each stored batch's image ids into ``plan.stored`` in seed order after the ones the
+    plan found, as the local path appends them, whatever order the batches land in: an answer
+    lists its distances to a generator's resyntheses in that order, and the audit keeps it."""
+
+    def __init__(self, plan: ResynthesisPlan) -> None:
+        self.plan = plan
+        self._seeds: dict[tuple[str, str], list[int]] = defaultdict(list)  # landed, sorted
+
+    def add(self, name: str, chunk: Sequence[tuple[str, int]], image_ids: Sequence[int]) -> None:
+        for (caption, seed), image_id in zip(chunk, image_ids, strict=True):
+            seeds = self._seeds[(caption, name)]
+            place = bisect.bisect(seeds, seed)
+            seeds.insert(place, seed)
+            stored = self.plan.stored[(caption, name)]
+            stored.insert(len(stored) - (len(seeds) - 1) + place, image_id)
 
 
 @dataclass(frozen=True)
@@ -414,6 +594,30 @@ def _absolute(lab: Lab, stored: str | None) -> Path | None:
 def ray_cause(error: Any) -> str:
     """The last line of what a Ray error carries (its cause's message, for a task error)."""
     return str(getattr(error, "cause", None) or error).strip().splitlines()[-1]
+
+
+def _failure(ray: Any, error: Any, name: str) -> str:
+    """What went wrong generating with ``name``, in one line, for any Ray error: the task's own
+    error, an actor dead for good, or the rest (an object or its owner lost, a worker crashed,
+    a timeout), named by its kind."""
+    if isinstance(error, ray.exceptions.RayTaskError):
+        return f"generating with {name!r} on Ray: {ray_cause(error)}"
+    if isinstance(error, ray.exceptions.RayActorError):  # could not start, or died for good
+        return (
+            f"a Ray actor generating with {name!r} could not start or died beyond its "
+            f"{ACTOR_RESTARTS} restarts: {ray_cause(error)}"
+        )
+    return f"generating with {name!r} on Ray: {type(error).__name__}: {ray_cause(error)}"
+
+
+def _kept(count: int) -> str:
+    """What a failed run kept, said after its error: the batches stored before the failure stay
+    stored ("" when there were none)."""
+    if not count:
+        return ""
+    one = count == 1
+    stored = f"{count} resynthes{'is' if one else 'es'} stored before the failure"
+    return f" ({stored} {'is' if one else 'are'} kept; a rerun makes only the rest)"
 
 
 def _decode(data: bytes) -> Any:

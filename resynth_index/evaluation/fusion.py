@@ -23,10 +23,12 @@ Methods:
   with weights chosen per repeat on the training references only: every weight vector on a grid
   over the simplex (steps of ``GRID_STEP``) is scored by its accuracy on the training references,
   and the best wins; ties go to the tied vector closest (L1) to the fixed weights (equal unless
-  ``--fusion-weights``), then to the first in grid order. No signal is fitted to the references
-  (each is training-free), so this training accuracy is exactly the leave-one-out accuracy. Test
-  queries never enter the choice; the weights chosen on clean references serve every
-  post-processing.
+  ``--fusion-weights``), then to the first in grid order. Test queries never enter the choice;
+  the weights chosen on clean references serve every post-processing. Each split records two
+  figures of the training references: ``train_accuracy``, the chosen weights' accuracy on the
+  references they were chosen on (in-sample: the best of the grid, optimistic), and
+  ``nested_loo_accuracy``, each training reference scored with the weights the rule chooses on
+  the other training references. The method's accuracy itself is measured on the test queries.
 
 Families (``--families a+a-ft,b+b-ft1+b-ft2``) are declared explicitly: each group names
 generators that look alike (a base model and its fine-tunes). Queries whose true generator has a
@@ -50,6 +52,7 @@ from resynth_index.pipeline.fusion_query import (  # the rule and the weights: s
     choose_fusion_weights,
     fixed_weights,
     fuse,
+    fusion_weight_choice,
     rank_missing_last,
     weight_grid,
 )
@@ -62,7 +65,14 @@ if TYPE_CHECKING:
     from resynth_index.lab import Lab
 
 FUSION_METHODS = ("aeroblade", "fused", "fused-loo")
-__all__ = ["GRID_STEP", "choose_fusion_weights", "fixed_weights", "layer_signal", "weight_grid"]
+__all__ = [
+    "GRID_STEP",
+    "choose_fusion_weights",
+    "fixed_weights",
+    "fusion_weight_choice",
+    "layer_signal",
+    "weight_grid",
+]
 NO_SIGNAL_UNKNOWNNESS = 1e3  # beyond any distance: a query no candidate could reconstruct
 CLEAN_KEY = "none"  # the clean condition's name (``protocol.CLEAN``, which imports this module)
 
@@ -296,11 +306,10 @@ def score_fusion_split(
     weights = fixed_weights(names, {k: v for k, v in given_weights.items() if k in names})
     extra: dict[str, Any] = {"unsupported": unsupported}
     if method == "fused-loo":
-        prior = weights
-        weights, train_accuracy = choose_fusion_weights(
-            signal_arrays(CLEAN_KEY, train), y_train, prior
-        )
-        extra["train_accuracy"] = train_accuracy
+        choice = fusion_weight_choice(signal_arrays(CLEAN_KEY, train), y_train, weights)
+        weights = choice.weights
+        extra["train_accuracy"] = choice.training_accuracy  # in-sample
+        extra["nested_loo_accuracy"] = choice.nested_loo_accuracy
     elif method != "fused":
         raise ValueError(f"not a fusion method: {method!r}")
     extra["fusion_weights"] = dict(weights)

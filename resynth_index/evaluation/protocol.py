@@ -423,6 +423,8 @@ def _summarise(data, config, usable, conditions, runs, splits, notes) -> dict[st
             entry["fusion_weights"] = [r["fusion_weights"] for r in records]
         if "train_accuracy" in records[0]:
             entry["train_accuracy"] = [r["train_accuracy"] for r in records]
+        if "nested_loo_accuracy" in records[0]:
+            entry["nested_loo_accuracy"] = [r["nested_loo_accuracy"] for r in records]
         if "unsupported" in records[0]:
             entry["unsupported"] = records[0]["unsupported"]
         if "families" in records[0]:

@@ -182,7 +182,16 @@ def fusion_weight_lines(summary: dict) -> list[str]:
                 continue
             names = sorted(chosen[0])
             mean = {n: sum(w.get(n, 0.0) for w in chosen) / len(chosen) for n in names}
-            parts.append(f"{shots}-shot " + " ".join(f"{n}={mean[n]:.2f}" for n in names))
+            part = f"{shots}-shot " + " ".join(f"{n}={mean[n]:.2f}" for n in names)
+            nested = entry.get("nested_loo_accuracy") or []
+            training = entry.get("train_accuracy") or []
+            if nested and training:
+                part += (
+                    f" (training references: nested leave-one-out"
+                    f" {sum(nested) / len(nested) * 100:.1f} %, training accuracy"
+                    f" {sum(training) / len(training) * 100:.1f} %)"
+                )
+            parts.append(part)
         if parts:
             how = "fixed" if method == "fused" else "chosen on the training references"
             lines.append(f"{method} weights ({how}, mean over repeats): " + "; ".join(parts))

@@ -5,16 +5,22 @@ runs each batch's store (PNG encoding, hashing, the blobs, the rows, the embedde
 its own thread, one batch at a time and in generation order, while the caller generates the
 next. In line: the caller stores the batch itself, inside ``interrupts_deferred``, so that a
 Ctrl-C meanwhile is raised only once the batch is stored whole. Either way an interrupted run
-keeps every batch it generated.
+keeps every batch it generated, and a batch that could not be stored is never passed over in
+silence.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+from resynth_index.errors import RsxError
+
+logger = logging.getLogger(__name__)
 
 
 def stores_beside_generation(device: str) -> bool:
@@ -60,6 +66,11 @@ class BatchWriter:
     being there to store it. Leaving the ``with`` block lets the thread finish every batch handed
     to it, also when the caller leaves with an error or Ctrl-C (which reaches the caller, never
     this thread): a batch that was generated is stored, never lost, before the error goes on.
+
+    Should that last batch fail to be stored while the caller leaves with its own error, the
+    caller's error is the one that goes on (it is why the run stopped), and the batch's is
+    logged and kept in ``lost_error``, so that the command's summary can say the last batch
+    could not be stored (its resyntheses are missing: a rerun makes them).
     """
 
     def __init__(self) -> None:
@@ -67,6 +78,8 @@ class BatchWriter:
         self._idle = threading.Event()
         self._idle.set()
         self._error: BaseException | None = None
+        #: The last batch's error, when the caller left the block with an error of its own.
+        self.lost_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="rsx-batch-writer")
         self._thread.start()
 
@@ -99,4 +112,20 @@ class BatchWriter:
         self._jobs.put(None)  # after every batch handed over: the thread stores them, then ends
         self._thread.join()
         if kind is None:
-            self.wait()  # the last batch's error; with the caller's own error, that one goes on
+            self.wait()  # the last batch's error
+        else:
+            self._keep_lost_error()  # the caller's own error goes on
+
+    def _keep_lost_error(self) -> None:
+        """Log the last batch's error, if any, and keep it in ``lost_error``: the caller is
+        leaving with its own error, which is the one raised, but this one must not vanish (a
+        user error in one line, anything else with its traceback)."""
+        error, self._error = self._error, None
+        if error is None:
+            return
+        self.lost_error = error
+        logger.error(
+            "the last batch could not be stored: %s",
+            str(error) or type(error).__name__,
+            exc_info=None if isinstance(error, RsxError) else error,
+        )

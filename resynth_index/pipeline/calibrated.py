@@ -6,7 +6,10 @@ the lab's distance and aggregation), fits the softmax temperature on them, compu
 conformal threshold(s) (``pipeline/conformal.py``) and saves the calibration in the lab
 (``store/calibrations.py``). A reference takes part only when its caption has resyntheses by
 every candidate (all K seeds of a runnable one, at least one supplied image of an imported one)
-and its image is not itself one of them.
+and its image is not itself one of them. As ``rsx query`` does, it first makes the runnable
+candidates' missing resyntheses of those captions (unless ``--no-generate``) and records the
+imported candidates' missing ones as work orders (``prepare_references``); a refusal for too few
+references says which resyntheses are missing and how they come.
 
 ``rsx query`` then looks up the newest active calibration of its candidate set
 (``for_query``) and applies it to each answer (``apply``): the answer gains its prediction set,
@@ -39,9 +42,12 @@ from resynth_index.pipeline.attribution import (
 )
 from resynth_index.pipeline.intake import ensure_embeddings
 from resynth_index.pipeline.resynthesis import (
+    PlannedGenerations,
+    ProgressCallback,
     ResynthesisPlan,
     generate_missing,
     plan_resyntheses,
+    record_pending,
 )
 from resynth_index.store import calibrations, embeddings, repository
 from resynth_index.store.calibrations import CalibrationReference, StoredCalibration
@@ -92,7 +98,10 @@ class ReferenceSet:
 
     ``generators`` are the candidates (sorted by name); ``references`` the usable ones, each
     with resyntheses of its caption by every candidate (or, with ``generate``, missing ones a
-    runnable candidate will make); ``notes`` say what was left out and why.
+    runnable candidate will make). ``lacking`` counts, per candidate, the references left out
+    for want of its resyntheses; ``short_of`` those references per kind of candidate lacking
+    (``runnable``, ``imported``) and ``left_out`` per true generator. ``notes`` say what was
+    left out and why, and what would bring it in.
     """
 
     generators: list[GeneratorRow]
@@ -100,11 +109,19 @@ class ReferenceSet:
     plan: ResynthesisPlan
     caption_texts: dict[str, str]
     generate: bool
-    notes: list[str] = field(default_factory=list)
+    lacking: dict[str, int] = field(default_factory=dict)
+    short_of: dict[str, int] = field(default_factory=dict)
+    left_out: dict[str, int] = field(default_factory=dict)
+    other_notes: list[str] = field(default_factory=list)  # uncaptioned, copies
 
     @property
     def names(self) -> list[str]:
         return [row.name for row in self.generators]
+
+    @property
+    def notes(self) -> list[str]:
+        """What was left out, each with what would bring it in, in one list."""
+        return [*self.shortfalls(), *self.other_notes]
 
     def counts(self) -> dict[str, int]:
         """Usable references per candidate (0 for a candidate without any)."""
@@ -113,6 +130,38 @@ class ReferenceSet:
         for ref in self.references:
             out[by_id[ref.generator_id]] += 1
         return out
+
+    def shortfalls(self) -> list[str]:
+        """One phrase per kind of candidate whose missing resyntheses left references out,
+        saying what to do: runnable ones are made without --no-generate, imported ones are
+        delivered (their work orders are in 'rsx export-prompts')."""
+        kinds = {row.name: _kind(row) for row in self.generators}
+        out = []
+        for kind, (what, fix) in _SHORTFALLS.items():
+            if not self.short_of.get(kind):
+                continue
+            detail = ", ".join(
+                f"{name} ({n})" for name, n in sorted(self.lacking.items()) if kinds[name] == kind
+            )
+            out.append(
+                f"{self.short_of[kind]} reference(s) left out, lacking {what} {detail}: {fix}"
+            )
+        return out
+
+
+#: kind of candidate -> (what a reference lacks, by whom; how it comes): see ``shortfalls``.
+_SHORTFALLS = {
+    "runnable": ("resyntheses of their caption by", "drop --no-generate to make them"),
+    "imported": (
+        "a resynthesis of their caption by imported",
+        "deliver them ('rsx export-prompts' lists the work orders)",
+    ),
+}
+
+
+def _kind(row: GeneratorRow) -> str:
+    """``imported`` (rsx cannot run it: its resyntheses are delivered) or ``runnable``."""
+    return "imported" if row.kind == "imported" else "runnable"
 
 
 def check_method(method: str) -> None:
@@ -128,7 +177,7 @@ def find_references(
     """The candidates' captioned references whose captions have resyntheses by every candidate.
 
     Reads only. With ``generate``, a runnable candidate's missing resyntheses count as
-    available (``reference_distances`` makes them).
+    available (``make_missing`` makes them); an imported candidate's never do.
     """
     rows = sorted(generators, key=lambda row: row.name)
     if len(rows) < 2:
@@ -138,43 +187,38 @@ def find_references(
         texts = repository.caption_texts(session, list({r.caption_hash for r in refs}))
     plan = plan_resyntheses(lab, [r.caption_hash for r in refs], rows)
     missing = {(caption, name) for name, work in plan.missing.items() for caption, _seed in work}
-    notes: list[str] = []
+    found = ReferenceSet(
+        generators=rows, references=[], plan=plan, caption_texts=texts, generate=generate
+    )
     if uncaptioned:
-        notes.append(f"{uncaptioned} reference(s) without a caption left out")
-    usable: list[CalibrationReference] = []
-    lacking: dict[str, int] = {}
-    left_out = copies = 0
+        found.other_notes.append(f"{uncaptioned} reference(s) without a caption left out")
+    true_name = {row.id: row.name for row in rows}
+    copies = 0
     for ref in refs:
         absent = [
-            row.name
-            for row in rows
-            if not _available(row, ref.caption_hash, plan, missing, generate)
+            row for row in rows if not _available(row, ref.caption_hash, plan, missing, generate)
         ]
         if absent:
-            left_out += 1
-            for name in absent:
-                lacking[name] = lacking.get(name, 0) + 1
+            _count(found.left_out, true_name[ref.generator_id])
+            for row in absent:
+                _count(found.lacking, row.name)
+            for kind in {_kind(row) for row in absent}:
+                _count(found.short_of, kind)
             continue
         if any(ref.image_id in plan.stored.get((ref.caption_hash, n), []) for n in plan.wanted):
             copies += 1
             continue
-        usable.append(ref)
-    if lacking:
-        detail = ", ".join(f"{name} ({count})" for name, count in sorted(lacking.items()))
-        hint = "" if generate else " (--generate makes the runnable candidates' missing ones)"
-        notes.append(
-            f"{left_out} reference(s) left out: their caption lacks resyntheses by {detail}{hint}"
-        )
+        found.references.append(ref)
     if copies:
-        notes.append(f"{copies} reference(s) left out: the image is itself a stored resynthesis")
-    return ReferenceSet(
-        generators=rows,
-        references=usable,
-        plan=plan,
-        caption_texts=texts,
-        generate=generate,
-        notes=notes,
-    )
+        found.other_notes.append(
+            f"{copies} reference(s) left out: the image is itself a stored resynthesis"
+        )
+    return found
+
+
+def _count(counts: dict[str, int], key: str) -> None:
+    """One more of ``key`` in ``counts``."""
+    counts[key] = counts.get(key, 0) + 1
 
 
 def _available(
@@ -192,46 +236,134 @@ def _available(
 
 
 def check_enough(references: ReferenceSet, coverage: float, per_generator: bool) -> None:
-    """Refuse, in one line naming how many are needed, too few references for ``coverage``."""
+    """Refuse, in one line naming how many are needed and what is missing, too few references
+    for ``coverage``."""
     needed = conformal.references_needed(coverage)
     counts = references.counts()
     at = level(coverage)
-    why = "".join(f"; {note}" for note in references.notes)  # what was left out, if anything
     if per_generator:
         short = {name: n for name, n in counts.items() if n < needed}
         if short:
             have = ", ".join(f"{name} has {n}" for name, n in short.items())
+            left_out = references.left_out
+            within = all(n + left_out.get(name, 0) >= needed for name, n in short.items())
             raise RsxError(
                 f"{at} coverage per generator needs at least {needed} usable references of each"
-                f" candidate; {have} (a usable reference's caption has resyntheses by every"
-                f" candidate): ingest more references or lower --coverage{why}"
+                f" candidate; {have}{_remedy(references, within)}"
             )
         return
     total = sum(counts.values())
     if total < needed:
+        within = total + sum(references.left_out.values()) >= needed
         raise RsxError(
             f"{at} coverage needs at least {needed} usable references of the candidates;"
-            f" the lab has {total} (a usable reference's caption has resyntheses by every"
-            f" candidate): ingest more references or lower --coverage{why}"
+            f" the lab has {total}{_remedy(references, within)}"
         )
+
+
+def _remedy(references: ReferenceSet, within_reach: bool) -> str:
+    """How a refusal for too few references ends: what is missing and what would bring it in
+    (``within_reach``: the references left out would be enough once their resyntheses exist),
+    else more references; then the lower coverage, and the other notes."""
+    fixes = references.shortfalls()
+    if fixes:
+        more = [] if within_reach else ["ingest more references"]
+        text = ": " + "; ".join([*fixes, *more]) + "; or lower --coverage"
+    else:
+        text = (
+            " (a usable reference is captioned and its caption has resyntheses by every"
+            " candidate): ingest more references or lower --coverage"
+        )
+    return text + "".join(f"; {note}" for note in references.other_notes)
+
+
+def check_usable(references: ReferenceSet, method: str) -> None:
+    """Refuse, in one line saying what is missing, a calibration with no usable reference at
+    all (``--method fused`` chooses its weights on at least one)."""
+    if references.references:
+        return
+    fixes = references.shortfalls() or [
+        "ingest some with role 'reference' (a usable reference is captioned and its caption has"
+        " resyntheses by every candidate)"
+    ]
+    raise RsxError(
+        f"--method {method} needs references of the candidates to choose its weights on, and"
+        f" the lab has no usable one: {'; '.join(fixes)}"
+        + "".join(f"; {note}" for note in references.other_notes)
+    )
+
+
+def prepare_references(
+    lab: Lab,
+    generators: Sequence[GeneratorRow],
+    *,
+    generate: bool = True,
+    check: Callable[[ReferenceSet], None] | None = None,
+    on_plan: Callable[[PlannedGenerations], None] | None = None,
+    events: ProgressCallback | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> ReferenceSet:
+    """The usable references with every resynthesis they need stored, as ``rsx query`` would
+    leave them: the runnable candidates' missing ones made (``generate``), the imported
+    candidates' missing ones recorded as work orders.
+
+    The work orders are written first, as ``rsx query`` writes them, so that a refusal can
+    point at 'rsx export-prompts'; then ``check`` may refuse, before anything is generated.
+    After generating, the references are found again: a fresh resynthesis can be a reference's
+    own image (the same bytes), which is then left out, and ``check`` is asked again.
+    """
+    found = find_references(lab, generators, generate=generate)
+    record_pending(lab, found.plan, found.generators)
+    if check is not None:
+        check(found)
+    if not generate or not make_missing(lab, found, on_plan=on_plan, events=events, echo=echo):
+        return found
+    found = find_references(lab, generators, generate=generate)
+    if check is not None:
+        check(found)
+    return found
+
+
+def make_missing(
+    lab: Lab,
+    references: ReferenceSet,
+    *,
+    on_plan: Callable[[PlannedGenerations], None] | None = None,
+    events: ProgressCallback | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> int:
+    """Generate the runnable candidates' missing resyntheses of the usable references'
+    captions, batched and stored as ``rsx query`` makes them; how many were made.
+
+    ``on_plan`` is told what will be generated before the first image is, and may raise to
+    refuse (nothing is written then); without it ``echo`` says how many. ``events`` gets the
+    ``generate`` progress events of ``generate_missing``.
+    """
+    captions = list(dict.fromkeys(r.caption_hash for r in references.references))
+    plan = plan_resyntheses(lab, captions, references.generators)
+    if not plan.missing_count():
+        return 0
+    if on_plan is not None:
+        on_plan(plan.planned())
+    elif echo is not None:
+        echo(f"generating {plan.missing_count()} missing resynthes(es)")
+    texts = {c: references.caption_texts[c] for c in captions}
+    return len(generate_missing(lab, plan, references.generators, texts, events=events))
 
 
 def reference_distances(
     lab: Lab, references: ReferenceSet, echo: Callable[[str], None] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(n, C) aggregated distance of each usable reference to each candidate, and (n,) the
-    column of its true generator. Generates what ``generate`` allowed, embeds what is missing."""
+    column of its true generator. Generates what ``generate`` allowed (nothing is left to make
+    after ``prepare_references``), embeds what is missing."""
     rows = references.generators
     names = references.names
     captions = list(dict.fromkeys(r.caption_hash for r in references.references))
     plan = references.plan
     if references.generate:
+        make_missing(lab, references, echo=echo)
         plan = plan_resyntheses(lab, captions, rows)  # only the usable references' captions
-        if plan.missing_count():
-            if echo:
-                echo(f"generating {plan.missing_count()} missing resynthes(es)")
-            texts = {c: references.caption_texts[c] for c in captions}
-            generate_missing(lab, plan, rows, texts)
     ids = [r.image_id for r in references.references]
     ids += [i for c in captions for n in names for i in plan.stored.get((c, n), [])]
     ensure_embeddings(lab, dict.fromkeys(ids))
@@ -271,19 +403,32 @@ def calibrate_lab(
     method: str = conformal.METHOD,
     coverage: float = 0.95,
     per_generator: bool = False,
-    generate: bool = False,
+    generate: bool = True,
     echo: Callable[[str], None] | None = None,
+    on_plan: Callable[[PlannedGenerations], None] | None = None,
+    events: ProgressCallback | None = None,
 ) -> CalibrationOutcome:
     """Calibrate prediction sets for this candidate set on the lab's references, and save it.
 
-    Every refusal (method, coverage, too few references) comes before anything is written.
+    The runnable candidates' missing resyntheses are made first (``generate``, as ``rsx query``
+    makes them: ``on_plan`` and ``events`` as ``prepare_references`` takes them). Every refusal
+    (method, coverage, too few references) comes before any resynthesis or calibration is
+    written, but for the imported candidates' work orders, which the last one points at (and
+    the rare one after generating: a fresh resynthesis that is a reference's own image).
     """
     check_method(method)
     if method != conformal.METHOD:
         raise RsxError(f"--method {method} is calibrated by pipeline.fusion_lab.calibrate_fusion")
     conformal.references_needed(coverage)  # validates the coverage
-    found = find_references(lab, generators, generate=generate)
-    check_enough(found, coverage, per_generator)
+    found = prepare_references(
+        lab,
+        generators,
+        generate=generate,
+        check=lambda references: check_enough(references, coverage, per_generator),
+        on_plan=on_plan,
+        events=events,
+        echo=echo,
+    )
     distances, labels = reference_distances(lab, found, echo)
     names = found.names
     result = conformal.calibrate(

@@ -5,11 +5,15 @@ method on the lab's usable references (images of known generator whose caption h
 by every candidate, ``calibrated.find_references``): the resynthesis distance, the
 reconstruction distance and the ``layer-N`` distances (``pipeline.layers``). It then chooses
 the weights exactly as ``rsx eval``'s ``fused-loo`` does on its training references
-(``fusion_query.choose_fusion_weights``: the best leave-one-out accuracy on a 0.1-step grid,
-ties to equal weights) and saves them in the calibrations table (method ``fused``) with the
-layers, the references used, the leave-one-out accuracy and every fingerprint and setting the
-signals depend on. Only references are read: no query, and nothing of the query history, enters
-the choice.
+(``fusion_query.fusion_weight_choice``: the best accuracy on the references over a 0.1-step
+grid, ties to equal weights) and saves them in the calibrations table (method ``fused``) with
+the layers, the references used, two accuracies and every fingerprint and setting the signals
+depend on. The accuracies: the nested leave-one-out one (each reference scored with the weights
+the rule chooses on the others: the honest estimate) and the training one (the chosen weights on
+the references they were chosen on: in-sample, optimistic). Calibrations saved before the nested
+figure existed hold only the in-sample one, under ``loo_accuracy``: it is read as the training
+accuracy. Only references are read: no query, and nothing of the query history, enters the
+choice.
 
 ``rsx query --method fused`` then uses the newest active fused calibration of exactly its
 candidate set when it applies (same embedder, candidates' fingerprints, distance, aggregation,
@@ -34,8 +38,8 @@ from resynth_index.pipeline.fusion_query import (
     GRID_STEP,
     RECONSTRUCTION,
     RESYNTHESIS,
-    choose_fusion_weights,
     fixed_weights,
+    fusion_weight_choice,
     query_reconstruction,
     scorer_for,
 )
@@ -68,7 +72,8 @@ class FusionRecord:
     layers: tuple[int, ...]
     candidates: tuple[str, ...]  # sorted
     reference_ids: tuple[int, ...]
-    loo_accuracy: float
+    training_accuracy: float  # in-sample: on the references the weights were chosen on
+    nested_loo_accuracy: float | None  # each reference held out of the choice; None: not measured
     embedder_fingerprint: str
     layer_fingerprints: dict[str, str]  # "N" -> the block's embedder fingerprint
     generator_fingerprints: dict[str, str]
@@ -84,7 +89,8 @@ class FusionRecord:
             "layers": list(self.layers),
             "candidates": list(self.candidates),
             "reference_ids": list(self.reference_ids),
-            "loo_accuracy": self.loo_accuracy,
+            "training_accuracy": self.training_accuracy,
+            "nested_loo_accuracy": self.nested_loo_accuracy,
             "embedder_fingerprint": self.embedder_fingerprint,
             "layer_fingerprints": dict(self.layer_fingerprints),
             "generator_fingerprints": dict(self.generator_fingerprints),
@@ -96,14 +102,19 @@ class FusionRecord:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FusionRecord:
+        """The record saved by ``to_dict``, or by an older version: those hold only the
+        in-sample accuracy, under the name ``loo_accuracy``; it is read as what it is, the
+        training accuracy, and the nested one as not measured (None)."""
         if data.get("kind") != "fusion":
             raise RsxError("not a fused calibration record")
+        nested = data.get("nested_loo_accuracy")
         return cls(
             weights={str(k): float(v) for k, v in data["weights"].items()},
             layers=tuple(int(n) for n in data["layers"]),
             candidates=tuple(data["candidates"]),
             reference_ids=tuple(int(i) for i in data["reference_ids"]),
-            loo_accuracy=float(data["loo_accuracy"]),
+            training_accuracy=float(data.get("training_accuracy", data.get("loo_accuracy"))),
+            nested_loo_accuracy=None if nested is None else float(nested),
             embedder_fingerprint=str(data["embedder_fingerprint"]),
             layer_fingerprints={str(k): str(v) for k, v in data["layer_fingerprints"].items()},
             generator_fingerprints=dict(data["generator_fingerprints"]),
@@ -189,7 +200,8 @@ def calibrate_fusion(
     generate: bool = False,
     echo: Callable[[str], None] | None = None,
 ) -> FusionOutcome:
-    """Choose the fused weights on the lab's references by leave-one-out, and save them.
+    """Choose the fused weights on the lab's references, measure the choice by nested
+    leave-one-out, and save them.
 
     Every refusal (no usable reference, a block the embedder lacks) comes before anything is
     written.
@@ -209,18 +221,18 @@ def calibrate_fusion(
         layer_reader(lab, layers)  # refuse a block the embedder lacks before generating
     signals, labels, unsupported, layer_fps = reference_signals(lab, found, layers, echo)
     names = sorted(signals)
-    prior = fixed_weights(names, {})
-    weights, accuracy = choose_fusion_weights(signals, labels, prior)
+    choice = fusion_weight_choice(signals, labels, fixed_weights(names, {}))
     alone = {
         name: float(np.mean(np.where(np.isfinite(m), m, np.inf).argmin(axis=1) == labels))
         for name, m in signals.items()
     }
     record = FusionRecord(
-        weights=weights,
+        weights=choice.weights,
         layers=layers,
         candidates=tuple(found.names),
         reference_ids=tuple(r.id for r in found.references),
-        loo_accuracy=accuracy,
+        training_accuracy=choice.training_accuracy,
+        nested_loo_accuracy=choice.nested_loo_accuracy,
         embedder_fingerprint=lab.fingerprint,
         layer_fingerprints=layer_fps,
         generator_fingerprints={row.name: row.fingerprint for row in found.generators},
@@ -261,7 +273,8 @@ def calibrate_fusion(
 @dataclass(frozen=True)
 class QueryFusion:
     """The fusion a ``run_queries`` call applies: its weights and layers, and where they come
-    from (``FIXED``, or ``RECORDED`` with the calibration's id, time and references)."""
+    from (``FIXED``, or ``RECORDED`` with the calibration's id, time, references and accuracies:
+    nested leave-one-out, None for a calibration saved before it was measured, and training)."""
 
     weights: dict[str, float]
     layers: tuple[int, ...]
@@ -269,7 +282,8 @@ class QueryFusion:
     calibration_id: int | None = None
     created_at: str | None = None
     references: int = 0
-    loo_accuracy: float | None = None
+    nested_loo_accuracy: float | None = None
+    training_accuracy: float | None = None  # in-sample
     note: str | None = None  # why the lab's fused calibration is not used
 
     def computed_layers(self) -> tuple[int, ...]:
@@ -287,7 +301,8 @@ class QueryFusion:
                 "id": self.calibration_id,
                 "created_at": self.created_at,
                 "references": self.references,
-                "loo_accuracy": self.loo_accuracy,
+                "nested_loo_accuracy": self.nested_loo_accuracy,
+                "training_accuracy": self.training_accuracy,
             }
         return {
             "layers": list(self.layers),
@@ -377,5 +392,6 @@ def fusion_for_query(
         calibration_id=stored.id,
         created_at=stored.created_at.isoformat(),
         references=len(record.reference_ids),
-        loo_accuracy=record.loo_accuracy,
+        nested_loo_accuracy=record.nested_loo_accuracy,
+        training_accuracy=record.training_accuracy,
     )

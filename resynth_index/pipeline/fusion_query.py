@@ -17,16 +17,19 @@ Signals beyond these two are the ``layer-N`` ones (``pipeline.layers``): the res
 read at vision block N of the lab's embedder.
 
 The weights are fixed in advance (``DEFAULT_WEIGHTS``: equal) or chosen on references of known
-generator by ``choose_fusion_weights`` (the leave-one-out rule of ``rsx eval``'s ``fused-loo``
-on its training references, and of ``rsx calibrate --method fused`` on the lab's references,
-``pipeline.fusion_lab``); never on the queries they then rank.
+generator by ``fusion_weight_choice`` (the best accuracy on a grid: the rule of ``rsx eval``'s
+``fused-loo`` on its training references, and of ``rsx calibrate --method fused`` on the lab's
+references, ``pipeline.fusion_lab``); never on the queries they then rank. The accuracy of the
+chosen weights on the references they were chosen on is in-sample (training accuracy); the
+rule's honest figure is its nested leave-one-out accuracy, which ``fusion_weight_choice`` also
+gives.
 """
 
 from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -140,40 +143,109 @@ def _normalised(weights: Mapping[str, float], names: Sequence[str]) -> np.ndarra
     return vector / total if total > 0 else np.full(len(names), 1.0 / len(names))
 
 
+#: Scores held at once while the grid is searched (grid vectors x references x candidates), so
+#: the memory stays near 8 MB a working array whatever the number of references.
+_GRID_CHUNK_VALUES = 1_000_000
+
+
+@dataclass(frozen=True)
+class WeightChoice:
+    """Fusion weights chosen on references of known generator, and how well the choice does.
+
+    ``training_accuracy`` is in-sample: the chosen weights' accuracy on the very references they
+    were chosen on, the best of every vector on the grid, so it flatters (on pure noise it sits
+    well above chance). ``nested_loo_accuracy`` is the honest figure: each reference is scored
+    with the weights the same rule chooses on all the other references, and the hits averaged.
+    Both are NaN without references.
+    """
+
+    weights: dict[str, float]
+    training_accuracy: float
+    nested_loo_accuracy: float
+    grid_size: int  # weight vectors searched
+
+
+def fusion_weight_choice(
+    train: Mapping[str, np.ndarray],
+    y_train: np.ndarray,
+    prior: Mapping[str, float],
+    step: float = GRID_STEP,
+) -> WeightChoice:
+    """The grid weights with the best accuracy on the references, and the rule's nested
+    leave-one-out accuracy.
+
+    The rule: every weight vector on a grid over the simplex (steps of ``step``) is scored by
+    its top-1 accuracy on the references; the best wins; ties go to the tied vector closest (L1)
+    to ``prior``, then to the first in grid order. ``train``: signal -> (m, K) distances of the
+    references over the candidates (NaN: missing); ``y_train``: their generators (column
+    indices). Only these references are seen.
+
+    No signal is fitted and each reference is z-scored across its own candidates, so whether a
+    grid vector ranks a reference right does not depend on the other references. The (grid,
+    references) table of hits is therefore computed once, and the nested leave-one-out only
+    repeats the choice: leaving reference i out subtracts its column from the counts. The cost
+    is that of the choice alone, O(grid x m x K x signals), not m times it.
+    """
+    names = sorted(train)
+    grid = weight_grid(names, step)
+    matrix = np.array([[w[n] for n in names] for w in grid], dtype=np.float64)
+    y = np.asarray(y_train)
+    hits = _grid_hits([np.asarray(train[n], dtype=np.float64) for n in names], matrix, y)
+    ranked = _tie_break_order(matrix, _normalised(prior, names))
+    hits = hits[ranked]  # best tie-break first: np.argmax keeps the first of tied counts
+    counts = hits.sum(axis=1)
+    best = grid[int(ranked[int(np.argmax(counts))])]
+    if not y.size:
+        return WeightChoice(best, float("nan"), float("nan"), len(grid))
+    # reference i left out: every vector's count on the others, the rule's pick, its hit on i
+    picked = np.argmax(counts[:, None] - hits, axis=0)
+    nested = hits[picked, np.arange(y.size)]
+    return WeightChoice(best, float(counts.max() / y.size), float(nested.mean()), len(grid))
+
+
+def _grid_hits(signals: Sequence[np.ndarray], matrix: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(grid vectors, references): True where the vector's fused score ranks ``y`` first.
+
+    ``signals``: (m, K) distances per column of ``matrix`` (the grid, one vector a row). The
+    arithmetic is ``fuse``'s, term by term in the same order, vectorised over the grid in
+    chunks of ``_GRID_CHUNK_VALUES`` scores.
+    """
+    z = [nan_zscore_rows(-values) for values in signals]
+    present = [np.isfinite(values) for values in z]
+    filled = [np.where(p, values, 0.0) for p, values in zip(present, z, strict=True)]
+    m, k = filled[0].shape
+    hits = np.zeros((len(matrix), m), dtype=bool)
+    if not m or not k:
+        return hits
+    chunk = max(1, _GRID_CHUNK_VALUES // (m * k))
+    for start in range(0, len(matrix), chunk):
+        w = matrix[start : start + chunk, :, None, None]  # (g, signals, 1, 1)
+        total = sum(w[:, s] * filled[s] for s in range(len(filled)))
+        mass = sum(w[:, s] * present[s] for s in range(len(present)))
+        fused = np.where(mass > 0, total / np.where(mass > 0, mass, 1), np.nan)
+        scores = rank_missing_last(fused.reshape(-1, k)).reshape(fused.shape)
+        hits[start : start + chunk] = scores.argmax(axis=2) == y
+    return hits
+
+
+def _tie_break_order(matrix: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """The grid's row numbers, closest (L1, to 1e-9) to ``prior`` first, then in grid order."""
+    normalised = matrix / matrix.sum(axis=1, keepdims=True)  # every grid row sums to 1 > 0
+    closeness = np.array([round(float(d), 9) for d in np.abs(normalised - prior).sum(axis=1)])
+    return np.lexsort((np.arange(len(matrix)), closeness))
+
+
 def choose_fusion_weights(
     train: Mapping[str, np.ndarray],
     y_train: np.ndarray,
     prior: Mapping[str, float],
     step: float = GRID_STEP,
 ) -> tuple[dict[str, float], float]:
-    """The grid weights with the best accuracy on the training references.
-
-    Every weight vector on a grid over the simplex (steps of ``step``) is scored by its top-1
-    accuracy on the references; the best wins; ties go to the tied vector closest (L1) to
-    ``prior``, then to the first in grid order. No signal is fitted to the references (each is
-    training-free), so this accuracy is exactly the leave-one-out accuracy. ``train``: signal ->
-    (m, K) distances of the references over the candidates (NaN: missing); ``y_train``: their
-    generators (column indices). Returns (weights, accuracy). Only these references are seen.
-    """
-    names = sorted(train)
-    z = {n: nan_zscore_rows(-np.asarray(train[n], dtype=np.float64)) for n in names}
-    present = {n: np.isfinite(z[n]) for n in names}
-    filled = {n: np.where(present[n], z[n], 0.0) for n in names}
-    prior_vector = _normalised(prior, names)
-    y = np.asarray(y_train)
-    best: tuple[float, float, int] | None = None
-    chosen: dict[str, float] = {}
-    for order, weights in enumerate(weight_grid(names, step)):
-        total = sum(weights[n] * filled[n] for n in names)
-        mass = sum(weights[n] * present[n] for n in names)
-        scores = rank_missing_last(np.where(mass > 0, total / np.where(mass > 0, mass, 1), np.nan))
-        accuracy = float(np.mean(scores.argmax(axis=1) == y)) if y.size else float("nan")
-        distance = float(np.abs(_normalised(weights, names) - prior_vector).sum())
-        key = (-accuracy, round(distance, 9), order)
-        if best is None or key < best:
-            best, chosen = key, weights
-    assert best is not None
-    return chosen, -best[0]
+    """(weights, training accuracy) of ``fusion_weight_choice``: the accuracy is in-sample,
+    measured on the references the weights were chosen on (optimistic; the rule's honest figure
+    is ``fusion_weight_choice(...).nested_loo_accuracy``)."""
+    choice = fusion_weight_choice(train, y_train, prior, step)
+    return choice.weights, choice.training_accuracy
 
 
 def fixed_weights(names: Sequence[str], given: Mapping[str, float]) -> dict[str, float]:
@@ -265,7 +337,8 @@ def query_reconstruction(
 FUSED_SCORE_MEANING = "relative among candidates (softmax of the fused z-score)"
 
 #: Reconstruction scorers kept per open lab, so a long-lived process (``rsx serve``) loads each
-#: autoencoder once and never reconstructs the same image twice.
+#: autoencoder once and never reconstructs the same image twice. A scorer must not hold its lab
+#: (``_weak_embed``): a value that refers to its key keeps the entry, and the lab, forever.
 _SCORERS: weakref.WeakKeyDictionary[Any, ReconstructionScorer] = weakref.WeakKeyDictionary()
 
 
@@ -275,12 +348,7 @@ def scorer_for(lab: Lab) -> ReconstructionScorer:
 
     scorer = _SCORERS.get(lab)
     if scorer is None:
-        embed = None
-        if DEFAULT_METRIC == "embedder":
-
-            def embed(images: Sequence[PIL.Image.Image]) -> np.ndarray:
-                return lab.embedder.embed(images)
-
+        embed = _weak_embed(lab) if DEFAULT_METRIC == "embedder" else None
         scorer = ReconstructionScorer(
             metric=DEFAULT_METRIC,
             embed=embed,
@@ -289,6 +357,20 @@ def scorer_for(lab: Lab) -> ReconstructionScorer:
         )
         _SCORERS[lab] = scorer
     return scorer
+
+
+def _weak_embed(lab: Lab) -> Callable[[Sequence[PIL.Image.Image]], np.ndarray]:
+    """The lab's embedder as a function that holds the lab weakly, so the scorer kept for the
+    lab in ``_SCORERS`` lets it be freed once closed and dropped (the entry goes with it)."""
+    held = weakref.ref(lab)
+
+    def embed(images: Sequence[PIL.Image.Image]) -> np.ndarray:
+        owner = held()
+        if owner is None:  # only a scorer taken out of _SCORERS can outlive its lab
+            raise RsxError("the lab of this reconstruction scorer is gone: open it again")
+        return owner.embedder.embed(images)
+
+    return embed
 
 
 def apply_fusion(
@@ -364,15 +446,31 @@ def fusion_summary(fusion: Mapping[str, Any]) -> str:
     shown = ", ".join(f"{name} {float(w):g}" for name, w in sorted(weights.items()))
     calibration = fusion.get("calibration")
     if fusion.get("source") == "recorded" and calibration:
-        accuracy = calibration.get("loo_accuracy")
-        loo = f", leave-one-out accuracy {accuracy * 100:.1f} %" if accuracy is not None else ""
         origin = (
             f"chosen on {calibration.get('references')} references by fused calibration"
-            f" #{calibration.get('id')} ({calibration.get('created_at')}{loo})"
+            f" #{calibration.get('id')} ({calibration.get('created_at')}"
+            f"{calibration_accuracy_text(calibration)})"
         )
     else:
         origin = "fixed (equal)"
     return f"fusion weights: {shown}; {origin}"
+
+
+def calibration_accuracy_text(calibration: Mapping[str, Any]) -> str:
+    """The accuracies a fused answer's ``calibration`` block quotes, as text to append:
+    ", nested leave-one-out accuracy N %, training accuracy (in-sample) M %". Answers and
+    calibrations from before the nested figure hold only the in-sample one, as ``loo_accuracy``:
+    it is shown as the training accuracy, and the nested one as not measured."""
+    nested = calibration.get("nested_loo_accuracy")
+    training = calibration.get("training_accuracy", calibration.get("loo_accuracy"))
+    parts = []
+    if nested is not None:
+        parts.append(f"nested leave-one-out accuracy {nested * 100:.1f} %")
+    elif training is not None:
+        parts.append("no nested leave-one-out accuracy (calibrated before it was measured)")
+    if training is not None:
+        parts.append(f"training accuracy (in-sample) {training * 100:.1f} %")
+    return "".join(f", {part}" for part in parts)
 
 
 def fusion_table(fusion: Mapping[str, Any]) -> list[list[str]]:

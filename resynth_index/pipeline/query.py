@@ -317,36 +317,39 @@ def run_queries(
     plan = plan_resyntheses(lab, [p.caption_hash for p in prepared], generators, resyntheses)
     if generate and on_plan is not None:
         on_plan(plan.planned())
-    outcomes = _store_prepared(lab, outcomes)
-    kept = [o for o in outcomes if isinstance(o, _Prepared)]
-    if not kept:
-        return outcomes  # type: ignore[return-value]
-    if len(kept) < len(prepared):  # an image could not be stored: plan for the others only
-        plan = plan_resyntheses(lab, [p.caption_hash for p in kept], generators, resyntheses)
-    prepared = kept
+    # the writers' lock from the first blob to the last embedding: until then a stored image
+    # may lack its embedding, which `rsx check` must not take for damage (nor "repair")
+    with lab.blobs.writing():
+        outcomes = _store_prepared(lab, outcomes)
+        kept = [o for o in outcomes if isinstance(o, _Prepared)]
+        if not kept:
+            return outcomes  # type: ignore[return-value]
+        if len(kept) < len(prepared):  # an image could not be stored: plan for the others only
+            plan = plan_resyntheses(lab, [p.caption_hash for p in kept], generators, resyntheses)
+        prepared = kept
 
-    captions = {p.caption_hash: p.caption_text for p in prepared}
-    generated_for: dict[str, int] = {}
-    if generate:
-        for work in plan.missing.values():
-            for caption_hash, _seed in work:
-                generated_for[caption_hash] = generated_for.get(caption_hash, 0) + 1
-        if plan.missing_count():
-            (generator or generate_missing)(lab, plan, generators, captions, events=progress)
-    record_pending(lab, plan, generators)
+        captions = {p.caption_hash: p.caption_text for p in prepared}
+        generated_for: dict[str, int] = {}
+        if generate:
+            for work in plan.missing.values():
+                for caption_hash, _seed in work:
+                    generated_for[caption_hash] = generated_for.get(caption_hash, 0) + 1
+            if plan.missing_count():
+                (generator or generate_missing)(lab, plan, generators, captions, events=progress)
+        record_pending(lab, plan, generators)
 
-    # generated resyntheses were embedded batch by batch; what is left is the query images
-    # and any stored image that lacks an embedding (loaded from its blob)
-    to_embed: dict[int, PIL.Image.Image | None] = {p.image_id: p.picture for p in prepared}
-    for image_ids in plan.stored.values():
-        for image_id in image_ids:
-            to_embed.setdefault(image_id, None)
-    fresh: dict[int, np.ndarray] = {}
-    if progress:
-        progress(ProgressEvent("embed", 0, len(to_embed)))
-    embedding_of = ensure_embeddings(lab, to_embed, computed=fresh)
-    if progress:
-        progress(ProgressEvent("embed", len(to_embed), len(to_embed)))
+        # generated resyntheses were embedded batch by batch; what is left is the query images
+        # and any stored image that lacks an embedding (loaded from its blob)
+        to_embed: dict[int, PIL.Image.Image | None] = {p.image_id: p.picture for p in prepared}
+        for image_ids in plan.stored.values():
+            for image_id in image_ids:
+                to_embed.setdefault(image_id, None)
+        fresh: dict[int, np.ndarray] = {}
+        if progress:
+            progress(ProgressEvent("embed", 0, len(to_embed)))
+        embedding_of = ensure_embeddings(lab, to_embed, computed=fresh)
+        if progress:
+            progress(ProgressEvent("embed", len(to_embed), len(to_embed)))
     vectors = _lookup_vectors(lab, [embedding_of[i] for i in to_embed], fresh)
     image_sha = dict(plan.sha256)
     image_sha.update(

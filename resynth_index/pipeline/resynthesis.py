@@ -300,7 +300,24 @@ def store_resyntheses(
             )
         )
     sha256_of = {} if sha256_of is None else sha256_of
-    with lab.blobs.writing(), lab.session() as session:
+    # the writers' lock is held until the batch's embeddings are stored: until then its images
+    # lack one, which `rsx check` must not take for damage (nor "repair")
+    with lab.blobs.writing():
+        return _store_and_embed(lab, row, settings_hash, chunk, loaded, sha256_of, on_committed)
+
+
+def _store_and_embed(
+    lab: Lab,
+    row: GeneratorRow,
+    settings_hash: str,
+    chunk: Sequence[tuple[str, int]],
+    loaded: list[LoadedImage],
+    sha256_of: dict[int, str],
+    on_committed: Callable[[], None] | None,
+) -> list[int]:
+    """``store_resyntheses`` under the writers' lock: the rows in one transaction, then the
+    embeddings of the images it stored."""
+    with lab.session() as session:
         stored = store_images(lab, loaded, session=session)
         made = [image_id for image_id, _new in stored]
         sha256_of.update((i, item.sha256) for i, item in zip(made, loaded, strict=True))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -41,7 +40,12 @@ from starlette.routing import Route
 from resynth_index.errors import RsxError
 from resynth_index.service import page, records, security
 from resynth_index.service.jobs import JOB_ID_CHARS, JobBoard, QueryJob
-from resynth_index.service.uploads import UploadRejected, display_name, read_upload
+from resynth_index.service.uploads import (
+    UploadRejected,
+    display_name,
+    private_upload_folder,
+    read_upload,
+)
 from resynth_index.service.worker import BATCH_LIMIT, GATHER_S, QueryWorker, ServiceClosing
 
 if TYPE_CHECKING:
@@ -93,8 +97,8 @@ class Service:
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         from resynth_index.lab import Lab
 
-        self.uploads = Path(tempfile.mkdtemp(prefix="rsx-serve-"))  # mode 0700
         self.reader = Lab.open(self.config.lab_dir, device=self.config.device)
+        self.uploads = private_upload_folder(self.reader.root)  # mode 0700, inside the lab
         self.worker.start()
         try:
             yield

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from resynth_index.store.locks import process_alive
 
 MAX_FIELD_BYTES = 64 * 1024
 MAX_PARTS = 32
@@ -39,6 +43,27 @@ _SIGNATURES = (
     (b"II*\x00", "image/tiff"),
     (b"MM\x00*", "image/tiff"),
 )
+
+
+#: The folder inside a lab that holds each running service's private upload folder.
+UPLOADS_DIR = "uploads"
+
+
+def private_upload_folder(lab_root: Path) -> Path:
+    """A new private folder (mode 0700) for this process's uploads, inside the lab, named for
+    this host and process; the folders of services on this host that died without cleaning up
+    (SIGKILL, a power cut) are removed first, with whatever half-received files they hold."""
+    parent = Path(lab_root) / UPLOADS_DIR
+    parent.mkdir(exist_ok=True)
+    host = socket.gethostname()
+    for folder in parent.iterdir():
+        name_host, _, rest = folder.name.rpartition("-pid")
+        pid = rest.partition("-")[0]
+        if name_host == host and pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+    folder = parent / f"{host}-pid{os.getpid()}-{secrets.token_hex(4)}"
+    folder.mkdir(mode=0o700)
+    return folder
 
 
 class UploadRejected(Exception):

@@ -30,9 +30,11 @@ lock on the root) from the first blob to the commit of its row, and cleaning hol
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -248,6 +250,66 @@ class BlobStore:
             except OSError as exc:
                 raise StoreError(f"cannot remove temporary file {temp}: {exc.strerror}") from None
         return removed
+
+
+class Quarantine:
+    """Where ``rsx check --repair`` puts blobs no row points at, instead of deleting them: a
+    folder laid out like the blob store (``ab/cd/<sha256>``). A blob that turns out to be wanted
+    (a database restored from a backup names it) is moved back; only ``purge`` deletes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path_for(self, sha256: str) -> Path:
+        _check_sha(sha256)
+        return self.root / sha256[:2] / sha256[2:4] / sha256
+
+    def shas(self) -> list[str]:
+        """The blobs held, by name (sorted)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.glob("*/*/*") if _SHA_RE.fullmatch(p.name))
+
+    def take(self, store: BlobStore, sha256: str) -> None:
+        """Move a blob from ``store`` into the quarantine (a rename when both share a disk)."""
+        _move(store.path_for(sha256), self.path_for(sha256))
+
+    def give_back(self, store: BlobStore, sha256: str) -> bool:
+        """Move a quarantined blob back into ``store`` if its bytes still match its name;
+        False when it is not here or was altered (it is then left where it is)."""
+        path = self.path_for(sha256)
+        try:
+            if hash_file(path) != sha256:
+                return False
+        except OSError:
+            return False
+        _move(path, store.path_for(sha256))
+        return True
+
+    def purge(self) -> int:
+        """Delete every quarantined blob; how many were deleted."""
+        removed = 0
+        for sha256 in self.shas():
+            self.path_for(sha256).unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+
+def _move(source: Path, target: Path) -> None:
+    """Move a file durably: into place under its name, its new directory entry flushed."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(source, target)
+        except OSError as error:
+            if error.errno != errno.EXDEV:
+                raise
+            shutil.copy2(source, target)  # another disk: copied whole, then the old one goes
+            durable.flush_files([target])
+            source.unlink()
+        durable.fsync_directories([target.parent, source.parent])
+    except OSError as exc:
+        raise StoreError(f"cannot move {source} to {target}: {exc.strerror or exc}") from None
 
 
 def _check_sha(sha256: str) -> None:

@@ -7,19 +7,25 @@ supersedes the older ones (their ``superseded_by`` names it) but never deletes t
 cites the calibration it used by id, so every one stays readable for audit. Queries use the
 newest active (not superseded) calibration of their candidate set and method.
 
+Saving is atomic per candidate set and method: the insert and the supersede run in one
+transaction that holds that pair's lock (``_hold_key``), so two ``rsx calibrate`` of the same
+candidates that finish at once, on two machines sharing a PostgreSQL store, are saved one after
+the other and exactly one stays active.
+
 This module stores plain JSON-able values; what a record means (``Calibration``) is the
 pipeline's business (``pipeline/conformal.py``, ``pipeline/calibrated.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
-from sqlalchemy import bindparam, case, select, update
+from sqlalchemy import bindparam, case, select, text, update
 from sqlalchemy.orm import Session
 
 from resynth_index.store.models import CalibrationRow, ReferenceRow, utcnow
@@ -66,10 +72,12 @@ def save_calibration(
 ) -> tuple[int, list[int]]:
     """Save a calibration; it supersedes the active ones of the same candidate set and method.
 
-    Returns (its id, the ids it superseded). Only older rows are superseded, so of two
-    calibrations saved at once the newer one stays active.
+    Returns (its id, the ids it superseded). The session's transaction holds the pair's lock
+    from before the insert until it ends (``_hold_key``), so of two calibrations of the same
+    set saved at once the one saved second supersedes the first: exactly one stays active.
     """
     key = candidates_key(candidates)
+    _hold_key(session, method, key)
     row = CalibrationRow(
         created_at=utcnow(),
         method=method,
@@ -84,21 +92,53 @@ def save_calibration(
     )
     session.add(row)
     session.flush()
+    return row.id, _supersede(session, method, key, row.id)
+
+
+def _hold_key(session: Session, method: str, key: str) -> None:
+    """Make the other writers of this (method, candidate set) wait until this transaction ends.
+
+    On PostgreSQL a transaction-level advisory lock on the pair, taken before anything is read
+    or written: a second writer waits in it until the first commits, and its statements then
+    see the first one's row and supersede it (read committed, PostgreSQL's default, which the
+    lab keeps: each statement sees what committed before it began). Without it each inserts its
+    row unseen by the other and both stay active. On SQLite the insert that follows begins the
+    transaction with BEGIN IMMEDIATE (``store/engine.py``), which holds the database's one
+    write lock until the end: writers already queue there, and nothing more is needed.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(_ADVISORY_LOCK, {"key": lock_key(method, key)})
+
+
+_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(CAST(:key AS bigint))")
+
+
+def lock_key(method: str, key: str) -> int:
+    """The advisory lock number of a (method, candidate set): 64 bits of a SHA-256, signed as
+    PostgreSQL's bigint is, and the same on every machine (unlike Python's ``hash``)."""
+    digest = hashlib.sha256(f"rsx calibrations\0{method}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _supersede(session: Session, method: str, key: str, new_id: int) -> list[int]:
+    """Mark every other active calibration of the pair superseded by ``new_id``; their ids."""
     older = list(
         session.scalars(
-            select(CalibrationRow.id).where(
+            select(CalibrationRow.id)
+            .where(
                 CalibrationRow.candidates_json == key,
                 CalibrationRow.method == method,
                 CalibrationRow.superseded_by.is_(None),
-                CalibrationRow.id < row.id,
+                CalibrationRow.id != new_id,
             )
+            .order_by(CalibrationRow.id)
         )
     )
     if older:
         session.execute(
-            update(CalibrationRow).where(CalibrationRow.id.in_(older)).values(superseded_by=row.id)
+            update(CalibrationRow).where(CalibrationRow.id.in_(older)).values(superseded_by=new_id)
         )
-    return row.id, older
+    return older
 
 
 def active_calibration(

@@ -15,10 +15,11 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
+from urllib.parse import quote, unquote
 
 from sqlalchemy import CursorResult, Engine, Table, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from resynth_index.errors import StoreError
@@ -31,9 +32,13 @@ IN_CHUNK = 500  # values per IN (...) list: well under SQLite's bound-parameter 
 _T = TypeVar("_T")
 
 
-def sqlite_url(path: Path) -> str:
-    """The SQLAlchemy URL of the SQLite database file at ``path``."""
-    return f"sqlite:///{path}"
+def sqlite_url(path: Path, *, existing: bool = False) -> str:
+    """The SQLAlchemy URL of the SQLite database file at ``path``. ``existing``: the file must
+    be there already (SQLite's ``mode=rw``): a missing database is an error, never silently
+    created anew (an opened lab's database is its evidence; only ``rsx init`` makes one)."""
+    if not existing:
+        return f"sqlite:///{path}"
+    return f"sqlite:///file:{quote(str(path))}?mode=rw&uri=true"
 
 
 def database_url(text: str) -> str:
@@ -101,14 +106,77 @@ def make_engine(url: str) -> Engine:
 
 @contextmanager
 def reaching_database(engine: Engine) -> Iterator[None]:
-    """Turn a failure to reach ``engine``'s database (server down, refused, bad credentials, no
-    such database) into one line: a StoreError that names the database, never its password."""
+    """Turn a failure of ``engine``'s database (server down, refused, bad credentials, no such
+    database, a corrupt or read-only file) into one line: a StoreError that names the database,
+    never its password, and says what to do (see ``database_failure``)."""
     try:
         yield
-    except (OperationalError, InterfaceError) as error:
-        lines = str(error.orig or error).strip().splitlines() or ["unknown error"]
-        where = engine.url.render_as_string(hide_password=True)
-        raise StoreError(f"cannot use the database {where}: {lines[0]}") from None
+    except DBAPIError as error:
+        raise StoreError(database_failure(error, database_name(engine))) from None
+
+
+def database_name(engine: Engine) -> str:
+    """How a message names ``engine``'s database: the SQLite file's path, or the server's URL
+    without its password."""
+    if engine.dialect.name == "sqlite":
+        return unquote(str(engine.url.database or "").removeprefix("file:").partition("?")[0])
+    return engine.url.render_as_string(hide_password=True)
+
+
+#: What the database's own words mean, and what the user can do about it: (words in the
+#: driver's message, what it means, what to do). The first that matches is used.
+_FAILURES = (
+    (
+        ("malformed", "not a database", "corrupt"),
+        "is corrupt",
+        "restore it from a backup (with its -wal file, if one was saved beside it), then run"
+        " 'rsx check'; the blobs and the index were not touched",
+    ),
+    (
+        ("readonly", "read-only", "unable to open database file", "permission denied"),
+        "cannot be written",
+        "the lab is read-only for this user or on a read-only filesystem; run the command"
+        " where the lab can be written",
+    ),
+    (
+        ("disk is full", "no space", "disk i/o error", "could not extend"),
+        "could not be written",
+        "free disk space, then rerun the command: what was stored before is kept",
+    ),
+    (
+        ("database is locked",),
+        "stayed locked by another process",
+        f"another rsx held it for over {BUSY_TIMEOUT_S:.0f} s; rerun once it has finished",
+    ),
+    (
+        ("does not exist", "authentication", "password", "role "),
+        "refused this lab",
+        "check the URL in the lab's settings.json and the credentials (PGPASSWORD, ~/.pgpass)",
+    ),
+    (
+        (
+            "connection", "server closed", "terminating", "shutting down", "timeout",
+            "timed out", "could not receive", "could not send", "ssl",
+        ),
+        "could not be reached",
+        "check that its server runs and can be reached, then rerun the command: what was"
+        " committed before is kept, nothing half-written is",
+    ),
+)  # fmt: skip
+
+
+def database_failure(error: BaseException, where: str) -> str:
+    """One line for a failure of the database at ``where``: what happened, in the driver's own
+    first line (no SQL, no parameters), and what to do. ``error``: SQLAlchemy's wrapper
+    (``DBAPIError``) or the driver's own exception."""
+    original = getattr(error, "orig", None) or error
+    lines = str(original).strip().splitlines() or [type(original).__name__]
+    said = lines[0].strip()
+    lowered = said.lower()
+    for words, meaning, remedy in _FAILURES:
+        if any(word in lowered for word in words):
+            return f"the lab's database {where} {meaning} ({said}): {remedy}"
+    return f"the lab's database {where} failed ({said}): nothing of the unfinished step was kept"
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

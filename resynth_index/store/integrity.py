@@ -31,13 +31,15 @@ if TYPE_CHECKING:
     import numpy as np
 
     from resynth_index.lab import Lab
+    from resynth_index.store.vectors import IndexHealth
 
 
 @dataclass(frozen=True)
 class Kind:
     """A kind of problem: its plural (None: a statement, said once however many lines explain
     it) and what mends it: ``repair`` is what ``rsx check --repair`` does about it, ``by_hand``
-    what a person must do instead (one of the two is set), ``otherwise`` another way to mend it.
+    what a person must do instead (one of the two is set, or neither for a statement whose own
+    line says what to do), ``otherwise`` another way to mend it.
     """
 
     plural: str | None
@@ -53,6 +55,14 @@ INDEX_UNREADABLE = "index file unreadable"
 INDEX_FOREIGN = "index made by another embedder"
 INDEX_OUT_OF_STEP = "index out of step with the database"
 NOT_EMBEDDED = "image without an embedding"
+CORRUPT = "corrupt database"
+QUARANTINED = "quarantined blob"
+ORPHANS_HELD = "orphan blobs held back"
+INDEX_AHEAD = "index ahead of the database"
+_RESTORE_DATABASE = (
+    "restore the lab's database from a backup (SQLite: lab.sqlite with its -wal file, if one was"
+    " saved beside it); the blobs and the index were not touched"
+)
 
 #: --reread: a file whose size and times are unchanged is otherwise skipped unread, and its
 #: damaged blob with it (see pipeline/unchanged.py)
@@ -66,9 +76,13 @@ KINDS: dict[str, Kind] = {
     "misrecorded blob": Kind("misrecorded blobs", by_hand=_REINGEST),
     ORPHAN: Kind(
         "orphan blobs",
-        repair="removes the orphan blobs",
+        repair="moves the orphan blobs to the lab's quarantine",
         otherwise="rerun the interrupted ingest or query: it stores the orphan blobs' rows",
     ),
+    ORPHANS_HELD: Kind(None),  # its line says why and what to do
+    QUARANTINED: Kind("quarantined blobs", repair="moves them back from quarantine"),
+    CORRUPT: Kind(None, by_hand=_RESTORE_DATABASE),
+    INDEX_AHEAD: Kind(None),  # its line says what to do
     STRAY: Kind(
         "stray files",
         by_hand="move the stray files out of the blob store (a blob filed in the wrong folder"
@@ -115,6 +129,12 @@ class CheckReport:
     repaired: list[str] = field(default_factory=list)
     unrepairable: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # not problems: e.g. what a writer is storing
+    held: set[str] = field(default_factory=set)  # kinds whose repair is held back (not offered)
+
+    def hold_back(self, kind: str) -> None:
+        """Offer no repair of ``kind``: the evidence says a repair would do harm (a problem of
+        another kind says why and what to do instead)."""
+        self.held.add(kind)
 
     @property
     def ok(self) -> bool:
@@ -160,12 +180,12 @@ class CheckReport:
 
     def repairs(self) -> list[str]:
         """What ``--repair`` would do (or did) about the problems found, once per distinct step."""
-        steps = [KINDS[kind].repair for kind in self.counts()]
+        steps = [KINDS[kind].repair for kind in self.counts() if kind not in self.held]
         return list(dict.fromkeys(step for step in steps if step))
 
     def otherwise(self) -> list[str]:
         """Other ways to mend the problems found, once per distinct way."""
-        ways = [KINDS[kind].otherwise for kind in self.counts()]
+        ways = [KINDS[kind].otherwise for kind in self.counts() if kind not in self.held]
         return list(dict.fromkeys(way for way in ways if way))
 
     def unrepairable_count(self) -> int:
@@ -183,27 +203,91 @@ class CheckReport:
 
 
 def check_lab(
-    lab: Lab, repair: bool = False, embed: Callable[[int], None] | None = None
+    lab: Lab,
+    repair: bool = False,
+    embed: Callable[[int], None] | None = None,
+    *,
+    force: bool = False,
+    purge_quarantine: bool = False,
 ) -> CheckReport:
     """Compare the database with the blobs and the index; with ``repair`` mend what is derived.
 
     ``embed(image_id)`` stores the lab embedder's embedding of one stored image (the pipeline's
     job, handed in by the caller); without it, images lacking one are reported, not embedded.
+    A repair never deletes a blob: orphans go to the lab's quarantine, and, unless ``force``,
+    not at all while the database holds no image, while the index holds vectors the database
+    lacks, or when more than ``QUARANTINE_SHARE`` of the blobs would go; ``purge_quarantine``
+    (with ``repair``) deletes what earlier repairs quarantined.
     """
     report = CheckReport()
+    if not _check_database(lab, report):
+        return report  # a corrupt database: nothing else can be judged against it
+    health = _index_health(lab)
     _check_blobs(lab, report, repair)
+    with lab.blobs.cleaning() as no_writer:  # writers finish their embeddings under their lock
+        _check_orphans(lab, report, repair and no_writer, no_writer, health, force)
+        _check_embeddings(lab, report, repair, embed, no_writer)
+    _check_quarantine(lab, report, repair and purge_quarantine)
     _check_stray_files(lab, report)
-    _check_embeddings(lab, report, repair, embed)
-    _check_index(lab, report, repair)
+    _check_index(lab, report, repair, health, force)
     return report
 
 
+#: ``rsx check --repair`` moves orphan blobs to quarantine without ``--force`` only while they
+#: are at most this share of the blob store: more looks like a database that lost rows (an
+#: old backup restored over a newer one), not like the debris of an interrupted write.
+QUARANTINE_SHARE = 0.10
+
+
+def _check_database(lab: Lab, report: CheckReport) -> bool:
+    """Whether the database reads as sound (SQLite's quick check); a damaged one is a problem
+    no repair of rsx mends, named with how to restore it."""
+    with lab.session() as session:
+        damage = repository.database_damage(session)
+    if damage is None:
+        return True
+    line = f"the database is corrupt ({damage})"
+    report.problem(CORRUPT, line)
+    report.cannot_repair(CORRUPT, line)
+    return False
+
+
+def _index_health(lab: Lab) -> IndexHealth | None:
+    """The index file compared with every stored embedding id (None: no index and nothing to
+    index); read once, before anything is repaired, so that the index's own record of what the
+    database held can hold a repair back (see ``_check_orphans``)."""
+    from resynth_index.store.vectors import VectorIndex
+
+    with lab.session() as session:
+        count, max_id = embeddings.embedding_stats(session, lab.fingerprint)
+    if count == 0 and not lab.index_path.exists():
+        return None
+    index = VectorIndex(lab.index_path, lab.fingerprint, lab.settings.embedder_dim)
+
+    def stored_ids() -> np.ndarray:
+        with lab.session() as session:
+            return embeddings.all_embedding_ids(session, lab.fingerprint)
+
+    return index.check(count, max_id, stored_ids)
+
+
 def _check_blobs(lab: Lab, report: CheckReport, repair: bool) -> None:
+    """Every image row's blob: present where recorded, its bytes matching its name. A missing
+    one that an earlier repair quarantined is moved back (by ``repair``)."""
     with lab.session() as session:
         known = repository.image_blob_paths(session)
+    quarantine = lab.quarantine
+    returned = 0
     for sha256, blob_path in sorted(known.items()):
         found = lab.blobs.verify(sha256)
         expected = lab.blobs.relpath_for(sha256)
+        if found == "missing" and quarantine.path_for(sha256).is_file():
+            report.problem(QUARANTINED, f"blob {sha256}: in quarantine, yet the database names it")
+            if repair and quarantine.give_back(lab.blobs, sha256):
+                returned += 1
+                continue
+            if not repair:
+                continue
         if found:
             kind, problem = BLOB_PROBLEMS.get(found, ("unreadable blob", found))
         elif blob_path != expected:
@@ -213,42 +297,116 @@ def _check_blobs(lab: Lab, report: CheckReport, repair: bool) -> None:
         line = f"blob {sha256}: {problem}"
         report.problem(kind, line)
         report.cannot_repair(kind, f"{line} ({_REINGEST})")
-    with lab.blobs.cleaning() as no_writer:
-        with lab.session() as session:  # again, under the lock: rows committed meanwhile count
-            known = repository.image_blob_paths(session)
-        orphans = [sha for sha in lab.blobs.iter_shas() if sha not in known]
-        temp_files = lab.blobs.temp_files()
-        if not no_writer:
-            unfinished = len(orphans) + len(temp_files)
-            if unfinished:
-                report.notes.append(
-                    f"{unfinished} blob(s) or temporary file(s) not yet referenced left alone:"
-                    " a writer is storing images (check again once it has finished)"
-                )
-            return
-        if orphans and _shared_blob_folder(lab):
+    if returned:
+        report.repaired.append(f"moved {returned} blob(s) back from quarantine")
+
+
+def _check_orphans(
+    lab: Lab,
+    report: CheckReport,
+    repair: bool,
+    no_writer: bool,
+    health: IndexHealth | None,
+    force: bool,
+) -> None:
+    """Blobs and temporary files no row points at: debris of an interrupted write, judged only
+    while no writer is at work, and moved to quarantine (never deleted) by ``repair`` unless
+    the evidence says the database, not the blob store, is what lost something."""
+    with lab.session() as session:  # under the lock: rows committed meanwhile count
+        known = repository.image_blob_paths(session)
+    orphans = [sha for sha in lab.blobs.iter_shas() if sha not in known]
+    temp_files = lab.blobs.temp_files()
+    if not no_writer:
+        unfinished = len(orphans) + len(temp_files)
+        if unfinished:
             report.notes.append(
-                f"{len(orphans)} blob(s) not referenced by this lab's database left alone: the"
-                f" blob folder {lab.blobs.root} lies outside the lab and may serve other labs"
+                f"{unfinished} blob(s) or temporary file(s) not yet referenced left alone:"
+                " a writer is storing images (check again once it has finished)"
             )
-            orphans = []
-        for sha256 in orphans:
-            report.problem(ORPHAN, f"blob {sha256}: not referenced by the database (orphan)")
+        return
+    if orphans and _shared_blob_folder(lab):
+        report.notes.append(
+            f"{len(orphans)} blob(s) not referenced by this lab's database left alone: the"
+            f" blob folder {lab.blobs.root} lies outside the lab and may serve other labs"
+        )
+        orphans = []
+    for sha256 in orphans:
+        report.problem(ORPHAN, f"blob {sha256}: not referenced by the database (orphan)")
+    held_back = orphans and _orphans_held_back(lab, len(orphans), len(known), health, force)
+    if held_back:
+        report.problem(ORPHANS_HELD, held_back)
+        report.hold_back(ORPHAN)
         if repair:
-            for sha256 in orphans:
-                lab.blobs.path_for(sha256).unlink(missing_ok=True)
-            if orphans:
-                report.repaired.append(f"removed {_count(len(orphans), 'orphan blob')}")
-            removed = lab.blobs.remove_temp_files()  # no writer: none is being written
-            if removed:
-                report.repaired.append(
-                    f"removed {removed} temporary file(s) left by an interruption"
-                )
-        elif temp_files:  # debris of a crash, harmless: said, not a problem
-            report.notes.append(
-                f"{len(temp_files)} temporary file(s) left in the blob store by an interrupted"
-                " write ('rsx check --repair' removes them)"
-            )
+            report.cannot_repair(ORPHANS_HELD, held_back)
+    elif repair and orphans:
+        for sha256 in orphans:
+            lab.quarantine.take(lab.blobs, sha256)
+        report.repaired.append(
+            f"moved {_count(len(orphans), ORPHAN)} to quarantine ({lab.quarantine.root})"
+        )
+    if repair:
+        removed = lab.blobs.remove_temp_files()  # no writer: none is being written
+        if removed:
+            report.repaired.append(f"removed {removed} temporary file(s) left by an interruption")
+    elif temp_files:  # debris of a crash, harmless: said, not a problem
+        report.notes.append(
+            f"{len(temp_files)} temporary file(s) left in the blob store by an interrupted"
+            " write ('rsx check --repair' removes them)"
+        )
+
+
+def _orphans_held_back(
+    lab: Lab, orphans: int, images: int, health: IndexHealth | None, force: bool
+) -> str | None:
+    """Why a repair must leave ``orphans`` orphan blobs where they are, or None when it may
+    quarantine them. Orphans are debris only while the database is whole: with no image at all,
+    or an index that remembers vectors the database lacks, the database is what lost rows (a
+    wrong or old copy in place), and the blobs are its evidence."""
+    if force:
+        return None
+    where = f"restore the lab's database ({_database_of(lab)}) from its newest backup"
+    if images == 0:
+        return (
+            f"{orphans} orphan blob(s) left in place: the database holds no image at all; rerun"
+            f" the first ingest or query if it was interrupted (it stores their rows), else"
+            f" {where}; --repair --force quarantines them"
+        )
+    if health is not None and health.ahead:
+        return (
+            f"{orphans} orphan blob(s) left in place: the index holds {health.ahead} vector(s)"
+            f" the database does not, so the database looks older than the lab; {where}, or"
+            " quarantine them anyway with --repair --force"
+        )
+    total = orphans + images
+    if orphans > QUARANTINE_SHARE * total:
+        return (
+            f"{orphans} orphan blob(s) left in place: {orphans} of {total} blobs"
+            f" ({100 * orphans / total:.0f} %) is more than the {100 * QUARANTINE_SHARE:.0f} % a"
+            f" repair moves on its own; rerun the interrupted ingest or query (it stores their"
+            f" rows), {where}, or quarantine them with --repair --force"
+        )
+    return None
+
+
+def _database_of(lab: Lab) -> str:
+    from resynth_index.store.engine import database_name
+
+    return database_name(lab.engine)
+
+
+def _check_quarantine(lab: Lab, report: CheckReport, purge: bool) -> None:
+    """What earlier repairs quarantined: counted in a note, deleted only when asked."""
+    held = lab.quarantine.shas()
+    if not held:
+        return
+    if purge:
+        removed = lab.quarantine.purge()
+        report.repaired.append(f"deleted {removed} quarantined blob(s) from {lab.quarantine.root}")
+        return
+    report.notes.append(
+        f"{len(held)} blob(s) in quarantine ({lab.quarantine.root}), moved there by an earlier"
+        " repair: 'rsx check --repair --purge-quarantine' deletes them"
+    )
 
 
 def _shared_blob_folder(lab: Lab) -> bool:
@@ -276,8 +434,15 @@ def _check_stray_files(lab: Lab, report: CheckReport) -> None:
 
 
 def _check_embeddings(
-    lab: Lab, report: CheckReport, repair: bool, embed: Callable[[int], None] | None
+    lab: Lab,
+    report: CheckReport,
+    repair: bool,
+    embed: Callable[[int], None] | None,
+    no_writer: bool,
 ) -> None:
+    """Every image embedded by the lab's embedder, at its dimension. Run under the blob store's
+    lock: a writer holds its own until its images are embedded, so while one is at work images
+    without an embedding are its work in progress (a note), not damage."""
     with lab.session() as session:
         wrong_dim = embeddings.wrong_dimension_count(
             session, lab.fingerprint, lab.settings.embedder_dim
@@ -288,6 +453,12 @@ def _check_embeddings(
         report.problem("wrong-dimension embedding", line, wrong_dim)
         report.cannot_repair("wrong-dimension embedding", line, wrong_dim)
     if not missing:
+        return
+    if not no_writer:
+        report.notes.append(
+            f"{len(missing)} image(s) without an embedding left alone: a writer is storing"
+            " and embedding images (check again once it has finished)"
+        )
         return
     report.problem(
         NOT_EMBEDDED,
@@ -310,20 +481,15 @@ def _check_embeddings(
         report.repaired.append(f"embedded {done} image(s)")
 
 
-def _check_index(lab: Lab, report: CheckReport, repair: bool) -> None:
+def _check_index(
+    lab: Lab, report: CheckReport, repair: bool, health: IndexHealth | None, force: bool
+) -> None:
     from resynth_index.store.vectors import VectorIndex
 
-    with lab.session() as session:
-        count, max_id = embeddings.embedding_stats(session, lab.fingerprint)
-    if count == 0 and not lab.index_path.exists():
+    if health is None:
         return
-    index = VectorIndex(lab.index_path, lab.fingerprint, lab.settings.embedder_dim)
-
-    def stored_ids() -> np.ndarray:
-        with lab.session() as session:
-            return embeddings.all_embedding_ids(session, lab.fingerprint)
-
-    health = index.check(count, max_id, stored_ids)
+    with lab.session() as session:
+        count = embeddings.embedding_stats(session, lab.fingerprint)[0]
     if health.behind:  # a lag, not damage: queries store embeddings and leave them to a sync
         report.notes.append(
             f"index {lab.index_path.name}: {health.behind} embedding(s) stored since its last"
@@ -338,6 +504,18 @@ def _check_index(lab: Lab, report: CheckReport, repair: bool) -> None:
         return
     for problem in health.problems:
         report.problem(_index_kind(problem), f"index {lab.index_path.name}: {problem}")
+    if health.ahead and not force:
+        line = (
+            f"index {lab.index_path.name} kept: it holds {health.ahead} vector(s) the database"
+            f" does not, the record that the database once held more; restore the lab's"
+            f" database ({_database_of(lab)}) from its newest backup, or rebuild the index from"
+            " this database with --repair --force"
+        )
+        report.problem(INDEX_AHEAD, line)
+        report.hold_back(INDEX_OUT_OF_STEP)
+        if repair:
+            report.cannot_repair(INDEX_AHEAD, line)
+        return
     if health.problems and repair:
         VectorIndex.rebuild(
             lab.index_path, lab.fingerprint, lab.settings.embedder_dim, lab.embedding_source

@@ -43,3 +43,14 @@ def directory_lock(directory: Path, *, shared: bool = False, wait: bool = True) 
         yield acquired
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True

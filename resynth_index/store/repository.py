@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import CursorResult, bindparam, exists, func, select, update
+from sqlalchemy import CursorResult, bindparam, exists, func, select, text, update
 from sqlalchemy.orm import Session
 
 from resynth_index.store.engine import (
@@ -450,3 +450,12 @@ def unfulfilled_work(
     if generator_name is not None:
         statement = statement.where(GeneratorRow.name == generator_name)
     return [(name, digest, text) for name, digest, text in session.execute(statement)]
+
+
+def database_damage(session: Session) -> str | None:
+    """What SQLite's quick check finds wrong with the database file (its first line), or None
+    when it is sound; a server database (PostgreSQL) looks after its own pages: None."""
+    if session.get_bind().dialect.name != "sqlite":
+        return None
+    found = [str(row[0]) for row in session.execute(text("PRAGMA quick_check(1)"))]
+    return None if found == ["ok"] else (found[0] if found else "no answer")

@@ -45,7 +45,7 @@ from resynth_index.errors import StoreError
 from resynth_index.hashing import CHUNK, hash_stream
 from resynth_index.store.durable import fsync_directory
 from resynth_index.store.faults import crash_point
-from resynth_index.store.locks import directory_lock
+from resynth_index.store.locks import directory_lock, process_alive
 
 if TYPE_CHECKING:
     import numpy
@@ -88,11 +88,16 @@ class IndexHealth:
     ``behind`` > 0 says the problems amount to a lag and nothing worse: the file is sound and
     made by this embedder, every id it holds is stored, and that many stored ids are not in it
     yet (queries store embeddings without syncing the index; a sync adds them).
+
+    ``ahead`` > 0: the file, made by this embedder, holds that many ids the database does not.
+    rsx never deletes an embedding, so the database lost rows it once had (an older copy put in
+    its place): the index is then the record of what is missing, not something to rebuild.
     """
 
     ok: bool
     problems: list[str] = field(default_factory=list)
     behind: int = 0
+    ahead: int = 0
 
 
 @dataclass(frozen=True)
@@ -521,7 +526,7 @@ class VectorIndex:
             problems.append(f"index watermark {header['watermark']} ahead of database {db_max_id}")
         elif header["watermark"] < db_max_id:
             problems.append(f"index watermark {header['watermark']} behind database {db_max_id}")
-        behind = 0
+        behind = ahead = 0
         if db_ids is not None:
             stored = faiss.vector_to_array(loaded.id_map)
             expected = np.unique(np.asarray(db_ids(), dtype=np.int64))
@@ -530,6 +535,8 @@ class VectorIndex:
             sound = header["fingerprint"] == self.fingerprint and header["dim"] == self.dim
             if sound and len(lacking) and not len(extra):
                 behind = len(lacking)
+            if sound:
+                ahead = len(extra)
             if len(lacking):
                 problems.append(
                     f"{len(lacking)} database embedding(s) missing from the index"
@@ -539,7 +546,7 @@ class VectorIndex:
                 problems.append(
                     f"{len(extra)} index id(s) not in the database (first: {_first(extra)})"
                 )
-        return IndexHealth(ok=not problems, problems=problems, behind=behind)
+        return IndexHealth(ok=not problems, problems=problems, behind=behind, ahead=ahead)
 
     # ------------------------------------------------------------------ housekeeping
     def _remove_stale_temp_files(self) -> None:
@@ -548,7 +555,7 @@ class VectorIndex:
             return
         for tmp in self.path.parent.glob(f"{self.path.name}.tmp-*"):
             owner = tmp.name.rsplit("-", 1)[-1]
-            if owner.isdigit() and int(owner) != os.getpid() and _process_alive(int(owner)):
+            if owner.isdigit() and int(owner) != os.getpid() and process_alive(int(owner)):
                 continue
             try:
                 tmp.unlink()
@@ -673,13 +680,3 @@ def _parse_header(raw: bytes) -> dict[str, Any]:
         if not isinstance(value, kind) or isinstance(value, bool):
             raise _Unusable(f"index file unreadable: header field {key!r} is missing or invalid")
     return header
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
