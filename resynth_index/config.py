@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -67,6 +68,21 @@ def default_lab_dir() -> Path:
     else:
         base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
     return base / "rsx" / "lab"
+
+
+def demo_lab_dir() -> Path:
+    """Where ``rsx demo`` keeps its toy lab without ``--lab``: beside the per-user default lab
+    (never in ``$RSX_LAB``, which may be a real lab)."""
+    return default_lab_dir().with_name("demo-lab")
+
+
+def demo_lab_hint(lab_dir: Path) -> str | None:
+    """What "no lab at LAB_DIR" can add once the demo has run: how to query the demo's lab
+    (``rsx --lab DEMO query ...``). None when the demo's lab does not exist, or is ``lab_dir``."""
+    demo = demo_lab_dir()
+    if not (demo / SETTINGS_FILE).is_file() or Path(lab_dir).expanduser() == demo:
+        return None
+    return f"or use the demo's lab: rsx --lab {shlex.quote(str(demo))} query ..."
 
 
 def resolve_lab_dir(flag: str | os.PathLike[str] | None) -> Path:

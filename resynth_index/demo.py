@@ -7,11 +7,17 @@ do), asks the lab who made each one, and prints the ranking and the accuracy.
 
 from __future__ import annotations
 
+import importlib.util
+import shlex
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from resynth_index.config import SETTINGS_FILE, LabSettings
 from resynth_index.errors import RsxError
+
+if TYPE_CHECKING:
+    from resynth_index.pipeline.resynthesis import ProgressCallback
 
 DEMO_GENERATORS = {"toy-a": 11, "toy-b": 22, "toy-c": 33, "toy-d": 44}
 DEMO_CAPTIONS = (
@@ -20,9 +26,42 @@ DEMO_CAPTIONS = (
     "a bowl of lemons on a wooden table, still life",
 )
 QUERY_SEED_BASE = 1000  # resyntheses use seeds 0..K-1; the 'unknown' originals use others
+#: The modules ``rsx serve`` needs: what ``pip install 'resynth-index[serve]'`` brings.
+SERVE_MODULES = ("starlette", "uvicorn", "python_multipart")
+SERVE_INSTALL = "pip install 'resynth-index[serve]'"
 
 
-def open_demo_lab(lab_dir: Path):
+def serve_extra_installed() -> bool:
+    """Whether the [serve] extra is installed (``rsx serve`` refuses to start without it)."""
+    return all(importlib.util.find_spec(name) is not None for name in SERVE_MODULES)
+
+
+def serve_line(lab_dir: Path, installed: bool | None = None) -> str:
+    """The demo's last line: how to open its lab in the web service. Without the [serve] extra
+    (``installed`` False; None: look) it says what to install first, since the README's first
+    command (``pip install -e .``) does not bring it."""
+    command = f"rsx --lab {shlex.quote(str(lab_dir))} serve"
+    if installed is None:
+        installed = serve_extra_installed()
+    if installed:
+        return f"open it in the web service: {command}"
+    return (
+        f"to open it in the web service, install the [serve] extra first ({SERVE_INSTALL}),"
+        f" then: {command}"
+    )
+
+
+def _tell(progress: ProgressCallback | None, stage: str, done: int, total: int) -> None:
+    """One progress event of the demo's own steps (the status line shows it on a terminal)."""
+    if progress is not None:
+        from resynth_index.pipeline.resynthesis import ProgressEvent
+
+        progress(ProgressEvent(stage, done, total))
+
+
+def open_demo_lab(lab_dir: Path, progress: ProgressCallback | None = None):
+    """The toy lab, created on the first run, with every demo generator registered (a toy
+    generator is built and saved in the lab first: ``progress`` hears of each)."""
     from resynth_index.lab import Lab
 
     if (lab_dir / SETTINGS_FILE).exists():
@@ -30,15 +69,19 @@ def open_demo_lab(lab_dir: Path):
             raise RsxError(f"{lab_dir} is a real lab, not a toy one; give the demo its own --lab")
         lab = Lab.open(lab_dir)
     else:
+        _tell(progress, "creating the toy lab", 0, 1)
         lab = Lab.create(lab_dir, embedder="toy")
     present = {row.name for row in lab.generators(include_retired=True)}
-    for name, seed in DEMO_GENERATORS.items():
-        if name not in present:
-            lab.add_toy_generator(name, seed)
+    missing = [name for name in DEMO_GENERATORS if name not in present]
+    for done, name in enumerate(missing):
+        _tell(progress, "building the toy generators", done, len(missing))
+        lab.add_toy_generator(name, DEMO_GENERATORS[name])
     return lab
 
 
-def make_query_images(lab, folder: Path) -> dict[Path, str]:
+def make_query_images(
+    lab, folder: Path, progress: ProgressCallback | None = None
+) -> dict[Path, str]:
     """One image per (toy generator, caption); returns path -> true generator."""
     from PIL.PngImagePlugin import PngInfo
 
@@ -47,7 +90,8 @@ def make_query_images(lab, folder: Path) -> dict[Path, str]:
     folder.mkdir(parents=True, exist_ok=True)
     truth: dict[Path, str] = {}
     rows = {row.name: row for row in lab.generators()}
-    for name in DEMO_GENERATORS:
+    for done, name in enumerate(DEMO_GENERATORS):
+        _tell(progress, "making the query images", done, len(DEMO_GENERATORS))
         model = lab.generator_model(rows[name])
         requests = [
             GenerationRequest(caption, QUERY_SEED_BASE + i)
@@ -66,18 +110,28 @@ def make_query_images(lab, folder: Path) -> dict[Path, str]:
     return truth
 
 
-def run_demo(lab_dir: Path, out: Path | None = None, echo: Callable[[str], None] = print) -> float:
-    """Run the demo; return the accuracy over the toy query images."""
+def run_demo(
+    lab_dir: Path,
+    out: Path | None = None,
+    echo: Callable[[str], None] = print,
+    progress: ProgressCallback | None = None,
+) -> float:
+    """Run the demo; return the accuracy over the toy query images.
+
+    ``progress`` hears how far each long step has come (building the toy generators, making
+    the query images, then the queries' own ``load``, ``generate`` and ``embed`` events), so a
+    terminal can show a status line through the minute the first run takes.
+    """
     from resynth_index.pipeline.query import QueryFailure, run_queries
     from resynth_index.report import write_report
 
     lab_dir = Path(lab_dir)
     echo(f"toy lab: {lab_dir}")
-    lab = open_demo_lab(lab_dir)
+    lab = open_demo_lab(lab_dir, progress)
     out = Path(out) if out else lab_dir / "demo"
-    truth = make_query_images(lab, out / "queries")
+    truth = make_query_images(lab, out / "queries", progress)
     echo(f"{len(truth)} query images of known source in {out / 'queries'}")
-    results = run_queries(lab, list(truth))
+    results = run_queries(lab, list(truth), progress=progress)
     answered = [r for r in results if not isinstance(r, QueryFailure)]
     for failure in (r for r in results if isinstance(r, QueryFailure)):
         echo(f"failed: {failure.image}: {failure.error}")

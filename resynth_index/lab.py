@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
-from resynth_index.config import DATABASE_FILE, QUARANTINE_DIR, SETTINGS_FILE, LabSettings
+from resynth_index.config import (
+    DATABASE_FILE,
+    QUARANTINE_DIR,
+    SETTINGS_FILE,
+    LabSettings,
+    demo_lab_hint,
+)
 from resynth_index.errors import RsxError, StoreError
 from resynth_index.store import embeddings, migrate, repository
 from resynth_index.store.blobs import BlobStore, Quarantine
@@ -184,7 +190,10 @@ class Lab:
         if root.exists() and not root.is_dir():
             raise StoreError(f"{root} is a file, not a lab folder")
         if not root.is_dir():
-            raise StoreError(f"no lab at {root}; create one with 'rsx init'")
+            hint = demo_lab_hint(root)
+            raise StoreError(
+                f"no lab at {root}; create one with 'rsx init'" + (f", {hint}" if hint else "")
+            )
         settings = LabSettings.load(root)
         if not settings.database_url:
             _require_database_file(root)

@@ -214,16 +214,27 @@ def _metadata_block(rows: str) -> str:
 
 
 def render_report(lab: Lab, results: Sequence[QueryResult]) -> str:
+    """The whole report: a header naming the lab by its absolute path (a report outlives the
+    folder it was written from: ``lab`` alone would say nothing), then one section per answer."""
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = "\n".join(_section(lab, r) for r in results)
+    count = f"{len(results)} image{'' if len(results) == 1 else 's'}"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>rsx attribution report</title>
 <style>{_STYLE}</style></head><body>
 <h1>rsx attribution report</h1>
-<p>{len(results)} image(s); lab {escape(str(lab.root))}; written {stamp}</p>
+<p>{count}; lab {escape(str(_absolute(lab.root)))}; written {stamp}</p>
 {body}
 </body></html>
 """
+
+
+def _absolute(path: Path) -> Path:
+    """``path`` made absolute (links resolved where they can be)."""
+    try:
+        return Path(path).resolve()
+    except OSError:  # a loop of links: absolute is enough
+        return Path(path).absolute()
 
 
 def write_report(lab: Lab, results: Sequence[QueryResult], path: Path) -> None:

@@ -9,10 +9,17 @@ Rows:
                caption not yet cached (so generation runs, batched across clients): errors (must
                be 0), p50 and p95 latency, and whether every verdict equals what `rsx query`
                (``run_queries`` on an untouched copy of the lab, one image per call) gives
+  lanes        C clients for S seconds (20 x 60 by default), a quarter of them asking captions
+               never asked (generation runs all along), the rest captions whose resyntheses are
+               stored: p50, p95 and errors of cached and of new queries apart, with the worker's
+               fast lane and then without it (``fast_lane=False``, one thread answers all: the
+               baseline, measured in the same run on a fresh copy of the same lab); the cached
+               queries' p95 must stay within 2x their p50 while generation runs
 
 Usage:
-  .venv/bin/python scripts/bench_service.py            # 30 warm queries, 8 clients x 25
-  .venv/bin/python scripts/bench_service.py --quick    # a smoke test (2 clients x 4)
+  .venv/bin/python scripts/bench_service.py            # 30 warm queries, 8 clients x 25, lanes
+  .venv/bin/python scripts/bench_service.py --quick    # a smoke test (2 clients x 4, 4 x 10 s)
+  .venv/bin/python scripts/bench_service.py --only lanes
 
 The service runs in a subprocess (``rsx --lab LAB serve --port 0``); this process and the
 service each use one torch thread, so the two sides of the warm ratio are alike.
@@ -184,17 +191,7 @@ def bench_load(
     def client_run(asks: list[tuple[int, str]]) -> None:
         with httpx.Client(base_url=service.url, timeout=600) as client:
             for k, caption in asks:
-                start = time.perf_counter()
-                try:
-                    response = client.post(
-                        "/v1/query",
-                        files={"image": (images[k].name, payloads[k], "image/png")},
-                        data={"caption": caption},
-                    )
-                    answer = response.json() if response.status_code == 200 else None
-                except httpx.HTTPError:
-                    answer = None
-                elapsed = time.perf_counter() - start
+                answer, elapsed = _timed_query(client, images[k].name, payloads[k], caption)
                 with lock:
                     latencies.append(elapsed)
                     answers.append((k, caption, answer))
@@ -240,6 +237,116 @@ def bench_load(
     ]
 
 
+def bench_lanes(
+    lab_dir: Path,
+    images: list[Path],
+    captions: list[str],
+    clients: int,
+    seconds: float,
+    scratch: Path,
+) -> list[Row]:
+    """Cached queries beside generation, with the fast lane and without it (see the module
+    notes); each side on its own fresh copy of the lab, so its new captions are new to it."""
+    found = {}
+    for fast_lane in (True, False):
+        copy = scratch / f"lanes-{'fast' if fast_lane else 'one'}"
+        shutil.copytree(lab_dir, copy)
+        found[fast_lane] = lane_latencies(copy, images, captions, clients, seconds, fast_lane)
+    label = f"lanes {clients} clients x {seconds:g} s, 1 in 4 asking new captions"
+    rows = []
+    for fast_lane, name in ((True, "fast lane"), (False, "one lane (baseline)")):
+        for kind in ("cached", "new"):
+            times, errors = found[fast_lane][kind]
+            p50, p95 = _percentile(times, 0.5), _percentile(times, 0.95)
+            rows.append(
+                Row(
+                    f"{label}, {name}: {kind} p50 / p95 (errors)",
+                    f"{p50 * 1000:.0f} / {p95 * 1000:.0f} ms ({errors})",
+                    f"{len(times)} answered",
+                    NO_RATIO,
+                    "0 errors",
+                    errors == 0,
+                )
+            )
+    cached_fast, _ = found[True]["cached"]
+    cached_one, _ = found[False]["cached"]
+    p50, p95 = _percentile(cached_fast, 0.5), _percentile(cached_fast, 0.95)
+    baseline_p95 = _percentile(cached_one, 0.95)
+    rows.append(
+        Row(
+            f"{label}: cached p95 / p50 with the fast lane",
+            f"{p95 * 1000:.0f} ms",
+            f"{p50 * 1000:.0f} ms p50",
+            p95 / p50 if p50 else NO_RATIO,
+            "<= 2x",
+            p95 <= 2 * p50,
+        )
+    )
+    rows.append(
+        Row(
+            f"{label}: cached p95, fast lane vs one lane",
+            f"{p95 * 1000:.0f} ms",
+            f"{baseline_p95 * 1000:.0f} ms one lane",
+            p95 / baseline_p95 if baseline_p95 else NO_RATIO,
+            "(report)",
+            None,
+        )
+    )
+    return rows
+
+
+def lane_latencies(
+    lab_dir: Path,
+    images: list[Path],
+    captions: list[str],
+    clients: int,
+    seconds: float,
+    fast_lane: bool,
+) -> dict[str, tuple[list[float], int]]:
+    """kind ("cached", "new") -> (latencies of the answered queries, errors): client ``c``
+    asks new captions when ``c % 4 == 0``, cached ones otherwise, one after the other until
+    ``seconds`` have passed."""
+    import httpx
+
+    payloads = [path.read_bytes() for path in images]
+    found: dict[str, tuple[list[float], int]] = {"cached": ([], 0), "new": ([], 0)}
+    lock = threading.Lock()
+
+    def client_run(c: int, url: str, end: float) -> None:
+        kind = "new" if c % 4 == 0 else "cached"
+        with httpx.Client(base_url=url, timeout=600) as client:
+            i = 0
+            while time.perf_counter() < end:
+                k = (c + i) % len(images)
+                caption = f"client {c} asks about new scene {i}" if kind == "new" else captions[k]
+                answer, elapsed = _timed_query(client, images[k].name, payloads[k], caption)
+                ok = answer is not None
+                with lock:
+                    times, errors = found[kind]
+                    if ok:
+                        times.append(elapsed)
+                    found[kind] = (times, errors + (not ok))
+                i += 1
+
+    with Service(lab_dir, fast_lane=fast_lane) as service:
+        with httpx.Client(base_url=service.url) as client:
+            shown = client.get("/v1/worker").json().get("fast_lane")
+        if shown != fast_lane:
+            raise SystemExit(f"the service's worker has fast_lane={shown}, not {fast_lane}")
+        end = time.perf_counter() + seconds
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(client_run, range(clients), [service.url] * clients, [end] * clients))
+    return found
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """The value at quantile ``q`` of ``values`` (nearest rank); nan when there are none."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
 def reference_verdicts(
     pristine: Path, images: list[Path], pairs: set[tuple[int, str]], scratch: Path
 ) -> dict[tuple[int, str], str]:
@@ -259,28 +366,44 @@ def reference_verdicts(
     return found
 
 
-class Service:
-    """``rsx --lab LAB serve --port 0`` in a subprocess, ready (healthz ok) inside the block."""
+#: ``rsx`` with the worker's fast lane off by default (``rsx serve`` has no option for it): the
+#: baseline of the lanes row. The row checks ``/v1/worker`` says so.
+_WITHOUT_FAST_LANE = (
+    "import sys; from resynth_index.service.worker import QueryWorker;"
+    " QueryWorker.__init__.__kwdefaults__['fast_lane'] = False;"
+    " from resynth_index.cli import main; sys.argv[0] = 'rsx'; main()"
+)
 
-    def __init__(self, lab_dir: Path) -> None:
+
+class Service:
+    """``rsx --lab LAB serve --port 0`` in a subprocess, ready (healthz ok) inside the block;
+    ``fast_lane=False``: its worker answers everything on one thread."""
+
+    def __init__(self, lab_dir: Path, fast_lane: bool = True) -> None:
         self.lab_dir = lab_dir
+        self.fast_lane = fast_lane
         self.url = ""
 
     def __enter__(self) -> Service:
         import httpx
 
-        command = [sys.executable, "-m", "resynth_index", "--lab", str(self.lab_dir), "serve"]
-        self.process = subprocess.Popen(
-            [*command, "--port", "0"],
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
-        )
+        rsx = ["-m", "resynth_index"] if self.fast_lane else ["-c", _WITHOUT_FAST_LANE]
+        command = [sys.executable, *rsx, "--lab", str(self.lab_dir), "serve"]
+        # the service logs a line per request: kept in a file beside the lab, not on the table
+        self.log = self.lab_dir.parent / f"{self.lab_dir.name}-serve.log"
+        with open(self.log, "a", encoding="utf-8") as log:
+            self.process = subprocess.Popen(
+                [*command, "--port", "0"],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+            )
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
         if not line.startswith("serving on "):
             self.process.kill()
-            raise SystemExit(f"rsx serve did not start: {line!r}")
+            raise SystemExit(f"rsx serve did not start: {line!r}; see {self.log}")
         self.url = line.split("serving on ", 1)[1].strip()
         deadline = time.monotonic() + 300
         with httpx.Client(base_url=self.url) as client:
@@ -295,17 +418,38 @@ class Service:
         self.process.wait(timeout=300)
 
 
+def _timed_query(client, name: str, payload: bytes, caption: str) -> tuple[dict | None, float]:
+    """One query through HTTP: (its answer, or None when it failed; seconds it took)."""
+    import httpx
+
+    start = time.perf_counter()
+    try:
+        response = client.post(
+            "/v1/query", files={"image": (name, payload, "image/png")}, data={"caption": caption}
+        )
+        answer = response.json() if response.status_code == 200 else None
+    except httpx.HTTPError:
+        answer = None
+    return answer, time.perf_counter() - start
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
     parser.add_argument("--warm", type=int, help="warm queries timed on each side")
     parser.add_argument("--clients", type=int, help="concurrent clients in the load test")
     parser.add_argument("--per-client", type=int, help="queries each client sends")
+    parser.add_argument("--lane-clients", type=int, help="clients in the lanes row (20)")
+    parser.add_argument("--lane-seconds", type=float, help="how long each side of it runs (60)")
+    parser.add_argument("--only", choices=("warm", "load", "lanes"), help="one row group only")
     parser.add_argument("--keep", type=Path, help="build the labs here and keep them")
     args = parser.parse_args(argv)
     warm = args.warm or (5 if args.quick else 30)
     clients = args.clients or (2 if args.quick else 8)
     per_client = args.per_client or (4 if args.quick else 25)
+    lane_clients = args.lane_clients or (4 if args.quick else 20)
+    lane_seconds = args.lane_seconds or (10.0 if args.quick else 60.0)
+    wanted = {args.only} if args.only else {"warm", "load", "lanes"}
     scratch = args.keep or Path(tempfile.mkdtemp(prefix="rsx-bench-service-"))
     scratch.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
@@ -315,12 +459,21 @@ def main(argv: list[str] | None = None) -> int:
         lab_dir, images, captions = build_lab(scratch)
         pristine = scratch / "pristine"
         shutil.copytree(lab_dir, pristine)
-        for row in bench_warm(lab_dir, images[0], captions[0], warm):
-            rows.append(row)
-            print_row(row)
-        for row in bench_load(lab_dir, pristine, images, captions, clients, per_client, scratch):
-            rows.append(row)
-            print_row(row)
+        groups = {
+            "warm": lambda: bench_warm(lab_dir, images[0], captions[0], warm),
+            "load": lambda: bench_load(
+                lab_dir, pristine, images, captions, clients, per_client, scratch
+            ),
+            "lanes": lambda: bench_lanes(
+                pristine, images, captions, lane_clients, lane_seconds, scratch
+            ),
+        }
+        for name, bench in groups.items():
+            if name not in wanted:
+                continue
+            for row in bench():
+                rows.append(row)
+                print_row(row)
     finally:
         if args.keep is None:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -339,7 +339,8 @@ def test_info_reports_the_lab_its_embedder_generators_and_counts(toy_lab, audite
     assert settings.embedder_fingerprint not in lines["embedder"]
     assert "3 active, 1 retired: mj (imported), toy-a (toy)" in lines["generators"]
     assert "toy-c (toy, retired)" in lines["generators"]
-    assert "5 queries" in lines["counts"] and "1 pending work orders" in lines["counts"]
+    assert "5 queries" in lines["counts"] and "1 pending work order" in lines["counts"]
+    assert "1 pending work orders" not in lines["counts"]  # the noun agrees with its count
 
 
 @pytest.mark.slow

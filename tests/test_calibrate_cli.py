@@ -251,15 +251,24 @@ def test_a_new_or_retired_candidate_leaves_the_calibration_unused_and_says_why(
     assert _rsx(reference_lab, "calibrate", "--coverage", "0.8").exit_code == 0
     assert _rsx(reference_lab, "generator", "add", "imp-d", "--imported").exit_code == 0
     answer = _query(reference_lab, suspect, CAPTIONS[0])
-    assert _unused(answer) == (
+    assert _unused(answer) == (  # and how to use it
         "calibration #1 not used: calibrated on candidates imp-a, imp-b, imp-c;"
-        " this candidate set adds imp-d"
+        " this candidate set adds imp-d; to use it, query with exactly its candidates"
+        " (--candidates imp-a,imp-b,imp-c) or make them the lab's default ('rsx config set"
+        " default_candidates imp-a,imp-b,imp-c'); or calibrate this set ('rsx calibrate')"
     )
+    exactly = _query(reference_lab, suspect, CAPTIONS[0], "--candidates", "imp-c,imp-a,imp-b")
+    assert exactly["calibration_id"] == 1  # the fix the note gives works
+    made_default = _rsx(reference_lab, "config", "set", "default_candidates", "imp-a,imp-b,imp-c")
+    assert made_default.exit_code == 0, made_default.output
+    assert _query(reference_lab, suspect)["calibration_id"] == 1  # and so does the other
+    assert _rsx(reference_lab, "config", "set", "default_candidates", "none").exit_code == 0
     assert _rsx(reference_lab, "generator", "remove", "imp-d").exit_code == 0
     assert _query(reference_lab, suspect)["calibration_id"] == 1  # the same candidates again
     assert _rsx(reference_lab, "generator", "remove", "imp-c").exit_code == 0
     note = _unused(_query(reference_lab, suspect))
-    assert note.startswith("calibration #1 not used:") and note.endswith("lacks imp-c")
+    assert note.startswith("calibration #1 not used:") and "lacks imp-c; to use it, restore" in note
+    assert "restore imp-c ('rsx generator restore NAME'), then query with exactly" in note
     table = _rsx(reference_lab, "query", str(suspect), "--caption", CAPTIONS[0])
     assert note in table.stdout and "closed set: the source may be none" in table.stdout
 
@@ -275,7 +284,11 @@ def test_changed_models_settings_or_missing_resyntheses_leave_it_unused(
         " be computed"
     )
     fused = _query(reference_lab, suspect, CAPTIONS[0], "--method", "fused")
-    assert _unused(fused) == "calibration #1 not used: calibrated for resynthesis, not fused"
+    assert _unused(fused) is None  # prediction sets are of resynthesis answers: no note at all
+    fused_table = _rsx(
+        reference_lab, "query", str(suspect), "--caption", CAPTIONS[0], "--method", "fused"
+    )
+    assert fused_table.exit_code == 0 and "calibration #1" not in fused_table.stdout
     assert _rsx(reference_lab, "generator", "set", "imp-a", "--resyntheses", "2").exit_code == 0
     assert "imp-a 1 (now 2)" in _unused(_query(reference_lab, suspect))
     assert _rsx(reference_lab, "generator", "set", "imp-a", "--resyntheses", "1").exit_code == 0
@@ -393,8 +406,27 @@ def _resyntheses(lab: Path) -> int:
 
 
 @pytest.mark.slow
-def test_calibrate_makes_the_missing_resyntheses_by_default(toy_references: Path) -> None:
-    """As 'rsx query' does; --no-generate refuses, naming what is missing and how it comes."""
+def test_calibrate_makes_the_missing_resyntheses_by_default(
+    toy_references: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As 'rsx query' does; --no-generate refuses, naming what is missing and how it comes.
+    On a terminal the generation shows on the status line, as it does for 'rsx query'."""
+    import io
+
+    from resynth_index.cli import calibrate as calibrate_command
+    from resynth_index.cli.app import StatusLine
+
+    shown: list[str] = []
+
+    class Terminal(StatusLine):
+        def __init__(self) -> None:
+            super().__init__(io.StringIO())
+            self.enabled = True
+
+        def show(self, text: str) -> None:
+            shown.append(text)
+
+    monkeypatch.setattr(calibrate_command, "StatusLine", Terminal)
     missing = (
         "6 reference(s) left out, lacking resyntheses of their caption by toy-a (6), toy-b (6),"
         " toy-c (6): drop --no-generate to make them"
@@ -415,6 +447,7 @@ def test_calibrate_makes_the_missing_resyntheses_by_default(toy_references: Path
     assert TOY_PLAN in made.stderr
     assert "references used: 6 (toy-a 2, toy-b 2, toy-c 2)" in made.stdout
     assert _resyntheses(toy_references) == 6
+    assert {"toy-a: generating 0 of 2", "toy-c: generating 2 of 2"} <= set(shown)
     again = _rsx(toy_references, "calibrate", "--method", "fused", "--generate")  # still taken
     assert again.exit_code == 0, again.output
     assert "planning" not in again.stderr  # nothing left to make

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,49 @@ def test_altered_or_missing_blob_is_named_and_not_repairable(toy_lab, make_toy_i
     assert f"problem: blob {shas[1]}: missing" in result.output
     assert f"cannot repair: blob {shas[0]}: altered" in result.output
     assert f"cannot repair: blob {shas[1]}: missing" in result.output
+
+
+def test_a_damaged_blob_is_named_by_the_images_it_is(toy_lab, make_toy_image):
+    """A hash alone says nothing to whoever must restore the file: each damaged blob's line
+    says what its image is to the lab (query, reference of G, resynthesis by G of caption C
+    seed S) and the path it was first seen under."""
+    from resynth_index.hashing import hash_file
+
+    reference = make_toy_image("toy-a", "a red barn", name="barn.png")
+    resynthesis = make_toy_image("toy-b", "a lighthouse at dusk", name="delivered.png")
+    suspect = make_toy_image("toy-c", "a lighthouse at dusk", name="suspect.png")
+    for path in (reference, resynthesis, suspect):  # not just written: their digests are kept
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    assert rsx(toy_lab, "generator", "add", "mj", "--imported").exit_code == 0
+    ingests = [
+        [str(reference), "--role", "reference", "--generator", "toy-a", "--caption", "a barn"],
+        [str(resynthesis), "--role", "resynthesis", "--generator", "mj"]
+        + ["--caption", "a lighthouse at dusk", "--seed", "0"],
+    ]
+    for args in ingests:
+        assert rsx(toy_lab, "ingest", *args).exit_code == 0
+    asked = rsx(
+        toy_lab, "query", str(suspect), "--candidates", "mj", "--caption", "a lighthouse at dusk"
+    )
+    assert asked.exit_code == 0, asked.output
+    shas = {path: hash_file(path) for path in (reference, resynthesis, suspect)}
+    with Lab.open(toy_lab) as lab:
+        for sha in shas.values():
+            blob = lab.blobs.path_for(sha)
+            blob.write_bytes(blob.read_bytes() + b"tampered")
+    result = rsx(toy_lab, "check")
+    assert result.exit_code == 1
+    lines = {
+        sha: next(line for line in result.output.splitlines() if sha in line)
+        for sha in shas.values()
+    }
+    assert lines[shas[reference]].endswith(
+        "altered: its bytes no longer match their SHA-256; the image of: reference of toy-a;"
+        f" first seen as {reference.resolve()}"
+    )
+    made = lines[shas[resynthesis]]
+    assert "the image of: resynthesis by mj of 'a lighthouse at dusk' seed 0;" in made
+    assert lines[shas[suspect]].endswith(f"the image of: query; first seen as {suspect}")
 
 
 def test_an_orphan_blob_goes_to_quarantine_never_away(toy_lab, tmp_path):

@@ -1,14 +1,34 @@
 """The embedded default: the toy demo attributes every toy image to the generator that made it."""
 
+import io
+
 import pytest
 from click.testing import CliRunner
 
 from resynth_index.cli import cli
+from resynth_index.cli.app import StatusLine
 
 pytestmark = pytest.mark.slow  # end to end through the CLI: not in the quick loop
 
 
-def test_demo_attributes_every_toy_image_and_reuses_its_lab(tmp_path):
+class _Terminal(StatusLine):
+    """The status line as a terminal would get it: every status kept, none written."""
+
+    shown_texts: list[str] = []
+
+    def __init__(self) -> None:
+        super().__init__(io.StringIO())
+        self.enabled = True
+
+    def show(self, text: str) -> None:
+        self.shown_texts.append(text)
+        super().show(text)
+
+
+def test_demo_attributes_every_toy_image_and_reuses_its_lab(tmp_path, monkeypatch):
+    import resynth_index.cli.demo as demo_command
+
+    monkeypatch.setattr(demo_command, "StatusLine", _Terminal)
     lab = tmp_path / "demo-lab"
     result = CliRunner().invoke(cli, ["--lab", str(lab), "demo"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -16,6 +36,13 @@ def test_demo_attributes_every_toy_image_and_reuses_its_lab(tmp_path):
     assert "resyntheses generated 12" in result.stdout
     assert "Writing model shards" not in result.output  # no library progress bars
     assert (lab / "demo" / "report.html").exists()
+    # on a terminal the minute of work shows, step by step, as 'rsx query' shows its own
+    shown = _Terminal.shown_texts
+    for step in ("building the toy generators: 0 of 4", "making the query images: 3 of 4"):
+        assert step in shown
+    assert "toy-d: generating 3 of 3" in shown and shown[-1].startswith("embedding: ")
+    last = result.stdout.splitlines()[-1]  # how to open it, and what that needs
+    assert last.endswith(f"rsx --lab {lab} serve") and "web service" in last
 
     again = CliRunner().invoke(cli, ["--lab", str(lab), "demo"], catch_exceptions=False)
     assert "accuracy: 12/12 = 100.0%" in again.stdout

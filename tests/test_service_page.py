@@ -120,7 +120,7 @@ def test_the_page_shows_the_verdict_of_an_uploaded_image(browser, site) -> None:
             "() => [...document.querySelectorAll('img.thumb')].map(i => i.naturalWidth)"
         )
         assert len(loaded) == 6 and all(width > 0 for width in loaded)  # query + nearest, x3
-        assert page.locator("#audit").get_attribute("href") == f"/v1/queries/{query_id}"
+        assert page.locator("#audit").get_attribute("href") == f"/v1/queries/{query_id}?pretty=1"
         assert "a red bicycle" in page.locator("dl").first.inner_text()
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         shot = ARTIFACTS / "service-answer.png"
@@ -155,7 +155,14 @@ def test_history_and_generators_pages(browser, site, tmp_path: Path) -> None:
         _ask(page, service.url, site["image"], "zqpage history entry")
         page.goto(service.url + "/history?q=zqpage")
         assert page.locator("#count").inner_text() == "1-1 of 1"
-        page.click("table.history a")
+        row = page.locator("table.history tbody tr")  # what 'rsx history' shows, and more
+        assert row.locator(".file").inner_text() == f"upload:{site['image'].name}"
+        assert row.locator(".margin").inner_text() not in ("", "-")
+        thumbs = "() => [...document.querySelectorAll('table.history img.thumb')]"
+        assert page.evaluate(thumbs + ".map(i => i.naturalWidth)")[0] > 0
+        nowrap = "() => getComputedStyle(document.querySelector('td.id')).whiteSpace"
+        assert page.evaluate(nowrap) == "nowrap"
+        page.click("table.history td.id a")
         page.wait_for_url("**/queries/*")
         assert "zqpage history entry" in page.locator("main").inner_text()
         page.goto(service.url + "/generators")

@@ -19,6 +19,8 @@ import click
 from resynth_index.cli.app import cli, open_lab
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from resynth_index.store.audit import AuditEntry
 
 #: How many characters of a caption the history table shows.
@@ -105,7 +107,7 @@ def history(
 
 
 @cli.command()
-@click.argument("query_id", type=int)
+@click.argument("query_id", type=int, required=False)
 @click.option("--json", "as_json", is_flag=True, help="The answer as recorded (as query printed).")
 @click.option(
     "--report",
@@ -115,16 +117,18 @@ def history(
 @click.option("--force", is_flag=True, help="Replace the --report file if it exists.")
 @click.pass_context
 def show(
-    ctx: click.Context, query_id: int, as_json: bool, report: Path | None, force: bool
+    ctx: click.Context, query_id: int | None, as_json: bool, report: Path | None, force: bool
 ) -> None:
     """Re-render a past answer exactly as it was recorded (nothing is recomputed).
 
-    QUERY_ID is the answer's id: 'rsx query' reports it, 'rsx history' lists them. The terminal
-    table is the one 'rsx query' printed; --json prints the answer byte for byte as
-    'rsx query --json' did; --report writes the HTML report of it.
+    QUERY_ID is the answer's id: 'rsx query' reports it, 'rsx history' lists them; without
+    it, the latest answer is shown. The terminal table is the one 'rsx query' printed; --json
+    prints the answer byte for byte as 'rsx query --json' did; --report writes the HTML report
+    of it.
 
     \b
     Examples:
+      rsx show                                      # the latest answer
       rsx show 42
       rsx show 42 --json
       rsx show 42 --report answer-42.html
@@ -141,6 +145,8 @@ def show(
 
     lab = open_lab(ctx)
     with lab.session() as session:
+        if query_id is None:
+            query_id = _latest_query(session)
         stored = audit.recorded_answer(session, query_id) if query_id > 0 else None
     if stored is None:
         raise click.ClickException(f"no query {query_id} in this lab; 'rsx history' lists them")
@@ -164,6 +170,18 @@ def show(
 
     write_report(lab, [result], report)
     click.echo(f"report written to {report}")
+
+
+def _latest_query(session: Session) -> int:
+    """The id of the newest audit record; refused in one line when none is recorded."""
+    from resynth_index.store import audit
+
+    newest = audit.query_history(session, limit=1)
+    if not newest:
+        raise click.ClickException(
+            "no queries recorded yet in this lab: 'rsx query IMAGE' answers one"
+        )
+    return newest[0].query_id
 
 
 def _image_prefix(value: str) -> str:

@@ -1,4 +1,5 @@
-"""`rsx generator add|list|set|remove|restore`: the candidate generators."""
+"""`rsx generator add|list|set|remove|retire|restore`: the candidate generators (`retire` is
+`remove` by the word the help uses)."""
 
 from __future__ import annotations
 
@@ -236,9 +237,31 @@ def generator_remove(ctx, name: str) -> None:
     """Retire a generator: its data stays, it stops being a candidate.
 
     \b
-    Example:
+    Examples:
       rsx generator remove sd15
+      rsx generator retire sd15      # the same
     """
+    _retire(ctx, name)
+
+
+@generator.command("retire", short_help="Alias of 'remove': retire a generator, data kept.")
+@click.argument("name")
+@click.pass_context
+def generator_retire(ctx, name: str) -> None:
+    """Retire a generator (the same as 'remove'): its data stays, it stops being a candidate.
+
+    'rsx generator restore NAME' makes it a candidate again.
+
+    \b
+    Examples:
+      rsx generator retire sd15
+      rsx generator restore sd15
+    """
+    _retire(ctx, name)
+
+
+def _retire(ctx: click.Context, name: str) -> None:
+    """What 'remove' and its alias 'retire' do: retire ``name``, keeping everything it made."""
     open_lab(ctx).retire_generator(name)
     click.echo(f"retired generator {name}")
 

@@ -235,28 +235,29 @@ def _describe(facts: dict[str, Any]) -> list[tuple[str, str]]:
     layer = embedder["layer"] if embedder["layer"] is not None else "final"
     precision = embedder["precision"] or "not recorded"
     counted = ", ".join(
-        f"{counts[key]} {label}"
-        for key, label in (
-            ("images", "images"),
-            ("captions", "captions"),
-            ("resyntheses", "resyntheses"),
-            ("references", "references"),
-            ("embeddings", "embeddings"),
-            ("queries", "queries"),
-            ("pending_work_orders", "pending work orders"),
+        _plural(counts[key], one, many)
+        for key, one, many in (
+            ("images", "image", "images"),
+            ("captions", "caption", "captions"),
+            ("resyntheses", "resynthesis", "resyntheses"),
+            ("references", "reference", "references"),
+            ("embeddings", "embedding", "embeddings"),
+            ("queries", "query", "queries"),
+            ("pending_work_orders", "pending work order", "pending work orders"),
         )
     )
     if counts["other_embeddings"]:
-        counted += f" ({counts['other_embeddings']} embeddings by other embedders or layers)"
+        others = _plural(counts["other_embeddings"], "embedding", "embeddings")
+        counted += f" ({others} by other embedders or layers)"
     sizes = ", ".join(
-        f"{name}/ {_human(usage['bytes'])} ({usage['files']} files)"
+        f"{name}/ {_human(usage['bytes'])} ({_plural(usage['files'], 'file', 'files')})"
         + ("" if Path(usage["path"]) == lab_root / name else f" at {usage['path']}")
         for name, usage in disk.items()
     )
     if index["vectors"] is None:
         held = index["problem"] or "no file"
     else:
-        held = f"{index['vectors']} vectors, watermark {index['watermark']}"
+        held = f"{_plural(index['vectors'], 'vector', 'vectors')}, watermark {index['watermark']}"
     return [
         ("lab", facts["lab"]),
         ("database", where),
@@ -275,10 +276,16 @@ def _describe(facts: dict[str, Any]) -> list[tuple[str, str]]:
         ("disk", sizes),
         (
             "index",
-            f"{Path(index['path']).name}: {held}; database {index['database_embeddings']} "
-            f"embeddings, max id {index['database_max_id']}: {index['state']}",
+            f"{Path(index['path']).name}: {held}; database"
+            f" {_plural(index['database_embeddings'], 'embedding', 'embeddings')},"
+            f" max id {index['database_max_id']}: {index['state']}",
         ),
     ]
+
+
+def _plural(count: int, one: str, many: str) -> str:
+    """``1 file``, ``2 files``, ``0 files``: a count with the noun it agrees with."""
+    return f"{count} {one if count == 1 else many}"
 
 
 def _file_size(path: Path) -> int:

@@ -28,10 +28,13 @@ def export_prompts(ctx, generator_name: str | None, out: Path | None) -> None:
     'resynthesis'; the CSV already has the columns such a manifest needs (fill in 'path').
     A cell that a spreadsheet would run as a formula (starting with = + - @, a tab or a
     carriage return) is written with a ' in front; rsx ingest takes that one quote off again.
+    With nothing pending the CSV holds its header alone (still a valid manifest), and stderr
+    says so.
 
     \b
     Examples:
       rsx export-prompts --generator midjourney --out mj_todo.csv
+      rsx export-prompts > todo.csv
     """
     from resynth_index.pipeline.work_orders import pending_work, write_work_orders
 
@@ -42,7 +45,11 @@ def export_prompts(ctx, generator_name: str | None, out: Path | None) -> None:
     finally:
         if out:
             handle.close()
-    if out:
+    if not rows:
+        which = f" for {generator_name}" if generator_name else ""
+        where = str(out) if out else "the CSV"
+        click.echo(f"no pending work orders{which}: {where} holds the header only", err=True)
+    elif out:
         click.echo(f"{len(rows)} prompt(s) written to {out}")
 
 

@@ -157,7 +157,7 @@ def _decode(data: bytes, name: str, max_pixels: int) -> tuple[PILImage.Image, st
         except UnidentifiedImageError:
             raise ImageError(f"{name}: not an image in a supported format") from None
         except Image.DecompressionBombError:
-            raise ImageError(f"{name}: declares too many pixels (decompression bomb)") from None
+            raise ImageError(_too_many_pixels(name)) from None
         except Exception as exc:
             raise ImageError(f"{name}: not a valid image ({_reason(exc)})") from None
         fmt = str(image.format or "unknown")
@@ -169,17 +169,26 @@ def _decode(data: bytes, name: str, max_pixels: int) -> tuple[PILImage.Image, st
             image.close()
             raise ImageError(
                 f"{name}: declares {width}x{height} = {width * height:,} pixels, over the "
-                f"{max_pixels:,} limit (possible decompression bomb)"
+                f"{max_pixels:,} limit (possible decompression bomb); {RAISE_LIMIT}"
             )
         try:
             image.load()  # full decode of the first frame; LOAD_TRUNCATED_IMAGES stays off
         except Image.DecompressionBombError:
             image.close()
-            raise ImageError(f"{name}: declares too many pixels (decompression bomb)") from None
+            raise ImageError(_too_many_pixels(name)) from None
         except Exception as exc:
             image.close()
             raise ImageError(f"{name}: {_decode_failure(exc)}") from None
     return image, fmt
+
+
+#: What a refusal for too many pixels adds: a large image that is genuine can still be read.
+RAISE_LIMIT = "if the image is genuine, raise the limit: rsx config set max_pixels N"
+
+
+def _too_many_pixels(name: str) -> str:
+    """The refusal of an image Pillow itself found too large to decode (past its own limit)."""
+    return f"{name}: declares too many pixels (decompression bomb); {RAISE_LIMIT}"
 
 
 def _decode_failure(exc: BaseException) -> str:

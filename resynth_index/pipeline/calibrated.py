@@ -26,7 +26,7 @@ references were, so the calibration is not used either.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -507,8 +507,9 @@ def for_query(
     The newest active calibration of exactly this candidate set is checked against the
     embedder, the candidates' fingerprints, the lab's distance and aggregation, and the
     resyntheses per generator (``resyntheses``: name -> K this call uses). Without one, the
-    newest active calibration of any candidate set is named with the reason it does not apply.
-    None when the lab has no calibration at all (today's answers, unchanged).
+    newest active calibration of any candidate set is named with the reason it does not apply
+    and how to use it (``candidates_fix``). None when the lab has no calibration at all (today's
+    answers, unchanged).
     """
     names = [row.name for row in generators]
     with lab.session() as session:  # this set's, else the newest of any set
@@ -525,11 +526,31 @@ def for_query(
         distance=lab.settings.distance,
         aggregation=lab.settings.aggregation,
     )
+    other_set = set(stored.candidates) != set(names)
+    if reason is not None and other_set and calibration.embedder_fingerprint == lab.fingerprint:
+        active = {row.name for row in lab.generators()}  # the reason is the set: say the fix
+        reason += f"; {candidates_fix(stored.candidates, active)}"
     if reason is None:
         reason = _resyntheses_reason(stored, resyntheses)
     if reason is not None:
         return QueryCalibration(stored.id, None, note=not_used(stored.id, reason))
     return QueryCalibration(stored.id, calibration, references=len(calibration.reference_ids))
+
+
+def candidates_fix(
+    calibrated: Sequence[str], active: Collection[str], calibrate: str = "rsx calibrate"
+) -> str:
+    """How a query comes to use a calibration made for another candidate set: ask exactly its
+    candidates (once, or as the lab's default), restoring any retired since; or calibrate the
+    set asked (``calibrate``: the command that does, e.g. 'rsx calibrate --method fused')."""
+    names = ",".join(sorted(calibrated))
+    gone = sorted(set(calibrated) - set(active))
+    restore = f"restore {', '.join(gone)} ('rsx generator restore NAME'), then " if gone else ""
+    return (
+        f"to use it, {restore}query with exactly its candidates (--candidates {names}) or make"
+        f" them the lab's default ('rsx config set default_candidates {names}'); or calibrate"
+        f" this set ('{calibrate}')"
+    )
 
 
 def _resyntheses_reason(stored: StoredCalibration, resyntheses: Mapping[str, int]) -> str | None:
@@ -544,18 +565,17 @@ def _resyntheses_reason(stored: StoredCalibration, resyntheses: Mapping[str, int
 
 def apply(choice: QueryCalibration | None, result: QueryResult) -> None:
     """Give one answer its prediction set, coverage and calibrated scores, or the reason the
-    calibration is not used (``calibration_note``). Nothing changes without a calibration."""
+    calibration is not used (``calibration_note``). Nothing changes without a calibration, nor
+    in an answer of another method: prediction sets are calibrated on resynthesis answers, and
+    a fused answer says where its own weights came from (``fusion``), so a note about the
+    resynthesis calibration would only mislead it."""
     if choice is None:
         return
+    if getattr(result, "method", conformal.METHOD) != conformal.METHOD:
+        return  # prediction sets are of resynthesis answers: a fused answer has its own note
     calibration = choice.calibration
     if calibration is None:
         result.calibration_note = choice.note
-        return
-    method = getattr(result, "method", conformal.METHOD)  # an answer by another method
-    if method != calibration.method:
-        result.calibration_note = not_used(
-            choice.calibration_id, f"calibrated for {calibration.method}, not {method}"
-        )
         return
     lacking = sorted(
         set(result.without_resynthesis)

@@ -345,9 +345,13 @@ def fusion_for_query(
     if stored is None:
         note = None
         if other is not None:
+            active = {row.name for row in lab.generators()}
+            fix = calibrated.candidates_fix(
+                other.candidates, active, "rsx calibrate --method fused"
+            )
             note = (
                 f"fused calibration #{other.id} not used: it was made for the candidates"
-                f" {', '.join(other.candidates)}, not {', '.join(sorted(names))}"
+                f" {', '.join(other.candidates)}, not {', '.join(sorted(names))}; {fix}"
             )
         return fixed_fusion(asked or (), note)
     try:

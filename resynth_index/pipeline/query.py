@@ -259,6 +259,9 @@ def run_queries(
     """Attribute each image; a bad image fails alone and the rest go on.
 
     ``paths`` may name folders (their image files are queried, see ``expand_query_paths``).
+    With ``generate`` the runnable candidates' missing resyntheses are made and the imported
+    ones' recorded as work orders (``rsx export-prompts``); without it (``--no-generate``:
+    stored resyntheses only) nothing is made and no work order is recorded either.
     ``progress`` receives ``ProgressEvent``s: ``load`` per image read and captioned, ``generate``
     per generator and batch (see ``generate_missing``), ``embed`` around the final embedding.
     With generation on, ``on_plan`` is told what will be generated once every image is read and
@@ -336,7 +339,7 @@ def run_queries(
                     generated_for[caption_hash] = generated_for.get(caption_hash, 0) + 1
             if plan.missing_count():
                 (generator or generate_missing)(lab, plan, generators, captions, events=progress)
-        record_pending(lab, plan, generators)
+            record_pending(lab, plan, generators)  # --no-generate asks for stored ones only
 
         # generated resyntheses were embedded batch by batch; what is left is the query images
         # and any stored image that lacks an embedding (loaded from its blob)
@@ -356,7 +359,10 @@ def run_queries(
         _image_shas(lab, [i for ids in plan.stored.values() for i in ids if i not in image_sha])
     )
 
-    calibration = calibrated.for_query(lab, generators, plan.wanted)
+    # prediction sets are of resynthesis answers: a fused call neither looks one up nor notes one
+    calibration = (
+        calibrated.for_query(lab, generators, plan.wanted) if method == "resynthesis" else None
+    )
     fusion = (
         fusion_for_query(lab, generators, plan.wanted, fusion_layers) if method == "fused" else None
     )

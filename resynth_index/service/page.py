@@ -59,16 +59,31 @@ def login_page(message: str = "") -> str:
 
 
 def query_page(
-    candidates: Iterable[str], csrf: str, *, error: str | None = None, logout: bool = False
+    candidates: Iterable[str],
+    csrf: str,
+    *,
+    error: str | None = None,
+    logout: bool = False,
+    checked: Iterable[str] | None = None,
+    calibration_note: str | None = None,
 ) -> str:
-    """The query form: an image (chosen or dropped), an optional caption, candidate boxes."""
+    """The query form: an image (chosen or dropped), an optional caption, candidate boxes.
+
+    ``checked``: the boxes ticked at first (None: all); ``records.query_form`` gives the lab's
+    default candidates, else its calibrated set, and ``calibration_note`` says which calibrated
+    set exists, so a page user can meet the prediction sets ``rsx calibrate`` made.
+    """
+    names = list(candidates)
+    ticked = set(names if checked is None else checked)
     boxes = "".join(
         '<label class="candidate"><input type="checkbox" name="candidate"'
-        f' value="{_e(name)}" checked> {_e(name)}</label>'
-        for name in candidates
+        f' value="{_e(name)}"{" checked" if name in ticked else ""}> {_e(name)}</label>'
+        for name in names
     )
     if not boxes:
         boxes = '<p class="note">No active generators: add one with rsx generator add.</p>'
+    elif calibration_note:
+        boxes += f'<p class="note" id="calibrated">{_e(calibration_note)}</p>'
     hidden = "" if error else " hidden"
     body = (
         "<h1>Who made this image?</h1>"
@@ -136,7 +151,7 @@ def answer_page(answer: Mapping[str, Any], *, csrf: str = "", logout: bool = Fal
         " never trusted.</p>"
         + (_definition_list(sorted((answer.get("metadata") or {}).items())) or "<p>none</p>")
         + (
-            f'<p>Audit record: <a id="audit" href="/v1/queries/{_e(query_id)}">'
+            f'<p>Audit record: <a id="audit" href="/v1/queries/{_e(query_id)}?pretty=1">'
             f"query {_e(query_id)} (JSON)</a></p>"
             if query_id is not None
             else ""
@@ -145,12 +160,14 @@ def answer_page(answer: Mapping[str, Any], *, csrf: str = "", logout: bool = Fal
     return _layout(f"Answer {query_id}", body, logout_csrf=csrf if logout else None)
 
 
-def _thumb(sha256: object, alt: str) -> str:
+def _thumb(sha256: object, alt: str, size: int = 96) -> str:
+    """A stored image by its hash (``/v1/images/{sha256}``), linked to itself; ``size`` px."""
     if not sha256:
         return '<span class="thumb missing">-</span>'
+    small = "" if size == 96 else " small"
     return (
-        f'<a href="/v1/images/{_e(sha256)}"><img class="thumb" src="/v1/images/{_e(sha256)}"'
-        f' alt="{_e(alt)}" width="96" height="96"></a>'
+        f'<a href="/v1/images/{_e(sha256)}"><img class="thumb{small}"'
+        f' src="/v1/images/{_e(sha256)}" alt="{_e(alt)}" width="{size}" height="{size}"></a>'
     )
 
 
@@ -160,39 +177,60 @@ def _definition_list(items: Iterable[tuple[object, object]]) -> str:
 
 
 def history_page(page: HistoryPage, *, csrf: str = "", logout: bool = False) -> str:
-    """A page of the audit history with its search box and paging links."""
+    """A page of the audit history, as ``rsx history`` lists it (id, time, image and its file
+    name, verdict, margin, caption), with its search box, verdict filter and paging links."""
     rows = "".join(
         "<tr>"
-        f'<td><a href="/queries/{_e(e["query_id"])}">{_e(e["query_id"])}</a></td>'
-        f"<td>{_e(e['created_at'][:19].replace('T', ' '))}</td>"
-        f'<td class="sha">{_e(e["sha256"][:12])}</td>'
+        f'<td class="id"><a href="/queries/{_e(e["query_id"])}">{_e(e["query_id"])}</a></td>'
+        f'<td class="when">{_e(e["created_at"][:19].replace("T", " "))}</td>'
+        f'<td class="image"><div>{_thumb(e["sha256"], "the image asked about", 48)}<div>'
+        f'<span class="file" title="{_e(e.get("image"))}">{_e(_file_name(e.get("image")))}</span>'
+        f'<span class="sha">{_e(e["sha256"][:12])}</span></div></div></td>'
         f'<td class="verdict">{_e(e["verdict"])}</td>'
+        f'<td class="margin">{_margin(e.get("margin"))}</td>'
         f"<td>{_e(e['caption'][:120])}</td><td>{_e(e['caption_source'])}</td></tr>"
         for e in page.entries
     )
     links = []
     if page.offset > 0:
-        links.append(_page_link("Newer", page.q, max(page.offset - page.limit, 0), page.limit))
+        newer = max(page.offset - page.limit, 0)
+        links.append(_page_link("Newer", page.q, newer, page.limit, page.verdict))
     if page.offset + page.limit < page.total:
-        links.append(_page_link("Older", page.q, page.offset + page.limit, page.limit))
+        older = page.offset + page.limit
+        links.append(_page_link("Older", page.q, older, page.limit, page.verdict))
     shown = f"{page.offset + 1}-{page.offset + len(page.entries)}" if page.entries else "none"
     body = (
         "<h1>History</h1>"
         '<form method="get" action="/history" class="search">'
         f'<input type="search" name="q" value="{_e(page.q)}"'
-        ' placeholder="SHA-256 prefix or caption text"><button type="submit">Search</button>'
-        "</form>"
+        ' placeholder="SHA-256 prefix or caption text">'
+        f'<input type="text" name="verdict" id="verdict-filter" value="{_e(page.verdict)}"'
+        ' placeholder="verdict (e.g. sd15, unknown)" maxlength="128">'
+        '<button type="submit">Search</button></form>'
         f'<p id="count">{_e(shown)} of {page.total}</p>'
-        '<table class="history"><thead><tr><th>id</th><th>when (UTC)</th><th>sha256</th>'
-        f"<th>verdict</th><th>caption</th><th>source</th></tr></thead><tbody>{rows}</tbody>"
-        f'</table><p class="paging">{" ".join(links)}</p>'
+        '<table class="history"><thead><tr><th class="id">id</th><th>when (UTC)</th>'
+        "<th>image</th><th>verdict</th><th>margin</th><th>caption</th><th>source</th></tr>"
+        f'</thead><tbody>{rows}</tbody></table><p class="paging">{" ".join(links)}</p>'
     )
     return _layout("History", body, logout_csrf=csrf if logout else None)
 
 
-def _page_link(label: str, q: str, offset: int, limit: int) -> str:
-    query = urlencode({"q": q, "offset": offset, "limit": limit})
-    return f'<a href="/history?{_e(query)}">{_e(label)}</a>'
+def _file_name(image: object) -> str:
+    """The file name of the path an answer was asked about (its last part), "-" without one."""
+    text = str(image or "").rstrip("/\\")
+    return text.replace("\\", "/").rsplit("/", 1)[-1] or "-"
+
+
+def _margin(margin: object) -> str:
+    """A recorded margin as the answer page shows it ("-" with one candidate)."""
+    return "-" if not isinstance(margin, int | float) else f"{float(margin):.4f}"
+
+
+def _page_link(label: str, q: str, offset: int, limit: int, verdict: str = "") -> str:
+    fields: dict[str, object] = {"q": q, "offset": offset, "limit": limit}
+    if verdict:
+        fields["verdict"] = verdict
+    return f'<a href="/history?{_e(urlencode(fields))}">{_e(label)}</a>'
 
 
 def generators_page(listing: Mapping[str, Any], *, csrf: str = "", logout: bool = False) -> str:

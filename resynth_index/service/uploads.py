@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
+
 from resynth_index.store.locks import process_alive
 
 MAX_FIELD_BYTES = 64 * 1024
@@ -32,6 +34,10 @@ FORM_ALLOWANCE = 1024 * 1024
 #: (a client still sending when the connection closes may never see the answer).
 DRAIN_LIMIT = 16 * 1024 * 1024
 IMAGE_FIELD = "image"
+#: Uploads up to this size are parsed and written on the event loop, larger ones beside it:
+#: a hop to a thread costs 0.1-3 ms on a busy 2-core machine, writing 1 MiB to the page cache
+#: well under a millisecond.
+INLINE_BYTES = 1024 * 1024
 
 #: Leading bytes of the formats the hostile-file loader accepts -> their media type.
 _SIGNATURES = (
@@ -160,7 +166,12 @@ async def read_upload(
                 refusal = UploadRejected(413, _too_large(max_image_bytes))
                 continue
             try:
-                parser.write(chunk)
+                # parsing writes the image's bytes to its file: off the event loop once the
+                # upload is large (a thread hop costs more than a small upload's whole write)
+                if received <= INLINE_BYTES:
+                    parser.write(chunk)
+                else:
+                    await run_in_threadpool(parser.write, chunk)
             except UploadRejected as error:
                 refusal = error
             except Exception:
@@ -184,7 +195,24 @@ async def read_upload(
 
 
 def _too_large(max_image_bytes: int) -> str:
-    return f"the upload is over the {max_image_bytes / 1024 / 1024:g} MB limit (--max-upload-mb)"
+    return f"the image is over the {max_image_bytes / 1024 / 1024:g} MB this service accepts"
+
+
+def image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) as the image file's header says, nothing decoded; None when the header
+    cannot be read (the hostile-file loader then says why, with the rest of its checks)."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a decompression-bomb warning: the size is what we ask
+            with Image.open(path) as image:
+                width, height = image.size
+    except Exception:  # a hostile or broken header: not this function's to judge
+        return None
+    return int(width), int(height)
 
 
 class _FormBuilder:
@@ -245,6 +273,11 @@ class _FormBuilder:
             path = self.folder / f"upload-{secrets.token_hex(12)}"
             self._file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             self.upload.path = path
+        elif b"filename" in options:
+            raise UploadRejected(
+                400, f"a file came in the field {name!r}: send the image in the field"
+                f" '{IMAGE_FIELD}'"
+            )  # fmt: skip
         else:
             self._text = bytearray()
 

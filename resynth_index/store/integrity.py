@@ -2,7 +2,9 @@
 
 The database is the source of truth. What is derived from it (the vector index, embeddings of
 stored images) or is mere debris (orphan blobs, temp files left by a crash) can be repaired; a
-blob that is missing or whose bytes no longer match their hash cannot, and is named. Files in the
+blob that is missing or whose bytes no longer match their hash cannot, and is named with what its
+image is to the lab (a query, a reference of G, a resynthesis by G of caption C seed S) and the
+path it was first seen under, so that a person knows which file to restore. Files in the
 blob store that it never writes (stray files) are named too, and never removed: rsx does not
 know what they are. An index that lacks only embeddings stored since its last sync is no problem
 (queries store embeddings and never write the index): it is noted, and ``--repair`` syncs it.
@@ -20,7 +22,7 @@ blobs can be summed up per kind ("33 problems: 32 orphan blobs, index file missi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -278,6 +280,7 @@ def _check_blobs(lab: Lab, report: CheckReport, repair: bool) -> None:
         known = repository.image_blob_paths(session)
     quarantine = lab.quarantine
     returned = 0
+    damaged: list[tuple[str, str, str]] = []  # (sha256, kind, problem)
     for sha256, blob_path in sorted(known.items()):
         found = lab.blobs.verify(sha256)
         expected = lab.blobs.relpath_for(sha256)
@@ -294,11 +297,50 @@ def _check_blobs(lab: Lab, report: CheckReport, repair: bool) -> None:
             kind, problem = "misrecorded blob", f"recorded at {blob_path}, expected {expected}"
         else:
             continue
-        line = f"blob {sha256}: {problem}"
+        damaged.append((sha256, kind, problem))
+    uses: dict[str, list[repository.ImageUse]] = {}
+    if damaged:  # what each damaged blob's image is, so a person knows what to restore
+        with lab.session() as session:
+            uses = repository.image_uses(session, [sha for sha, _kind, _problem in damaged])
+    for sha256, kind, problem in damaged:
+        line = f"blob {sha256}: {problem}{_used_as(uses.get(sha256, []))}"
         report.problem(kind, line)
         report.cannot_repair(kind, f"{line} ({_REINGEST})")
     if returned:
         report.repaired.append(f"moved {returned} blob(s) back from quarantine")
+
+
+#: How many characters of a caption a damaged blob's line quotes.
+CAPTION_CHARS = 40
+
+
+def _used_as(uses: Sequence[repository.ImageUse]) -> str:
+    """What a damaged blob's image is to the lab, for its line: ``"; the image of: query;
+    reference of sd15; resynthesis by sdxl of 'a cat' seed 0; first seen as /cases/x.png"``
+    (a blob is named by hash alone, which says nothing to the person who must restore it)."""
+    roles = []
+    for use in uses:
+        if use.role == "reference":
+            roles.append(f"reference of {use.generator}")
+        elif use.role == "resynthesis":
+            roles.append(
+                f"resynthesis by {use.generator} of {_quoted(use.caption or '')} seed {use.seed}"
+            )
+        elif use.role == "query":
+            roles.append("query")
+    path = next((use.path for use in uses if use.path), None)
+    parts = [f"the image of: {'; '.join(roles)}"] if roles else []
+    if path:
+        parts.append(f"first seen as {path}")
+    return "".join(f"; {part}" for part in parts)
+
+
+def _quoted(caption: str) -> str:
+    """A caption in one short line, quoted ("..." marks a cut)."""
+    flat = " ".join(caption.split())
+    if len(flat) > CAPTION_CHARS:
+        flat = flat[: CAPTION_CHARS - 3] + "..."
+    return repr(flat)
 
 
 def _check_orphans(

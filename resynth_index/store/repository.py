@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import CursorResult, bindparam, exists, func, select, text, update
+from sqlalchemy import CursorResult, Engine, bindparam, exists, func, select, text, update
 from sqlalchemy.orm import Session
 
 from resynth_index.store.engine import (
@@ -459,3 +459,101 @@ def database_damage(session: Session) -> str | None:
         return None
     found = [str(row[0]) for row in session.execute(text("PRAGMA quick_check(1)"))]
     return None if found == ["ok"] else (found[0] if found else "no answer")
+
+
+# ------------------------------------------------------------------------------ what uses a blob
+class ImageUse(NamedTuple):
+    """One row that uses a stored image: its ``role`` (``query``, ``reference`` or
+    ``resynthesis``), the generator (references and resyntheses), the caption text and seed
+    (resyntheses), and the path the image was given under (queries: the path asked about)."""
+
+    role: str
+    generator: str | None = None
+    caption: str | None = None
+    seed: int | None = None
+    path: str | None = None
+
+
+def image_uses(session: Session, shas: Sequence[str]) -> dict[str, list[ImageUse]]:
+    """sha256 -> the rows that use that image (resyntheses, references, then the first query),
+    for those of ``shas`` some row uses: what ``rsx check`` says of a damaged blob, so that a
+    person knows which image it was.
+
+    Only the first query of an image is listed (its path is the image's first known name);
+    a file the lab remembers reading (``file_digests``) names the image where no query does.
+    """
+    from resynth_index.store.models import FileDigestRow, QueryRow
+
+    wanted = list(dict.fromkeys(shas))
+    uses: dict[str, list[ImageUse]] = {}
+    for chunk in in_chunks(wanted):
+        resyntheses = session.execute(
+            select(ImageRow.sha256, GeneratorRow.name, CaptionRow.text, ResynthesisRow.seed)
+            .join(ResynthesisRow, ResynthesisRow.image_id == ImageRow.id)
+            .join(GeneratorRow, GeneratorRow.id == ResynthesisRow.generator_id)
+            .join(CaptionRow, CaptionRow.hash == ResynthesisRow.caption_hash)
+            .where(ImageRow.sha256.in_(chunk))
+            .order_by(ResynthesisRow.id)
+        )
+        for sha, name, caption, seed in resyntheses:
+            uses.setdefault(sha, []).append(ImageUse("resynthesis", name, caption, seed))
+        references = session.execute(
+            select(ImageRow.sha256, GeneratorRow.name)
+            .join(ReferenceRow, ReferenceRow.image_id == ImageRow.id)
+            .join(GeneratorRow, GeneratorRow.id == ReferenceRow.generator_id)
+            .where(ImageRow.sha256.in_(chunk))
+            .order_by(ReferenceRow.id)
+        )
+        for sha, name in references:
+            uses.setdefault(sha, []).append(ImageUse("reference", name))
+        first_query = (
+            select(QueryRow.image_sha256, func.min(QueryRow.id).label("first"))
+            .where(QueryRow.image_sha256.in_(chunk))
+            .group_by(QueryRow.image_sha256)
+            .subquery()
+        )
+        queries = session.execute(
+            select(QueryRow.image_sha256, QueryRow.image_path).join(
+                first_query, QueryRow.id == first_query.c.first
+            )
+        )
+        for sha, path in queries:
+            uses.setdefault(sha, []).append(ImageUse("query", path=path))
+        files: dict[str, list[str]] = {}
+        for sha, path in session.execute(
+            select(FileDigestRow.sha256, FileDigestRow.path).where(FileDigestRow.sha256.in_(chunk))
+        ):
+            files.setdefault(sha, []).append(path)
+        for sha, paths in files.items():
+            # the blob store's own copy (named by its hash) is no name a person knows it by
+            named = sorted(path for path in paths if not path.endswith(sha))
+            if named and not any(use.path for use in uses.get(sha, [])):
+                uses.setdefault(sha, []).append(ImageUse("file", path=named[0]))
+    return uses
+
+
+def query_margins(session: Session, query_ids: Sequence[int]) -> dict[int, float | None]:
+    """query id -> the margin its recorded answer gives (second-best minus best distance;
+    None with one candidate or in an answer without one), for those of ``query_ids`` recorded."""
+    import json
+
+    from resynth_index.store.models import QueryRow
+
+    found: dict[int, float | None] = {}
+    for ids in in_chunks(list(query_ids)):
+        rows = session.execute(
+            select(QueryRow.id, QueryRow.result_json).where(QueryRow.id.in_(ids))
+        )
+        for query_id, stored in rows:
+            try:
+                margin = json.loads(stored).get("margin")
+            except (ValueError, AttributeError):  # a damaged answer: no margin to show
+                margin = None
+            found[query_id] = float(margin) if isinstance(margin, int | float) else None
+    return found
+
+
+def database_answers(engine: Engine) -> None:
+    """Ask the database the simplest question (``SELECT 1``): raises when it cannot answer."""
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
