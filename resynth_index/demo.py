@@ -17,7 +17,7 @@ from resynth_index.config import SETTINGS_FILE, LabSettings
 from resynth_index.errors import RsxError
 
 if TYPE_CHECKING:
-    from resynth_index.pipeline.resynthesis import ProgressCallback
+    from resynth_index.pipeline.plans import ProgressCallback
 
 DEMO_GENERATORS = {"toy-a": 11, "toy-b": 22, "toy-c": 33, "toy-d": 44}
 DEMO_CAPTIONS = (
@@ -54,7 +54,7 @@ def serve_line(lab_dir: Path, installed: bool | None = None) -> str:
 def _tell(progress: ProgressCallback | None, stage: str, done: int, total: int) -> None:
     """One progress event of the demo's own steps (the status line shows it on a terminal)."""
     if progress is not None:
-        from resynth_index.pipeline.resynthesis import ProgressEvent
+        from resynth_index.pipeline.plans import ProgressEvent
 
         progress(ProgressEvent(stage, done, total))
 
@@ -122,7 +122,8 @@ def run_demo(
     the query images, then the queries' own ``load``, ``generate`` and ``embed`` events), so a
     terminal can show a status line through the minute the first run takes.
     """
-    from resynth_index.pipeline.query import QueryFailure, run_queries
+    from resynth_index.attribution.answer import QueryFailure
+    from resynth_index.pipeline.query import run_queries
     from resynth_index.report import write_report
 
     lab_dir = Path(lab_dir)

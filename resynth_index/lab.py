@@ -39,10 +39,10 @@ from resynth_index.store.models import GeneratorRow
 
 if TYPE_CHECKING:
     import numpy as np
+    import PIL.Image
 
     from resynth_index.models.embedders import Embedder, EmbedderSpec
     from resynth_index.models.generators.protocol import GenerationSettings, Generator
-    from resynth_index.store.integrity import CheckReport
     from resynth_index.store.vectors import SyncReport, VectorIndex
 
 
@@ -322,27 +322,26 @@ class Lab:
         query. Says what changed since the index was opened or last synced."""
         return self.index.sync(self.embedding_source, self._embedding_feed)
 
-    def check(
-        self, repair: bool = False, *, force: bool = False, purge_quarantine: bool = False
-    ) -> CheckReport:
-        """``rsx check``: compare the database with the blobs and the index; with ``repair``
-        rebuild what is derived (embeddings, the index), remove temporary files no writer owns
-        and move orphan blobs to the quarantine (see ``store.integrity.check_lab``)."""
-        from resynth_index.pipeline.intake import ensure_embeddings
-        from resynth_index.store.integrity import check_lab
-
-        def embed(image_id: int) -> None:
-            ensure_embeddings(self, {image_id: None})
-
-        return check_lab(
-            self, repair=repair, embed=embed, force=force, purge_quarantine=purge_quarantine
-        )
-
     @property
     def quarantine(self) -> Quarantine:
         """Where repairs put blobs no row points at (``<lab>/quarantine``): never deleted but by
         ``rsx check --repair --purge-quarantine``."""
         return Quarantine(self.root / QUARANTINE_DIR)
+
+    def stored_image(self, image_id: int) -> PIL.Image.Image:
+        """Decode a stored image from its blob, refusing one whose bytes no longer match the
+        hash (StoreError, naming the blob and the repair to run)."""
+        from resynth_index.media.images import load_image_bytes
+
+        with self.session() as session:
+            sha256 = repository.image_sha256(session, image_id)
+        if sha256 is None:
+            raise StoreError(f"image {image_id} is not in the store")
+        problem = self.blobs.verify(sha256)
+        if problem is not None:
+            raise StoreError(f"blob {sha256} is {problem}; run 'rsx check --repair'")
+        data = self.blobs.read(sha256)
+        return load_image_bytes(data, f"blob {sha256[:12]}", self.settings.max_pixels).image
 
     # ----------------------------------------------------------------- generators
     def add_generator(

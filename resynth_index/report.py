@@ -16,18 +16,18 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from resynth_index.errors import RsxError
-from resynth_index.media.images import load_image_bytes
-from resynth_index.pipeline.attribution import (
+from resynth_index.attribution.answer import (
     CLOSED_SET_NOTE,
     SCORE_FOOTNOTE,
     exact_match_note,
     no_evidence_note,
 )
+from resynth_index.errors import RsxError
+from resynth_index.media.images import load_image_bytes
 
 if TYPE_CHECKING:
+    from resynth_index.attribution.answer import QueryResult
     from resynth_index.lab import Lab
-    from resynth_index.pipeline.query import QueryResult
 
 THUMBNAIL = 224
 
@@ -140,7 +140,7 @@ def _firmness(result: QueryResult) -> str:
 def _calibration(result: QueryResult) -> list[str]:
     """The prediction set of a calibrated answer, what it means and the scores' calibration;
     or why the lab's calibration was not used (nothing without a calibration)."""
-    from resynth_index.pipeline.calibrated import level, set_meaning
+    from resynth_index.attribution.calibration.sets import level, set_meaning
 
     parts = []
     if result.prediction_set is not None and result.coverage is not None:
@@ -159,7 +159,7 @@ def _calibration(result: QueryResult) -> list[str]:
 
 def _fusion(result: QueryResult) -> list[str]:
     """A fused answer's weights, where they came from, and its signals per candidate."""
-    from resynth_index.pipeline.fusion_query import fusion_summary, fusion_table
+    from resynth_index.attribution.combination import fusion_summary, fusion_table
 
     fusion = result.fusion
     if not fusion:

@@ -104,7 +104,8 @@ def bench_ingest(
 ) -> Row:
     from PIL import Image
 
-    from resynth_index.pipeline.ingest import expand_paths, ingest
+    from resynth_index.pipeline.ingest import ingest
+    from resynth_index.pipeline.ingest_items import expand_paths
 
     paths = write_images(scratch / f"ingest-{kind}", n, size)
     pictures = [Image.open(p).convert("RGB") for p in paths[: batch * 2]]

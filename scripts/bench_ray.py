@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from resynth_index.distributed.executor import RayOptions, RayResynthesizer
+    from resynth_index.distributed.executor import RayResynthesizer
+    from resynth_index.distributed.session import RayOptions
 
     images = args.captions * len(GENERATORS)
     rows = []

@@ -353,8 +353,9 @@ def reference_verdicts(
     """What `rsx query IMAGE --caption CAPTION` answers for each pair, one call per image."""
     import torch
 
+    from resynth_index.attribution.answer import QueryResult
     from resynth_index.lab import Lab
-    from resynth_index.pipeline.query import QueryResult, run_queries
+    from resynth_index.pipeline.query import run_queries
 
     torch.set_num_threads(1)
     found = {}

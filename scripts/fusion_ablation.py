@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from resynth_index.attribution.combination import fuse
     from resynth_index.evaluation.data import load_eval_data
     from resynth_index.evaluation.fewshot import draw_shots
     from resynth_index.evaluation.fusion import (
@@ -50,7 +51,6 @@ def main() -> None:
         load_fusion_signals,
     )
     from resynth_index.lab import Lab
-    from resynth_index.pipeline.fusion_query import fuse
 
     with Lab.open(args.lab) as lab:
         data = load_eval_data(lab)

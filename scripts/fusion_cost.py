@@ -114,8 +114,8 @@ def _in_process(work: Path, template: Path, images: list[Path]):
 
     from PIL import Image
 
+    from resynth_index.attribution.evidence.reconstruction import query_reconstruction, scorer_for
     from resynth_index.lab import Lab
-    from resynth_index.pipeline.fusion_query import query_reconstruction, scorer_for
     from resynth_index.pipeline.query import run_queries
 
     lab_dir = work / "lab-in-process"

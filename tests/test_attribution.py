@@ -4,19 +4,17 @@ import math
 
 import pytest
 
-from resynth_index.pipeline.attribution import (
+from resynth_index.attribution.answer import (
     CLOSED_SET_NOTE,
     INCONCLUSIVE,
     NO_EVIDENCE,
     UNKNOWN,
-    aggregate,
-    attribute,
     exact_match_note,
     no_evidence_note,
     score_meaning,
-    similarity_to_distance,
-    softmax_scores,
 )
+from resynth_index.attribution.evidence.resynthesis import aggregate, similarity_to_distance
+from resynth_index.attribution.verdict import attribute, softmax_scores
 
 
 def test_distances_from_similarity() -> None:

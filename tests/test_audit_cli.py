@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from resynth_index.attribution.answer import QueryResult
 from resynth_index.cli import cli
 from resynth_index.cli.render import render_answer
 from resynth_index.hashing import hash_bytes, hash_file
 from resynth_index.lab import Lab
-from resynth_index.pipeline.query import QueryResult
 from resynth_index.store import audit, migrate, repository
 
 pytestmark = pytest.mark.slow  # builds a toy lab with queries for the module (about 7 s)

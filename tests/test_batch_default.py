@@ -260,18 +260,19 @@ def test_nothing_generated_shows_no_batch(toy_lab, tmp_path) -> None:
 @pytest.mark.slow
 def test_ray_resolves_auto_on_its_actors_as_the_local_path_does(toy_lab) -> None:
     ray = pytest.importorskip("ray")
-    from resynth_index.distributed.executor import RayOptions, RayResynthesizer
+    from resynth_index.distributed.executor import RayResynthesizer
+    from resynth_index.distributed.session import RayOptions
     from resynth_index.lab import Lab
-    from resynth_index.pipeline import resynthesis
+    from resynth_index.pipeline import plans
 
-    texts = resynthesis.captions_by_hash(CAPTIONS)
+    texts = plans.captions_by_hash(CAPTIONS)
     started = not ray.is_initialized()
     if started:
         # a Ray of its own (address "local"), whatever cluster this machine may already run
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with Lab.open(toy_lab) as lab, RayResynthesizer(lab, RayOptions(actors=1)) as runner:
-            rows = [row for row in resynthesis.runnable_generators(lab) if row.name == "toy-a"]
+            rows = [row for row in plans.runnable_generators(lab) if row.name == "toy-a"]
             summary = runner.resynthesize(texts, rows)
     finally:
         if started:

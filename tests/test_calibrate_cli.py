@@ -104,7 +104,7 @@ def _stored(lab: Path):
 
 # ----------------------------------------------------------------------------- rsx calibrate
 def test_calibrate_stores_the_record_and_prints_a_summary(reference_lab: Path) -> None:
-    from resynth_index.pipeline.conformal import Calibration
+    from resynth_index.attribution.calibration.conformal import Calibration
 
     printed = _rsx(reference_lab, "calibrate", "--coverage", "0.8")
     assert printed.exit_code == 0, printed.output
@@ -232,7 +232,7 @@ def test_answers_gain_a_prediction_set_everywhere(
 
 
 def test_what_a_set_says() -> None:
-    from resynth_index.pipeline.calibrated import set_meaning
+    from resynth_index.attribution.calibration.sets import set_meaning
 
     assert set_meaning([], 0.95) == "none of the candidates at 95 % coverage (open-set answer)"
     assert set_meaning(["a"], 0.9) == "a alone at 90 % coverage"
@@ -339,8 +339,8 @@ def test_missing_imported_resyntheses_are_named_and_become_work_orders(
 def test_refusals_name_the_shortfall_and_whether_more_references_are_needed() -> None:
     """The words of a refusal for too few references, from what was left out and why."""
     from resynth_index.errors import RsxError
-    from resynth_index.pipeline.calibrated import ReferenceSet, check_enough, check_usable
-    from resynth_index.pipeline.resynthesis import ResynthesisPlan
+    from resynth_index.pipeline.plans import ResynthesisPlan
+    from resynth_index.pipeline.references import ReferenceSet, check_enough, check_usable
     from resynth_index.store.calibrations import CalibrationReference
     from resynth_index.store.models import GeneratorRow
 
@@ -513,9 +513,9 @@ def test_ctrl_c_during_generation_says_what_was_kept(
 
 def _calibrated_answer(**changes):
     """A closed-set answer over imp-a and imp-b, and a calibration of those two."""
-    from resynth_index.pipeline.calibrated import QueryCalibration
-    from resynth_index.pipeline.conformal import Calibration
-    from resynth_index.pipeline.query import QueryResult, RankedGenerator
+    from resynth_index.attribution.answer import QueryResult, RankedGenerator
+    from resynth_index.attribution.calibration.conformal import Calibration
+    from resynth_index.attribution.calibration.sets import QueryCalibration
 
     calibration = Calibration(
         method="resynthesis", coverage=0.9, per_generator=False, quantile=0.6, quantiles={},
@@ -539,10 +539,11 @@ def _calibrated_answer(**changes):
 
 
 def test_applying_a_calibration_to_one_answer() -> None:
-    from resynth_index.pipeline.calibrated import apply
+    from resynth_index.attribution.calibration.sets import apply
 
-    choice, answer = _calibrated_answer()
-    apply(choice, answer)
+    choice, given = _calibrated_answer()
+    answer = apply(choice, given)
+    assert given.prediction_set is None and given.calibration_id is None  # a new answer
     # softmax(-d / 0.01): imp-a 0.731, imp-b 0.269; nonconformity 0.269 and 0.731 against 0.6
     assert answer.prediction_set == ["imp-a"] and answer.calibration_id == 7
     assert answer.ranking[0].score == pytest.approx(1 / (1 + np.exp(-1)))
@@ -552,8 +553,7 @@ def test_applying_a_calibration_to_one_answer() -> None:
     assert answer.score_meaning.endswith("calibrated on 3 references (calibration #7)")
 
     choice, partial = _calibrated_answer(not_generated=["imp-b"])
-    apply(choice, partial)
+    partial = apply(choice, partial)
     assert partial.prediction_set is None and partial.ranking[0].score == 0.6
     assert partial.calibration_note is not None and "(--no-generate)" in partial.calibration_note
-    apply(None, partial)  # no calibration in the lab: nothing changes
-    assert partial.calibration_id is None
+    assert apply(None, partial) is partial  # no calibration in the lab: nothing changes

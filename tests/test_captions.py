@@ -417,7 +417,8 @@ def test_a_blank_specific_sidecar_falls_back_without_a_note(tmp_path: Path) -> N
 
 def test_ingest_refuses_an_image_whose_sidecar_is_not_utf8(toy_lab: Path, tmp_path: Path) -> None:
     from resynth_index.lab import Lab
-    from resynth_index.pipeline.ingest import expand_paths, ingest
+    from resynth_index.pipeline.ingest import ingest
+    from resynth_index.pipeline.ingest_items import expand_paths
 
     image = tmp_path / "ref.png"
     image.write_bytes(_png())

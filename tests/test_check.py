@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from resynth_index.cli import cli
 from resynth_index.lab import Lab
+from resynth_index.pipeline.check import check as check_the_lab
 
 pytestmark = pytest.mark.slow  # end to end through the CLI: not in the quick loop
 
@@ -194,7 +195,8 @@ def test_repair_during_an_ingest_loses_nothing(toy_lab, make_toy_image, monkeypa
     """``rsx check --repair`` runs while an ingest has a temp file written (blob-write) or a blob
     stored without its row (image-row): the ingest completes and nothing is lost."""
     from resynth_index.pipeline import intake
-    from resynth_index.pipeline.ingest import expand_paths, ingest
+    from resynth_index.pipeline.ingest import ingest
+    from resynth_index.pipeline.ingest_items import expand_paths
     from resynth_index.store import blobs
 
     paths = [make_toy_image(g, f"c{i}") for i, g in enumerate(["toy-a", "toy-b"])]
@@ -203,7 +205,7 @@ def test_repair_during_an_ingest_loses_nothing(toy_lab, make_toy_image, monkeypa
     def repair_now(name: str) -> None:
         if name == point and not reports:
             with Lab.open(toy_lab) as other:
-                reports.append(other.check(repair=True))
+                reports.append(check_the_lab(other, repair=True))
 
     monkeypatch.setattr(blobs, "crash_point", repair_now)
     monkeypatch.setattr(intake, "crash_point", repair_now)
@@ -229,8 +231,9 @@ def test_images_a_writer_has_not_embedded_yet_are_no_damage(
     embeddings are stored (a service under load is such a writer, all the time)."""
     from resynth_index.media.captions import caption_hash
     from resynth_index.pipeline import intake
+    from resynth_index.pipeline.plans import runnable_generators
     from resynth_index.pipeline.query import run_queries
-    from resynth_index.pipeline.resynthesis import resynthesize, runnable_generators
+    from resynth_index.pipeline.resynthesis import resynthesize
 
     image = make_toy_image("toy-a", "a kite")
     reports = []
@@ -238,7 +241,7 @@ def test_images_a_writer_has_not_embedded_yet_are_no_damage(
     def check_now(name: str) -> None:
         if name == "embedding" and not reports:
             with Lab.open(toy_lab) as other:
-                reports.append(other.check(repair=True))
+                reports.append(check_the_lab(other, repair=True))
 
     monkeypatch.setattr(intake, "crash_point", check_now)
     with Lab.open(toy_lab) as lab:
@@ -371,8 +374,8 @@ def test_a_temporary_file_is_left_alone_while_a_writer_is_at_work(toy_lab):
 
 
 def test_unreferenced_blobs_in_a_folder_outside_the_lab_are_never_removed(toy_lab, tmp_path):
+    from resynth_index.pipeline.check import check_lab
     from resynth_index.store.blobs import BlobStore
-    from resynth_index.store.integrity import check_lab
 
     with Lab.open(toy_lab) as lab:
         lab.blobs = BlobStore(tmp_path / "shared-blobs")  # as 'rsx init --blobs' would have it

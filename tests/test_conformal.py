@@ -10,17 +10,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from resynth_index.errors import RsxError
-from resynth_index.evaluation.conformal_eval import (
-    MARGINAL,
-    PER_GENERATOR,
-    ConformalSettings,
-    conformal_result,
-    evaluate_conformal,
-    parse_coverages,
-)
-from resynth_index.pipeline import conformal
-from resynth_index.pipeline.conformal import (
+from resynth_index.attribution.calibration import conformal
+from resynth_index.attribution.calibration.conformal import (
     Calibration,
     TooFewReferences,
     calibrate,
@@ -29,6 +20,15 @@ from resynth_index.pipeline.conformal import (
     fit_temperature,
     mondrian_quantiles,
     prediction_set,
+)
+from resynth_index.errors import RsxError
+from resynth_index.evaluation.conformal_eval import (
+    MARGINAL,
+    PER_GENERATOR,
+    ConformalSettings,
+    conformal_result,
+    evaluate_conformal,
+    parse_coverages,
 )
 
 COVERAGES = (0.5, 0.8, 0.9, 0.95, 0.99, 0.123)

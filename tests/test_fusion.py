@@ -8,6 +8,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from resynth_index.attribution.answer import INCONCLUSIVE, UNKNOWN, QueryResult, RankedGenerator
+from resynth_index.attribution.combination import (
+    apply_fusion,
+    fuse,
+    fuse_one,
+    nan_zscore_rows,
+    parse_weights,
+)
 from resynth_index.cli import cli
 from resynth_index.errors import RsxError
 from resynth_index.evaluation import protocol
@@ -20,15 +28,6 @@ from resynth_index.evaluation.fusion import (
     weight_grid,
 )
 from resynth_index.evaluation.protocol import EvalConfig, run_protocol
-from resynth_index.pipeline.attribution import INCONCLUSIVE, UNKNOWN
-from resynth_index.pipeline.fusion_query import (
-    apply_fusion,
-    fuse,
-    fuse_one,
-    nan_zscore_rows,
-    parse_weights,
-)
-from resynth_index.pipeline.query import QueryResult, RankedGenerator
 
 nan = float("nan")
 
@@ -146,7 +145,8 @@ def test_fusion_weights_never_look_at_test_queries():
 def test_fused_loo_records_its_training_and_nested_accuracies():
     """Each split of ``fused-loo`` records the in-sample accuracy of its weights on the training
     references (``train_accuracy``) and the rule's nested leave-one-out on them."""
-    from resynth_index.pipeline.fusion_query import fixed_weights, fusion_weight_choice
+    from resynth_index.attribution.calibration.fusion_weights import fusion_weight_choice
+    from resynth_index.attribution.combination import fixed_weights
 
     data, signals = _synthetic()
     train, test = _split(data, shots=4)
@@ -252,9 +252,10 @@ def _answer(verdict="toy-a", ranked=3) -> QueryResult:
 
 
 def test_a_fused_answer_records_method_signals_and_follows_the_fused_ranking():
-    result = _answer()
+    given = _answer()
     reconstruction = {"toy-a": 0.30, "toy-b": 0.01, "toy-c": 0.31, "mj": None}
-    apply_fusion(result, reconstruction, unsupported={"mj": "imported"})
+    result = apply_fusion(given, reconstruction, unsupported={"mj": "imported"})
+    assert given.method == "resynthesis" and given.fusion is None  # a new answer
     assert result.method == "fused" and result.verdict == "toy-b"
     assert [e.generator for e in result.ranking] == ["toy-b", "toy-a", "toy-c"]
     assert result.fusion["signals"]["reconstruction"] == reconstruction
@@ -266,11 +267,10 @@ def test_a_fused_answer_records_method_signals_and_follows_the_fused_ranking():
     assert sum(e.score for e in result.ranking) == pytest.approx(1.0)
     assert json.loads(json.dumps(result.to_json()))["method"] == "fused"
     assert QueryResult.from_json(result.to_json()).fusion == result.fusion
-    unknown = _answer(UNKNOWN)
-    apply_fusion(unknown, reconstruction)
+    unknown = apply_fusion(_answer(UNKNOWN), reconstruction)
     assert unknown.verdict == UNKNOWN  # the threshold is the resynthesis method's
-    tie = _answer(ranked=2)  # two candidates: each z-score is +1 or -1
-    apply_fusion(tie, {"toy-a": 0.02, "toy-b": 0.0})  # so opposite signals cancel exactly
+    # two candidates: each z-score is +1 or -1, so opposite signals cancel exactly
+    tie = apply_fusion(_answer(ranked=2), {"toy-a": 0.02, "toy-b": 0.0})
     assert tie.verdict == INCONCLUSIVE and set(tie.tied) == {"toy-a", "toy-b"}
 
 

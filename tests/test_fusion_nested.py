@@ -11,12 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from resynth_index.pipeline.fusion_query import (
-    fixed_weights,
-    fuse,
-    fusion_weight_choice,
-    weight_grid,
-)
+from resynth_index.attribution.calibration.fusion_weights import fusion_weight_choice, weight_grid
+from resynth_index.attribution.combination import fixed_weights, fuse
 
 NAMES = ("layer-1", "reconstruction", "resynthesis")
 

@@ -94,10 +94,10 @@ def _fused_calibrations(lab_root: Path):
 # ----------------------------------------------------------------------------- layer vectors
 def test_one_forward_reads_each_block_as_a_layer_embedder_would(toy_lab: Path, tmp_path: Path):
     """The reader's vectors and fingerprints are those of ``EmbedderSpec(layer=N)`` embedders."""
+    from resynth_index.attribution.evidence.layers import layer_reader
     from resynth_index.errors import RsxError
     from resynth_index.lab import Lab
     from resynth_index.models.embedders import EmbedderSpec, load_embedder
-    from resynth_index.pipeline.layers import layer_reader
 
     image = _make_image(toy_lab, "toy-a", "a red bicycle", tmp_path / "q.png")
     from PIL import Image
@@ -149,8 +149,8 @@ def test_query_layer_distances_equal_the_evaluations(
 
 
 def test_a_warm_query_reads_only_the_new_image_at_the_layers(fused_lab: Path, tmp_path: Path):
+    from resynth_index.attribution.evidence.layers import layer_reader
     from resynth_index.lab import Lab
-    from resynth_index.pipeline.layers import layer_reader
     from resynth_index.pipeline.query import run_queries
 
     first = _make_image(fused_lab, "toy-a", QUERY_CAPTION, tmp_path / "a.png", seed=5000)
@@ -183,14 +183,11 @@ def test_a_warm_query_reads_only_the_new_image_at_the_layers(fused_lab: Path, tm
 def test_the_recorded_fusion_ranks_as_fused_loo_with_its_weights(fused_lab: Path, tmp_path):
     """The recorded weights are fused-loo's on the same references, and a query with them ranks
     as the evaluation's fusion of the same signals with those weights."""
+    from resynth_index.attribution.calibration.fusion_weights import fusion_weight_choice
+    from resynth_index.attribution.combination import fixed_weights, fuse
     from resynth_index.evaluation.data import load_eval_data
     from resynth_index.evaluation.fusion import load_fusion_signals
     from resynth_index.lab import Lab
-    from resynth_index.pipeline.fusion_query import (
-        fixed_weights,
-        fuse,
-        fusion_weight_choice,
-    )
 
     [stored] = _fused_calibrations(fused_lab)
     record = stored.record
@@ -334,27 +331,27 @@ def test_an_older_calibration_is_read_and_its_figure_called_training_accuracy(
 def test_a_lab_that_ran_a_fused_query_is_freed_once_closed_and_dropped(
     toy_lab: Path, make_toy_image
 ):
-    """The reconstruction scorer kept per lab (``fusion_query._SCORERS``, weak keys) must not
+    """The reconstruction scorer kept per lab (``reconstruction._SCORERS``, weak keys) must not
     hold its lab, or every lab that ran a fused query would live as long as the process."""
     import gc
     import weakref
 
+    from resynth_index.attribution.evidence import reconstruction
     from resynth_index.lab import Lab
-    from resynth_index.pipeline import fusion_query
     from resynth_index.pipeline.query import run_queries
 
     image = make_toy_image("toy-a", QUERY_CAPTION)
     lab = Lab.open(toy_lab)
     [answer] = run_queries(lab, [image], caption=QUERY_CAPTION, method="fused")
     assert answer.method == "fused" and answer.fusion["signals"]["reconstruction"]
-    assert lab in fusion_query._SCORERS  # the scorer was made, and is kept while the lab lives
-    scorers = len(fusion_query._SCORERS)
+    assert lab in reconstruction._SCORERS  # the scorer was made, and is kept while the lab lives
+    scorers = len(reconstruction._SCORERS)
     gone = weakref.ref(lab)
     lab.close()
     del lab, answer
     gc.collect()
     assert gone() is None
-    assert len(fusion_query._SCORERS) == scorers - 1
+    assert len(reconstruction._SCORERS) == scorers - 1
 
 
 def test_a_fusion_that_does_not_apply_falls_back_to_fixed_weights(fused_lab: Path, tmp_path):

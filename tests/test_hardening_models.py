@@ -64,11 +64,8 @@ def test_keys_stored_by_a_cpu_lab_before_the_fix_stay_valid():
 
 def test_resyntheses_made_on_a_cpu_are_not_reused_on_cuda(toy_lab):
     from resynth_index.models.generators.factory import settings_hash
-    from resynth_index.pipeline.resynthesis import (
-        captions_by_hash,
-        plan_resyntheses,
-        resynthesize,
-    )
+    from resynth_index.pipeline.plans import captions_by_hash, plan_resyntheses
+    from resynth_index.pipeline.resynthesis import resynthesize
 
     captions = captions_by_hash([CAPTION])
     with Lab.open(toy_lab, device="cpu") as lab:
@@ -316,7 +313,7 @@ def test_exported_formula_caption_round_trips_through_ingest(toy_lab, make_toy_i
 
 
 def test_captions_file_from_a_work_order_is_restored(tmp_path):
-    from resynth_index.pipeline.resynthesis import read_captions_file
+    from resynth_index.pipeline.plans import read_captions_file
 
     path = tmp_path / "orders.csv"
     path.write_text("generator,caption\nmj,'=1+1\nmj,'-minus\n", encoding="utf-8")

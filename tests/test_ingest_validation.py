@@ -19,7 +19,8 @@ from resynth_index.cli import cli
 from resynth_index.lab import Lab
 from resynth_index.media.captions import caption_hash
 from resynth_index.pipeline import ingest as ingest_module
-from resynth_index.pipeline.ingest import CAPTION_HASH_MISMATCH, IngestFailure, read_manifest
+from resynth_index.pipeline import ingest_items
+from resynth_index.pipeline.ingest_items import CAPTION_HASH_MISMATCH, IngestFailure, read_manifest
 from resynth_index.pipeline.work_orders import WorkOrder, pending_work, write_work_orders
 from resynth_index.store import repository
 from resynth_index.store.models import GeneratorRow, ImageRow, ResynthesisRow
@@ -137,11 +138,11 @@ def test_an_empty_folder_or_a_missing_path_among_others_is_one_failure_each(tmp_
     empty = tmp_path / "empty"
     empty.mkdir()
     [image] = noise_images(tmp_path / "in", 1)
-    items = list(ingest_module.expand_paths([empty, tmp_path / "gone.png", tmp_path / "in"]))
+    items = list(ingest_items.expand_paths([empty, tmp_path / "gone.png", tmp_path / "in"]))
     assert items == [
-        IngestFailure(str(empty), ingest_module.NO_IMAGES_IN_FOLDER),
+        IngestFailure(str(empty), ingest_items.NO_IMAGES_IN_FOLDER),
         IngestFailure(str(tmp_path / "gone.png"), "no such file or folder"),
-        ingest_module.IngestItem(image),
+        ingest_items.IngestItem(image),
     ]
 
 
@@ -153,14 +154,14 @@ def test_a_work_order_row_with_an_edited_caption_is_refused_by_file_and_line(tmp
     ]
     images = [tmp_path / "barn.png", tmp_path / "formula.png"]
     manifest = _work_order_csv(tmp_path / "todo.csv", orders, images)
-    assert [type(item) for item in read_manifest(manifest)] == [ingest_module.IngestItem] * 2
+    assert [type(item) for item in read_manifest(manifest)] == [ingest_items.IngestItem] * 2
 
     text = manifest.read_text(encoding="utf-8").replace("a red barn", "a blue barn")
     manifest.write_text(text, encoding="utf-8")
     first, second = read_manifest(manifest)
     assert first == IngestFailure("todo.csv:2", CAPTION_HASH_MISMATCH)
     assert "was the caption edited?" in first.reason
-    assert isinstance(second, ingest_module.IngestItem)  # the rest of the batch goes on
+    assert isinstance(second, ingest_items.IngestItem)  # the rest of the batch goes on
     assert second.caption == "=1+1 a formula-like caption"  # the spreadsheet guard came off
 
 

@@ -23,7 +23,8 @@ from resynth_index.cli import cli
 from resynth_index.lab import Lab
 from resynth_index.pipeline import ingest as ingest_module
 from resynth_index.pipeline import loading
-from resynth_index.pipeline.ingest import IngestInterrupted, expand_paths, ingest
+from resynth_index.pipeline.ingest import IngestInterrupted, ingest
+from resynth_index.pipeline.ingest_items import expand_paths
 from resynth_index.pipeline.loading import WorkerDied, resolve_workers
 from resynth_index.store import embeddings, repository
 from resynth_index.store.blobs import BlobStore

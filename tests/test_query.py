@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from resynth_index.attribution.answer import QueryResult, RankedGenerator
 from resynth_index.cli import cli
 from resynth_index.errors import RsxError
-from resynth_index.pipeline.query import QueryResult, RankedGenerator
 
 slow = pytest.mark.slow  # end to end through the CLI: not in the quick loop
 
@@ -246,8 +246,8 @@ def test_identical_generators_make_an_inconclusive_answer_naming_both(toy_lab, m
 def test_a_threshold_set_later_makes_unknown_with_its_reason_and_ends_the_closed_set_note(
     toy_lab, make_toy_image, tmp_path
 ):
+    from resynth_index.attribution.answer import CLOSED_SET_NOTE
     from resynth_index.lab import Lab
-    from resynth_index.pipeline.attribution import CLOSED_SET_NOTE
     from resynth_index.store.models import QueryRow
 
     image = make_toy_image("toy-c", CAPTION)
@@ -391,8 +391,8 @@ def test_what_is_not_an_answer_is_refused_in_one_line() -> None:
 
 # ------------------------------------------------------------------ the terminal table
 def test_the_table_labels_scores_as_relative_and_shows_the_query_id() -> None:
+    from resynth_index.attribution.answer import CLOSED_SET_NOTE
     from resynth_index.cli.render import render_answer
-    from resynth_index.pipeline.attribution import CLOSED_SET_NOTE
 
     table = render_answer(_answer())
     lines = table.splitlines()

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from resynth_index.attribution.answer import QueryFailure
 from resynth_index.cli import cli, generation
 from resynth_index.cli.app import StatusLine
 from resynth_index.config import LabSettings
 from resynth_index.lab import Lab
 from resynth_index.media.captions import caption_hash
-from resynth_index.pipeline.query import QueryFailure, expand_query_paths, run_queries
-from resynth_index.pipeline.resynthesis import PlannedGenerations, plan_resyntheses
+from resynth_index.pipeline.plans import PlannedGenerations, plan_resyntheses
+from resynth_index.pipeline.query import expand_query_paths, run_queries
 
 CAPTION = "a lighthouse on a cliff at dusk"
 

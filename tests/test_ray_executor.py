@@ -19,10 +19,10 @@ from conftest import copy_lab
 from hostile_files import index_problems, rsx, rsx_process, store_state
 from services import require_service
 
-from resynth_index.distributed.executor import RayOptions, RayResynthesizer
+from resynth_index.distributed.executor import RayResynthesizer
+from resynth_index.distributed.session import RayOptions
 from resynth_index.lab import Lab
-from resynth_index.pipeline import resynthesis
-from resynth_index.pipeline.intake import load_stored_image
+from resynth_index.pipeline import plans, resynthesis
 from resynth_index.store.faults import CRASH_ENV
 
 try:
@@ -50,18 +50,18 @@ def ray_address():
 
 
 def _generators(lab: Lab, *names: str):
-    rows = resynthesis.runnable_generators(lab)
+    rows = plans.runnable_generators(lab)
     return [row for row in rows if not names or row.name in names]
 
 
 def _pictures(lab_dir: Path, captions: list[str], *names: str) -> dict[tuple, np.ndarray]:
     """(caption hash, generator, n-th resynthesis) -> pixels, for every stored resynthesis."""
-    texts = resynthesis.captions_by_hash(captions)
+    texts = plans.captions_by_hash(captions)
     with Lab.open(lab_dir) as lab:
-        plan = resynthesis.plan_resyntheses(lab, list(texts), _generators(lab, *names))
+        plan = plans.plan_resyntheses(lab, list(texts), _generators(lab, *names))
         assert plan.missing_count() == 0
         return {
-            (caption, name, n): np.asarray(load_stored_image(lab, image_id), dtype=np.int16)
+            (caption, name, n): np.asarray(lab.stored_image(image_id), dtype=np.int16)
             for (caption, name), ids in plan.stored.items()
             for n, image_id in enumerate(ids)
         }
@@ -109,20 +109,20 @@ def test_local_is_the_default_and_ray_options_need_ray(toy_lab, tmp_path):
 @pytest.mark.slow
 def test_ray_draws_the_same_pictures_as_local(toy_lab, tmp_path, ray_address, monkeypatch):
     other = copy_lab(toy_lab, tmp_path / "ray-lab")
-    texts = resynthesis.captions_by_hash(CAPTIONS)
+    texts = plans.captions_by_hash(CAPTIONS)
     with Lab.open(toy_lab) as lab:
         local = resynthesis.resynthesize(
             lab, texts, _generators(lab, "toy-a", "toy-b"), batch_size=3
         )
     # the coordinator loads its embedder while the actors start, not once the first batch is back
     embedder_ready: list[bool] = []
-    run = RayResynthesizer._run
+    run = RayResynthesizer._landed
 
     def waiting_for_results(runner, *args, **kwargs):
         embedder_ready.append(runner.lab._embedder is not None)
         return run(runner, *args, **kwargs)
 
-    monkeypatch.setattr(RayResynthesizer, "_run", waiting_for_results)
+    monkeypatch.setattr(RayResynthesizer, "_landed", waiting_for_results)
     with Lab.open(other) as lab, RayResynthesizer(lab, RayOptions(actors=2)) as runner:
         remote = runner.resynthesize(texts, _generators(lab, "toy-a", "toy-b"), batch_size=3)
     assert embedder_ready == [True]
@@ -152,7 +152,7 @@ def test_actors_read_no_weight_file_the_coordinator_knows(toy_lab, ray_address):
     when = 1_700_000_000 * 10**9  # settled long ago: the lab remembers what it reads
     for path in files:
         os.utime(path, ns=(when, when))
-    texts = resynthesis.captions_by_hash(CAPTIONS[:2])
+    texts = plans.captions_by_hash(CAPTIONS[:2])
     with Lab.open(toy_lab) as lab, RayResynthesizer(lab, RayOptions(actors=1)) as runner:
         [row] = _generators(lab, "toy-a")
         lab.generator_model(row)  # fingerprinted here first: every file remembered
@@ -164,9 +164,9 @@ def test_actors_read_no_weight_file_the_coordinator_knows(toy_lab, ray_address):
 
 @pytest.mark.slow
 def test_an_actor_killed_mid_run_is_restarted_and_nothing_is_lost(toy_lab, ray_address):
-    from resynth_index.pipeline.resynthesis import ProgressEvent
+    from resynth_index.pipeline.plans import ProgressEvent
 
-    texts = resynthesis.captions_by_hash(CAPTIONS + [f"{c}, again" for c in CAPTIONS])
+    texts = plans.captions_by_hash(CAPTIONS + [f"{c}, again" for c in CAPTIONS])
     killed: list[int] = []
     after: list[int] = []
     with Lab.open(toy_lab) as lab, RayResynthesizer(lab, RayOptions(actors=2)) as runner:
@@ -178,7 +178,7 @@ def test_an_actor_killed_mid_run_is_restarted_and_nothing_is_lost(toy_lab, ray_a
             elif event.done == event.total:  # every batch stored: the actor came back
                 after.append(ray.get(runner.pool[0].pid.remote()))
 
-        expected = resynthesis.plan_resyntheses(lab, list(texts), _generators(lab, "toy-a"))
+        expected = plans.plan_resyntheses(lab, list(texts), _generators(lab, "toy-a"))
         summary = runner.resynthesize(
             texts, _generators(lab, "toy-a"), batch_size=1, events=kill_first_actor
         )
@@ -237,8 +237,8 @@ def test_two_ray_runs_at_once_on_one_postgresql_lab(engine_lab, tmp_path, ray_ad
     first.write_text("\n".join(CAPTIONS[:3]), encoding="utf-8")
     second.write_text("\n".join(CAPTIONS[1:]), encoding="utf-8")  # two captions overlap
     with Lab.open(engine_lab) as lab:
-        texts = resynthesis.captions_by_hash(CAPTIONS)
-        expected = resynthesis.plan_resyntheses(lab, list(texts), _generators(lab, "toy-a"))
+        texts = plans.captions_by_hash(CAPTIONS)
+        expected = plans.plan_resyntheses(lab, list(texts), _generators(lab, "toy-a"))
     runs = [
         subprocess.Popen(
             [sys.executable, "-m", "resynth_index", "--lab", str(engine_lab), "resynthesize"]

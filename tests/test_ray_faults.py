@@ -1,4 +1,4 @@
-"""Issue 26, "nothing lost", on the Ray executor: every Ray failure ends a run in one line with
+"""Nothing lost on the Ray executor: every Ray failure ends a run in one line with
 the tasks still in flight cancelled and every stored batch kept; tasks go to the actors that are
 free; and nothing Ray says reaches an ``rsx ... --json`` stdout.
 
@@ -25,12 +25,13 @@ from test_ray_executor import (  # noqa: F401 - ray_address: the module's Ray, a
     ray_address,
 )
 
-from resynth_index.distributed import executor
-from resynth_index.distributed.executor import RayOptions, RayResynthesizer
+from resynth_index.distributed import executor, session
+from resynth_index.distributed.executor import RayResynthesizer
+from resynth_index.distributed.session import RayOptions
 from resynth_index.errors import RsxError
 from resynth_index.lab import Lab
-from resynth_index.pipeline import resynthesis
-from resynth_index.pipeline.resynthesis import ProgressEvent
+from resynth_index.pipeline import plans
+from resynth_index.pipeline.plans import ProgressEvent
 
 EIGHT_CAPTIONS = CAPTIONS + [f"{caption}, again" for caption in CAPTIONS]
 
@@ -106,7 +107,7 @@ def test_a_lost_object_ends_the_run_in_one_line_and_a_rerun_makes_only_the_rest(
     """An ``ObjectLostError`` (any Ray error that is neither the task's nor its actor's) used to
     escape as a traceback. Now: one line, the task in flight cancelled, the batch stored before
     it kept, the pool let go, and the same runner's rerun makes exactly what is missing."""
-    texts = resynthesis.captions_by_hash(EIGHT_CAPTIONS)
+    texts = plans.captions_by_hash(EIGHT_CAPTIONS)
     waits = _Waits(monkeypatch, slow=True)  # the second actor's first task is surely in flight
     lost: list = []
     armed: list[bool] = []
@@ -124,7 +125,7 @@ def test_a_lost_object_ends_the_run_in_one_line_and_a_rerun_makes_only_the_rest(
 
     with Lab.open(toy_lab) as lab, RayResynthesizer(lab, RayOptions(actors=2)) as runner:
         rows = _generators(lab, "toy-a")
-        expected = resynthesis.plan_resyntheses(lab, list(texts), rows).missing_count()
+        expected = plans.plan_resyntheses(lab, list(texts), rows).missing_count()
         monkeypatch.setattr(ray, "get", get_once_lost)
         with pytest.raises(RsxError) as failed:
             runner.resynthesize(texts, rows, batch_size=1, events=arm)
@@ -148,7 +149,7 @@ def test_an_actor_dead_for_good_ends_the_run_in_one_line_and_keeps_what_was_stor
 ):
     """An actor killed with no restart: one line naming it, what was in flight cancelled, every
     committed batch kept, and a rerun on the same runner (a fresh pool) makes only the rest."""
-    texts = resynthesis.captions_by_hash(EIGHT_CAPTIONS)
+    texts = plans.captions_by_hash(EIGHT_CAPTIONS)
     waits = _Waits(monkeypatch)
     with Lab.open(toy_lab) as lab, RayResynthesizer(lab, RayOptions(actors=2)) as runner:
         killed: list = []
@@ -159,7 +160,7 @@ def test_an_actor_dead_for_good_ends_the_run_in_one_line_and_keeps_what_was_stor
                 ray.kill(runner.pool[1], no_restart=True)
 
         rows = _generators(lab, "toy-a")
-        expected = resynthesis.plan_resyntheses(lab, list(texts), rows).missing_count()
+        expected = plans.plan_resyntheses(lab, list(texts), rows).missing_count()
         with pytest.raises(RsxError, match="could not start or died beyond its 4 restarts") as e:
             runner.resynthesize(texts, rows, batch_size=1, events=kill_an_actor)
         message = str(e.value)
@@ -181,17 +182,17 @@ def test_a_slow_actor_is_handed_no_task_while_another_is_free(toy_lab, monkeypat
     to the actor that is free, none queues behind the slow one. Batches land out of order; the
     plan still lists each caption's resyntheses in seed order, as the local path (and the store,
     read afresh) does."""
-    texts = resynthesis.captions_by_hash(EIGHT_CAPTIONS[:3])
+    texts = plans.captions_by_hash(EIGHT_CAPTIONS[:3])
     with Lab.open(toy_lab) as lab, RayResynthesizer(lab, RayOptions(actors=2)) as runner:
         rows = _generators(lab, "toy-a", "toy-b")
-        resynthesis.plan_captions(lab, texts, rows)  # the captions recorded, as a run does
-        plan = resynthesis.plan_resyntheses(lab, list(texts), rows, resyntheses=3)
+        plans.plan_captions(lab, texts, rows)  # the captions recorded, as a run does
+        plan = plans.plan_resyntheses(lab, list(texts), rows, resyntheses=3)
         expected = plan.missing_count()
         with monkeypatch.context() as patched:
             _Waits(patched, slow=True)
             made = runner.generate_missing(plan, rows, texts, batch_size=1)
         batches = sorted(ray.get([actor.batches_made.remote() for actor in runner.pool]))
-        fresh = resynthesis.plan_resyntheses(lab, list(texts), rows, resyntheses=3)
+        fresh = plans.plan_resyntheses(lab, list(texts), rows, resyntheses=3)
     assert len(made) == expected == 18
     assert batches == [1, expected - 1]  # the slow actor made its first batch only
     assert dict(plan.stored) == dict(fresh.stored)  # each key's images in seed order
@@ -228,7 +229,7 @@ def test_stdout_is_stderr_while_ray_starts(capfd):
     """What is printed to stdout, by Python or at the descriptor (as a child process inherits
     it), goes to stderr inside ``stdout_to_stderr``; stdout is itself again after it."""
     print("before")
-    with executor.stdout_to_stderr():
+    with session.stdout_to_stderr():
         print("by python")
         subprocess.run([sys.executable, "-c", "print('by a child')"], check=True)
     print("after")

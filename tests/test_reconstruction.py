@@ -8,9 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from resynth_index.errors import RsxError
-from resynth_index.models.generators.imported import ImportedGenerator
-from resynth_index.models.reconstruction import (
+from resynth_index.attribution.evidence.reconstruction import (
     UNSUPPORTED_IMPORTED,
     ReconstructionScorer,
     autoencoder_folder,
@@ -18,6 +16,8 @@ from resynth_index.models.reconstruction import (
     pixel_distance,
     reconstruction_fingerprint,
 )
+from resynth_index.errors import RsxError
+from resynth_index.models.generators.imported import ImportedGenerator
 
 CAPTIONS = ["a portrait of a sailor", "a red bicycle"]
 

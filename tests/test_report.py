@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from resynth_index.attribution.answer import QueryResult
 from resynth_index.lab import Lab
-from resynth_index.pipeline.query import QueryResult, run_queries
+from resynth_index.pipeline.query import run_queries
 from resynth_index.report import render_report
 
 pytestmark = pytest.mark.slow  # a query end to end, then the report: not in the quick loop
@@ -39,7 +40,7 @@ def test_missing_and_altered_blobs_are_told_apart(toy_lab: Path, make_toy_image)
 
 def test_the_page_says_how_firm_each_answer_is(toy_lab: Path, make_toy_image, tmp_path) -> None:
     from resynth_index import __version__
-    from resynth_index.pipeline.attribution import CLOSED_SET_NOTE, SCORE_FOOTNOTE
+    from resynth_index.attribution.answer import CLOSED_SET_NOTE, SCORE_FOOTNOTE
 
     image = make_toy_image("toy-a", CAPTION)
     with Lab.open(toy_lab) as lab:

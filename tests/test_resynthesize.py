@@ -99,7 +99,8 @@ def test_a_batch_is_stored_while_the_next_is_generated_and_batching_changes_no_p
     import threading
 
     from resynth_index.pipeline import resynthesis
-    from resynth_index.pipeline.resynthesis import resynthesize, runnable_generators
+    from resynth_index.pipeline.plans import runnable_generators
+    from resynth_index.pipeline.resynthesis import resynthesize
 
     monkeypatch.setattr(resynthesis, "stores_beside_generation", lambda device: True)
     captions = {f"h{i}": f"caption number {i}" for i in range(5)}
@@ -160,7 +161,8 @@ def _logged_resynthesize(lab, monkeypatch, captions, batch_size, *, before_store
     """``resynthesize`` by toy-b with every generate and store call logged in order (in ``log``
     when given: it is kept when the call raises)."""
     from resynth_index.pipeline import resynthesis
-    from resynth_index.pipeline.resynthesis import resynthesize, runnable_generators
+    from resynth_index.pipeline.plans import runnable_generators
+    from resynth_index.pipeline.resynthesis import resynthesize
 
     log = [] if log is None else log
     real_store = resynthesis.store_resyntheses
@@ -245,7 +247,8 @@ def _noise_images(folder: Path, n: int, size: int = 48) -> list[Path]:
 
 
 def test_pipelined_ingest_embeds_like_the_embedder_and_skips_on_rerun(toy_lab, tmp_path):
-    from resynth_index.pipeline.ingest import expand_paths, ingest
+    from resynth_index.pipeline.ingest import ingest
+    from resynth_index.pipeline.ingest_items import expand_paths
 
     paths = _noise_images(tmp_path / "in", 7)
     (tmp_path / "in" / "zz-broken.png").write_bytes(b"not an image")
@@ -276,6 +279,7 @@ def test_a_loader_error_reaches_the_caller_and_stops_the_thread(toy_lab, tmp_pat
     import threading
 
     from resynth_index.pipeline import ingest as ingest_module
+    from resynth_index.pipeline import ingest_items
 
     paths = _noise_images(tmp_path / "in", 4)
 
@@ -284,7 +288,7 @@ def test_a_loader_error_reaches_the_caller_and_stops_the_thread(toy_lab, tmp_pat
 
     monkeypatch.setattr(ingest_module, "load_image_file", boom)
     with Lab.open(toy_lab) as lab, pytest.raises(MemoryError, match="decoder exploded"):
-        ingest_module.ingest(lab, ingest_module.expand_paths(paths), batch_size=1)
+        ingest_module.ingest(lab, ingest_items.expand_paths(paths), batch_size=1)
     assert not [t for t in threading.enumerate() if t.name == "rsx-ingest-loader"]
 
 
@@ -293,8 +297,10 @@ def test_a_resynthesis_another_writer_stored_first_is_the_one_the_plan_holds(
 ):
     """Generation lost the race for its slot: the plan must hold the winner's image."""
     from resynth_index.media.captions import caption_hash
-    from resynth_index.pipeline.ingest import IngestItem, ingest
-    from resynth_index.pipeline.resynthesis import generate_missing, plan_resyntheses
+    from resynth_index.pipeline.ingest import ingest
+    from resynth_index.pipeline.ingest_items import IngestItem
+    from resynth_index.pipeline.plans import plan_resyntheses
+    from resynth_index.pipeline.resynthesis import generate_missing
 
     caption = "a lighthouse on a cliff at dusk"
     digest = caption_hash(caption)

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from resynth_index.attribution.answer import QueryResult
 from resynth_index.cli import cli
 from resynth_index.hashing import hash_bytes
 from resynth_index.lab import Lab
-from resynth_index.pipeline.query import QueryResult
 from resynth_index.store import audit, calibrations, repository
 
 

@@ -153,7 +153,7 @@ def show(
     if as_json:
         click.echo(stored)
         return
-    from resynth_index.pipeline.query import QueryResult
+    from resynth_index.attribution.answer import QueryResult
 
     try:
         result = QueryResult.from_json(json.loads(stored))

@@ -22,9 +22,8 @@ from resynth_index.cli.generation import GENERATION_CAP, GenerationProgress, ann
 
 if TYPE_CHECKING:
     from resynth_index.lab import Lab
-    from resynth_index.pipeline.calibrated import CalibrationOutcome
-    from resynth_index.pipeline.fusion_lab import FusionOutcome
-    from resynth_index.pipeline.resynthesis import PlannedGenerations, ProgressCallback
+    from resynth_index.pipeline.calibrate import CalibrationOutcome, FusionOutcome
+    from resynth_index.pipeline.plans import PlannedGenerations, ProgressCallback
     from resynth_index.store.models import GeneratorRow
 
 
@@ -101,8 +100,8 @@ def calibrate(
     """
     from click.core import ParameterSource
 
-    from resynth_index.pipeline.calibrated import check_method
-    from resynth_index.pipeline.layers import parse_layers
+    from resynth_index.attribution.calibration.sets import check_method
+    from resynth_index.attribution.evidence.layers import parse_layers
     from resynth_index.pipeline.query import select_candidates
 
     check_method(method)  # before the lab opens: a refusal touches nothing
@@ -170,7 +169,7 @@ def _calibrate_sets(
     work: _Work,
 ) -> _Shown:
     """Prediction sets: the missing resyntheses made, then calibrated and saved."""
-    from resynth_index.pipeline.calibrated import calibrate_lab
+    from resynth_index.pipeline.calibrate import calibrate_lab
 
     outcome = calibrate_lab(
         lab,
@@ -194,9 +193,10 @@ def _calibrate_fused(
 
     A block the embedder lacks and a lab without any usable reference are refused first.
     """
-    from resynth_index.pipeline.calibrated import check_usable, prepare_references
-    from resynth_index.pipeline.fusion_lab import FUSED, calibrate_fusion
-    from resynth_index.pipeline.layers import layer_reader
+    from resynth_index.attribution.calibration.fusion_weights import FUSED
+    from resynth_index.attribution.evidence.layers import layer_reader
+    from resynth_index.pipeline.calibrate import calibrate_fusion
+    from resynth_index.pipeline.references import check_usable, prepare_references
 
     if layers:
         layer_reader(lab, layers)  # refused before anything is generated
@@ -282,7 +282,7 @@ def fusion_text(outcome: FusionOutcome) -> str:
 
 def summary_text(outcome: CalibrationOutcome) -> str:
     """What ``rsx calibrate`` prints: what was saved, from which references, how well scored."""
-    from resynth_index.pipeline.calibrated import level
+    from resynth_index.attribution.calibration.sets import level
 
     calibration = outcome.calibration
     summary = outcome.summary

@@ -104,11 +104,11 @@ def eval_command(
       rsx eval --conformal 0.9,0.95 --per-generator --perturb jpeg
       rsx eval --methods resynthesis,aeroblade,fused,fused-loo --families sd15+sd15-ft
     """
+    from resynth_index.attribution.combination import parse_weights
     from resynth_index.evaluation.conformal_eval import parse_coverages
     from resynth_index.evaluation.fusion import parse_families
     from resynth_index.evaluation.protocol import EvalConfig, evaluate, parse_list, parse_shots
     from resynth_index.evaluation.report import require_matplotlib, terminal_text, write_report
-    from resynth_index.pipeline.fusion_query import parse_weights
 
     config = EvalConfig(
         shots=parse_shots(shots),

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
-    from resynth_index.distributed.executor import RayOptions
+    from resynth_index.distributed.session import RayOptions
 
 
 def executor_options(command):
@@ -44,6 +44,6 @@ def ray_options(executor: str, address: str | None, actors: int | None) -> RayOp
         if address is not None or actors is not None:
             raise click.UsageError("--ray-address and --ray-actors need --executor ray")
         return None
-    from resynth_index.distributed.executor import RayOptions
+    from resynth_index.distributed.session import RayOptions
 
     return RayOptions(address=address, actors=actors)

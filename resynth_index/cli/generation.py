@@ -11,7 +11,7 @@ import click
 from resynth_index.cli.app import StatusLine
 
 if TYPE_CHECKING:
-    from resynth_index.pipeline.resynthesis import PlannedGenerations, ProgressEvent
+    from resynth_index.pipeline.plans import PlannedGenerations, ProgressEvent
 
 #: More generations than this in one call need ``--yes`` (a typo in --resyntheses or a folder
 #: of thousands of uncaptioned images must not start hours of work unasked).

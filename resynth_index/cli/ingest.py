@@ -99,8 +99,9 @@ def ingest(
     runs on the cluster's actors (checked to be the lab's, by fingerprint).
     """
     from resynth_index.pipeline import ingest as ingest_module
+    from resynth_index.pipeline import ingest_items
 
-    plain = [p for p in paths if p.suffix.lower() not in ingest_module.MANIFEST_SUFFIXES]
+    plain = [p for p in paths if p.suffix.lower() not in ingest_items.MANIFEST_SUFFIXES]
     worker_count = _workers(workers)
     _check_options(layout, role, generator_name, caption, seed, bool(plain))
     on_ray = ray_options(executor, ray_address, ray_actors)
@@ -109,18 +110,18 @@ def ingest(
     try:
         lab = open_lab(ctx)
         if layout == "resynthesis-dataset":
-            items = [i for p in paths for i in ingest_module.resynthesis_dataset(p)]
+            items = [i for p in paths for i in ingest_items.resynthesis_dataset(p)]
         else:
             if plain:  # said once here, not once per file
                 ingest_module.check_plain_options(
                     lab, role=role, generator=generator_name, seed=seed
                 )
             items = list(
-                ingest_module.expand_paths(
+                ingest_items.expand_paths(
                     paths, role=role, generator=generator_name, caption=caption, seed=seed
                 )
             )
-        if not any(isinstance(item, ingest_module.IngestItem) for item in items):
+        if not any(isinstance(item, ingest_items.IngestItem) for item in items):
             _nothing_to_ingest(items)
         if on_ray is not None:
             from resynth_index.distributed.embedding import RayEmbedder
@@ -206,7 +207,7 @@ def _check_options(
 def _nothing_to_ingest(items: list) -> None:
     """No image to load at all: when every failure is an input naming nothing, say so in one
     line and exit 1 (other failures are reported as usual, without loading any model)."""
-    from resynth_index.pipeline.ingest import NO_IMAGES_IN_FOLDER, NO_IMAGES_MATCH
+    from resynth_index.pipeline.ingest_items import NO_IMAGES_IN_FOLDER, NO_IMAGES_MATCH
 
     empty = [item.path for item in items if item.reason == NO_IMAGES_IN_FOLDER]
     unmatched = [item.path for item in items if item.reason == NO_IMAGES_MATCH]

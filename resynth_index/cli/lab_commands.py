@@ -349,7 +349,9 @@ def check(
     if (force or purge_quarantine) and not repair:
         raise click.UsageError("--force and --purge-quarantine go with --repair")
     lab = open_lab(ctx)
-    report = lab.check(repair=repair, force=force, purge_quarantine=purge_quarantine)
+    from resynth_index.pipeline.check import check as check_the_lab
+
+    report = check_the_lab(lab, repair, force=force, purge_quarantine=purge_quarantine)
     shown = None if show_all else SHOWN_PER_KIND
     for line in report.notes:
         click.echo(f"note: {line}")

@@ -108,9 +108,9 @@ def query(
     The exit status is 1 when an image failed or got no evidence (no candidate had a
     resynthesis of its caption to compare with, e.g. under --no-generate).
     """
-    from resynth_index.pipeline.attribution import NO_EVIDENCE
-    from resynth_index.pipeline.layers import parse_layers
-    from resynth_index.pipeline.query import QueryFailure, run_queries
+    from resynth_index.attribution.answer import NO_EVIDENCE, QueryFailure
+    from resynth_index.attribution.evidence.layers import parse_layers
+    from resynth_index.pipeline.query import run_queries
 
     layers = parse_layers(fusion_layers)
     if layers and method != "fused":

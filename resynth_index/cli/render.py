@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from resynth_index.pipeline.attribution import (
+from resynth_index.attribution.answer import (
     CLOSED_SET_NOTE,
     SCORE_FOOTNOTE,
     exact_match_note,
@@ -21,7 +21,7 @@ from resynth_index.pipeline.attribution import (
 )
 
 if TYPE_CHECKING:
-    from resynth_index.pipeline.query import QueryResult
+    from resynth_index.attribution.answer import QueryResult
 
 
 def generation_summary(record: dict[str, Any]) -> str:
@@ -43,7 +43,7 @@ def generation_summary(record: dict[str, Any]) -> str:
 def calibration_lines(result: QueryResult) -> list[str]:
     """The prediction set of a calibrated answer (with what it means, unless the verdict's
     reason already says it), or why the lab's calibration was not used; nothing otherwise."""
-    from resynth_index.pipeline.calibrated import level, set_meaning  # numpy: not at --help
+    from resynth_index.attribution.calibration.sets import level, set_meaning
 
     lines = []
     if result.prediction_set is not None and result.coverage is not None:
@@ -63,7 +63,7 @@ def calibration_lines(result: QueryResult) -> list[str]:
 def fusion_lines(result: QueryResult) -> list[str]:
     """A fused answer's weights (and where they came from) and its signals per candidate;
     nothing for a resynthesis answer."""
-    from resynth_index.pipeline.fusion_query import fusion_summary, fusion_table
+    from resynth_index.attribution.combination import fusion_summary, fusion_table
 
     fusion = result.fusion
     if not fusion:

@@ -96,17 +96,17 @@ def resynthesize(
       rsx resynthesize --pending --generator sd15
       rsx resynthesize --captions prompts.txt --executor ray --ray-address auto
     """
-    from resynth_index.pipeline import resynthesis
+    from resynth_index.pipeline import plans, resynthesis
 
     if (captions_file is None) == (not pending):
         raise click.UsageError("give either --captions FILE or --pending")
     on_ray = ray_options(executor, ray_address, ray_actors)
     lab = open_lab(ctx)
-    generators = resynthesis.runnable_generators(lab, generator_name)
+    generators = plans.runnable_generators(lab, generator_name)
     if captions_file is None:  # --pending
-        captions = resynthesis.pending_captions(lab)
+        captions = plans.pending_captions(lab)
     else:
-        captions = resynthesis.captions_by_hash(resynthesis.read_captions_file(captions_file))
+        captions = plans.captions_by_hash(plans.read_captions_file(captions_file))
     bar = None
 
     def start(total: int) -> None:

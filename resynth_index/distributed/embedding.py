@@ -16,16 +16,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from resynth_index.distributed.actors import EmbedderWorker
-from resynth_index.distributed.executor import (
-    ACTOR_RESTARTS,
-    TASK_RETRIES,
+from resynth_index.distributed.executor import ACTOR_RESTARTS, TASK_RETRIES
+from resynth_index.distributed.lent_digests import lend_embedder
+from resynth_index.distributed.session import (
     RayOptions,
     join_ray,
     leave_ray,
     ray_cause,
     require_ray,
 )
-from resynth_index.distributed.lent_digests import lend_embedder
 from resynth_index.errors import RsxError
 
 if TYPE_CHECKING:

@@ -33,32 +33,39 @@ plans only the rest. Nothing is lost but the work of the batches not stored yet.
 
 from __future__ import annotations
 
-import bisect
 import io
 import logging
 import os
-import sys
-from collections import defaultdict, deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, redirect_stdout, suppress
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from resynth_index.distributed.actors import GeneratorSpec, GeneratorWorker
 from resynth_index.distributed.lent_digests import lend_generator
+from resynth_index.distributed.session import (
+    RayOptions,
+    join_ray,
+    leave_ray,
+    ray_cause,
+    require_ray,
+)
 from resynth_index.errors import RsxError
 from resynth_index.models.generators import factory
 from resynth_index.models.generators.batching import default_batch_size, is_auto
-from resynth_index.pipeline.batch_writer import interrupts_deferred
-from resynth_index.pipeline.resynthesis import (
+from resynth_index.pipeline.plans import (
     ProgressCallback,
-    ProgressEvent,
     ResynthesisPlan,
     ResynthesizeSummary,
-    plan_captions,
-    store_resyntheses,
+)
+from resynth_index.pipeline.resynthesis import (
+    BatchTask,
+    GeneratedBatch,
+    RunHooks,
+    generate_missing,
+    resynthesize,
 )
 from resynth_index.store.models import GeneratorRow
 
@@ -68,128 +75,8 @@ if TYPE_CHECKING:
 #: How often Ray restarts a dead actor, and reruns a task whose actor died, before giving up.
 ACTOR_RESTARTS = 4
 TASK_RETRIES = 4
-#: Ray's switch for logging to the terminal (see ``_ray_log_in_files``).
-RAY_LOG_TO_STDERR = "RAY_LOG_TO_STDERR"
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    """Where and how wide a Ray run goes.
-
-    ``address`` None starts a Ray for this process alone (stopped at the end); ``"auto"`` joins
-    the cluster this node belongs to; anything else is a cluster address (``host:port`` or
-    ``ray://host:port``). ``actors`` is the pool size per generator; None sizes it to the
-    cluster (its GPUs, else its CPUs), never more than the generator has tasks.
-    """
-
-    address: str | None = None
-    actors: int | None = None
-    num_cpus: int | None = None  # only when starting a local Ray
-
-
-def require_ray() -> Any:
-    """The ray module, or a clear error naming the extra that brings it."""
-    try:
-        import ray
-    except ImportError:
-        raise RsxError("the ray executor needs Ray: pip install 'resynth-index[scale]'") from None
-    return ray
-
-
-def join_ray(options: RayOptions) -> bool:
-    """Join the cluster ``options`` names, or start a local Ray; True when this call started
-    one (its owner shuts it down, ``leave_ray``). A process already connected stays as it is.
-
-    Nothing Ray says reaches stdout, which holds only what rsx prints (``--json``: JSON lines):
-    the actors' output stays on their nodes (``log_to_driver``), the driver's Python log goes
-    to stderr, its C++ log to Ray's files (``_ray_log_in_files``), and the rest is sent to
-    stderr while Ray starts (``stdout_to_stderr``)."""
-    ray = require_ray()
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-    if options.address is None:
-        if options.num_cpus is not None:
-            kwargs["num_cpus"] = options.num_cpus
-    else:
-        kwargs["address"] = options.address
-    try:
-        with stdout_to_stderr(), _ray_log_in_files():
-            ray.init(**kwargs)
-    except ConnectionError as error:
-        raise RsxError(f"cannot reach the Ray cluster at {options.address}: {error}") from None
-    return options.address is None
-
-
-def leave_ray() -> None:
-    """Disconnect from Ray, stopping the local Ray this process started; as quiet on stdout as
-    ``join_ray``."""
-    with stdout_to_stderr():
-        require_ray().shutdown()
-
-
-@contextmanager
-def stdout_to_stderr() -> Iterator[None]:
-    """While the block runs, what this process writes to stdout goes to stderr: Python's
-    ``sys.stdout``, and file descriptor 1 itself, which the processes started meanwhile inherit.
-
-    Ray prints to stdout in ways ``log_to_driver`` does not stop: a ``print`` in some builds (the
-    usage-stats notice of a nightly wheel), and every line of the processes a local Ray starts
-    (the GCS server, the raylet, and the workers the raylet starts later) where they keep their
-    parent's stdout rather than Ray's log files (they do under ``RAY_LOG_TO_STDERR=1``, which
-    ``_ray_log_in_files`` takes away). Only while Ray starts or stops: another thread's output
-    to stdout meanwhile goes to stderr too (rsx prints its results once the work is done).
-    """
-    for stream in (sys.stdout, sys.__stdout__):
-        if stream is not None:
-            stream.flush()  # what was printed before stays first on stdout
-    saved = _point_stdout_at_stderr()
-    try:
-        with redirect_stdout(sys.stderr):
-            yield
-    finally:
-        if sys.stderr is not None:
-            sys.stderr.flush()
-        if saved is not None:
-            os.dup2(saved, 1)
-            os.close(saved)
-
-
-@contextmanager
-def _ray_log_in_files() -> Iterator[None]:
-    """While Ray starts, without ``RAY_LOG_TO_STDERR``: Ray's C++ parts (this process's core
-    worker, and the GCS server and raylet of a local Ray) would obey it by writing their log to
-    stdout (Ray 2.60 does, for the whole session, so no redirection while Ray starts can help).
-    Their log stays in Ray's files; a warning says so."""
-    value = os.environ.pop(RAY_LOG_TO_STDERR, None)
-    if value is not None and value.strip() not in ("", "0"):
-        logger.warning(
-            "%s is ignored: Ray would write its log to stdout, which holds only what rsx "
-            "prints; it stays in Ray's log files (/tmp/ray/session_latest/logs)",
-            RAY_LOG_TO_STDERR,
-        )
-    try:
-        yield
-    finally:
-        if value is not None:
-            os.environ[RAY_LOG_TO_STDERR] = value
-
-
-def _point_stdout_at_stderr() -> int | None:
-    """Make file descriptor 1 a copy of 2; a copy of what 1 was, to put back (None, touching
-    nothing, where this process has no such descriptors)."""
-    try:
-        saved = os.dup(1)
-    except OSError:
-        return None
-    try:
-        os.dup2(2, 1)
-    except OSError:
-        os.close(saved)
-        return None
-    return saved
 
 
 class RayResynthesizer:
@@ -287,24 +174,17 @@ class RayResynthesizer:
         on_plan: Callable[[int], None] | None = None,
         events: ProgressCallback | None = None,
     ) -> ResynthesizeSummary:
-        """Make every missing resynthesis of ``captions`` (hash -> text) by ``generators``.
-
-        The same contract as ``pipeline.resynthesis.resynthesize``: captions are recorded
-        first, ``on_plan(n)`` hears how many images will be made, ``progress(n)`` the size of
-        each stored batch, and ``events`` a ``generate`` event per generator (``done`` 0) and
-        after each committed batch.
-        """
-        plan, summary = plan_captions(self.lab, captions, generators)
-        if on_plan is not None:
-            on_plan(summary.generated)
-        if not summary.generated:
-            return summary
-        self.generate_missing(
-            plan, generators, captions, batch_size=batch_size, progress=progress, events=events
+        """``pipeline.resynthesis.resynthesize`` with the batches generated on the cluster."""
+        return resynthesize(
+            self.lab,
+            captions,
+            generators,
+            runner=self,
+            batch_size=batch_size,
+            progress=progress,
+            on_plan=on_plan,
+            events=events,
         )
-        summary.batch_sizes = dict(plan.batch_sizes)
-        self.lab.sync_index()
-        return summary
 
     def generate_missing(
         self,
@@ -316,39 +196,65 @@ class RayResynthesizer:
         progress: Callable[[int], None] | None = None,
         events: ProgressCallback | None = None,
     ) -> list[int]:
-        """``pipeline.resynthesis.generate_missing`` on the cluster: every missing resynthesis
-        of ``plan`` is made by the actors and stored here as it lands; the plan is updated in
-        place (generated images join ``stored``, ``missing`` is emptied). Returns the image ids
-        generated. ``rsx query --executor ray`` makes its resyntheses through this.
+        """``pipeline.resynthesis.generate_missing`` with the batches generated on the
+        cluster and stored here as they land. ``rsx query --executor ray`` makes its
+        resyntheses through this (``for_query``)."""
+        return generate_missing(
+            self.lab,
+            plan,
+            generators,
+            caption_texts,
+            runner=self,
+            batch_size=batch_size,
+            progress=progress,
+            events=events,
+        )
 
-        ``batch_size`` None takes the lab's ``generation_batch_size``; "auto" is resolved per
-        generator on an actor (see the module docstring); ``plan.batch_sizes`` says what each
-        generator used."""
-        setting = batch_size or self.lab.settings.generation_batch_size
-        if not is_auto(setting) and int(setting) < 1:
-            raise RsxError(f"batch size must be at least 1, not {setting}")
-        by_name = {row.name: row for row in generators}
-        work_of = {name: work for name, work in plan.missing.items() if work}
-        if not work_of:
-            return []
+    def for_query(
+        self,
+        lab: Lab,
+        plan: ResynthesisPlan,
+        generators: Sequence[GeneratorRow],
+        caption_texts: dict[str, str],
+        *,
+        events: ProgressCallback | None = None,
+    ) -> list[int]:
+        """``generate_missing`` as ``pipeline.query.run_queries`` calls its ``generator``: the
+        query's missing resyntheses, made on the cluster and stored here. Ray is joined (or
+        started) only when there is something to make."""
+        if lab is not self.lab:
+            raise RsxError("a Ray executor serves the lab it was made for")
+        return self.generate_missing(plan, generators, caption_texts, events=events)
+
+    def run(
+        self,
+        work: Mapping[str, list[tuple[str, int]]],
+        rows: Mapping[str, GeneratorRow],
+        captions: Mapping[str, str],
+        setting: int | str,
+        hooks: RunHooks,
+    ) -> Iterator[GeneratedBatch]:
+        """The ``BatchRunner`` of the cluster: ``work`` cut into tasks of each generator's batch
+        ("auto" resolved on an actor, see ``_auto_sizes``), handed out to the pool, each
+        generated batch yielded as it lands (decoded from the actor's PNG bytes)."""
+        if not work:
+            return
         self.connect()
-        specs = {name: self._spec(by_name[name]) for name in work_of}  # once: they stat files
+        specs = {name: self._spec(rows[name]) for name in work}  # once: they stat files
         if is_auto(setting):
-            work = [(specs[name], len(work)) for name, work in work_of.items()]
-            sizes = self._auto_sizes(work)
+            sizes = self._auto_sizes([(specs[name], len(pairs)) for name, pairs in work.items()])
         else:
-            sizes = {name: int(setting) for name in work_of}
-        plan.batch_sizes.update(sizes)
+            sizes = {name: int(setting) for name in work}
+        for name, size in sizes.items():
+            hooks.sized(name, size)
         tasks = [
-            _Task(specs[name], by_name[name], chunk, len(work), sizes[name])
-            for name, work in work_of.items()
-            for chunk in (work[i : i + sizes[name]] for i in range(0, len(work), sizes[name]))
+            _Task(specs[name], BatchTask(rows[name], list(chunk), len(pairs), sizes[name]))
+            for name, pairs in work.items()
+            for chunk in (pairs[i : i + sizes[name]] for i in range(0, len(pairs), sizes[name]))
         ]
         self._ensure_pool(self._pool_size(len(tasks)))
         self._load_embedder_meanwhile()
-        made = self._run(tasks, caption_texts, plan, progress, events)
-        plan.missing.clear()
-        return made
+        yield from self._landed(tasks, captions, hooks)
 
     def _auto_sizes(self, work: list[tuple[GeneratorSpec, int]]) -> dict[str, int]:
         """The "auto" batch of each generator (given with its count of missing images), as an actor
@@ -380,22 +286,6 @@ class RayResynthesizer:
                 ) from None
         return sizes
 
-    def for_query(
-        self,
-        lab: Lab,
-        plan: ResynthesisPlan,
-        generators: Sequence[GeneratorRow],
-        caption_texts: dict[str, str],
-        *,
-        events: ProgressCallback | None = None,
-    ) -> list[int]:
-        """``generate_missing`` as ``pipeline.query.run_queries`` calls its ``generator``: the
-        query's missing resyntheses, made on the cluster and stored here. Ray is joined (or
-        started) only when there is something to make."""
-        if lab is not self.lab:
-            raise RsxError("a Ray executor serves the lab it was made for")
-        return self.generate_missing(plan, generators, caption_texts, events=events)
-
     def _spec(self, row: GeneratorRow) -> GeneratorSpec:
         """What an actor needs to rebuild ``row``'s generator, with the digests this lab knows
         of its files (an actor on this node then reads none of them)."""
@@ -411,36 +301,29 @@ class RayResynthesizer:
             digests=lend_generator(self.lab.file_digests, row.kind, source, row.settings_json),
         )
 
-    def _run(
-        self,
-        tasks: list[_Task],
-        captions: dict[str, str],
-        plan: ResynthesisPlan,
-        progress: Callable[[int], None] | None,
-        events: ProgressCallback | None,
-    ) -> list[int]:
+    def _landed(
+        self, tasks: list[_Task], captions: Mapping[str, str], hooks: RunHooks
+    ) -> Iterator[GeneratedBatch]:
         """Hand ``tasks`` out in plan order, each to an actor that is free (``_Flight``), and
-        store each batch as it lands; the image ids made, each joining ``plan.stored``.
+        yield each batch as it lands, while the loop stores it.
 
-        Before each batch is stored, every actor whose task has finished meanwhile is handed its
-        next one, so it generates while this process stores. Should anything fail, the tasks
-        still in flight are cancelled before the error goes on: every batch stored so far stays
-        committed, and a rerun makes the rest.
+        Before each batch is yielded, every actor whose task has finished meanwhile is handed
+        its next one, so it generates while this process stores. Should anything fail (here, or
+        in the loop storing a batch), the tasks still in flight are cancelled before the error
+        goes on: every batch stored so far stays committed, and a rerun makes the rest.
         """
         ray = require_ray()
         flight = _Flight(self.pool, tasks)
-        landing = _Landing(plan)
         fetched: deque[tuple[_Task, list[bytes]]] = deque()  # at most one batch per actor
-        done: dict[str, int] = {}  # resyntheses stored per generator
-        made: list[int] = []
+        announced: set[str] = set()
+        kept = 0  # resyntheses yielded, hence stored: the loop stores a batch before the next
 
         def send(actor: Any, task: _Task) -> Any:
-            if task.spec.name not in done:
-                done[task.spec.name] = 0
-                if events is not None:
-                    events(ProgressEvent("generate", 0, task.of, task.spec.name))
-            requests = [(captions[c], seed) for c, seed in task.chunk]
-            return actor.generate.remote(task.spec, requests, task.batch_size)
+            if task.spec.name not in announced:
+                announced.add(task.spec.name)
+                hooks.announce(task.spec.name, task.batch.of)
+            requests = [(captions[c], seed) for c, seed in task.batch.chunk]
+            return actor.generate.remote(task.spec, requests, task.batch.batch_size)
 
         try:
             flight.hand_out(send)
@@ -449,47 +332,17 @@ class RayResynthesizer:
                     try:
                         fetched.append((task, ray.get(ref)))
                     except ray.exceptions.RayError as error:
-                        raise self._failed(flight, error, task, len(made)) from None
+                        raise self._failed(flight, error, task, kept) from None
                     flight.free.append(actor)
                 flight.hand_out(send)
                 task, pictures = fetched.popleft()
-                done[task.spec.name] += len(task.chunk)
-                image_ids = self._store(task, pictures, plan, done[task.spec.name], events)
+                images = [_decode(data) for data in pictures]
                 del pictures  # let go before the next batch is fetched
-                landing.add(task.spec.name, task.chunk, image_ids)
-                made.extend(image_ids)
-                if progress is not None:
-                    progress(len(task.chunk))
-        except BaseException:
+                yield GeneratedBatch(task.batch, images)
+                kept += len(task.batch.chunk)
+        except BaseException:  # an error, Ctrl-C, or the loop letting go of this iterator
             flight.cancel()
             raise
-        return made
-
-    def _store(
-        self,
-        task: _Task,
-        pictures: list[bytes],
-        plan: ResynthesisPlan,
-        done: int,
-        events: ProgressCallback | None,
-    ) -> list[int]:
-        """Store ``task``'s batch (PNG bytes from its actor), ``done`` being its generator's
-        count once it is; the image ids, in ``task.chunk`` order. A Ctrl-C meanwhile is held
-        back until the batch is stored whole, as on the local path."""
-        images = [_decode(data) for data in pictures]
-        committed = None
-        if events is not None:
-            committed = partial(events, ProgressEvent("generate", done, task.of, task.spec.name))
-        with interrupts_deferred():
-            return store_resyntheses(
-                self.lab,
-                task.row,
-                task.spec.settings_hash,
-                task.chunk,
-                images,
-                plan.sha256,
-                on_committed=committed,
-            )
 
     def _failed(self, flight: _Flight, error: Any, task: _Task, kept: int) -> RsxError:
         """The one-line error for a Ray failure of ``task``, once the tasks still in flight are
@@ -552,34 +405,13 @@ class _Flight:
         self.waiting.clear()
 
 
-class _Landing:
-    """Puts each stored batch's image ids into ``plan.stored`` in seed order after the ones the
-    plan found, as the local path appends them, whatever order the batches land in: an answer
-    lists its distances to a generator's resyntheses in that order, and the audit keeps it."""
-
-    def __init__(self, plan: ResynthesisPlan) -> None:
-        self.plan = plan
-        self._seeds: dict[tuple[str, str], list[int]] = defaultdict(list)  # landed, sorted
-
-    def add(self, name: str, chunk: Sequence[tuple[str, int]], image_ids: Sequence[int]) -> None:
-        for (caption, seed), image_id in zip(chunk, image_ids, strict=True):
-            seeds = self._seeds[(caption, name)]
-            place = bisect.bisect(seeds, seed)
-            seeds.insert(place, seed)
-            stored = self.plan.stored[(caption, name)]
-            stored.insert(len(stored) - (len(seeds) - 1) + place, image_id)
-
-
 @dataclass(frozen=True)
 class _Task:
-    """One batch of one generator's work: ``chunk`` of the ``of`` (caption, seed) it needs,
-    generated ``batch_size`` at a time (the generator's batch: ``chunk`` is one batch or less)."""
+    """One batch of one generator's work (``batch``), with what an actor needs to rebuild the
+    generator (``spec``)."""
 
     spec: GeneratorSpec
-    row: GeneratorRow
-    chunk: list[tuple[str, int]]
-    of: int
-    batch_size: int
+    batch: BatchTask
 
 
 def _absolute(lab: Lab, stored: str | None) -> Path | None:
@@ -589,11 +421,6 @@ def _absolute(lab: Lab, stored: str | None) -> Path | None:
         return None
     path = Path(stored)
     return path if path.is_absolute() else Path(os.path.abspath(lab.root / path))
-
-
-def ray_cause(error: Any) -> str:
-    """The last line of what a Ray error carries (its cause's message, for a task error)."""
-    return str(getattr(error, "cause", None) or error).strip().splitlines()[-1]
 
 
 def _failure(ray: Any, error: Any, name: str) -> str:

@@ -1,10 +1,11 @@
 """How well conformal prediction sets keep their promise on the lab's references.
 
 Over many random calibration/test splits of the references (seeded), the resynthesis distances
-of the calibration part set the thresholds (``pipeline.conformal``: a temperature fitted on them,
-then one threshold, or one per generator) and the test part measures what a user would see:
-empirical coverage (the share of test queries whose set holds their true generator), mean set
-size, the shares of singleton and empty sets, and the top-1 accuracy next to them. Coverage is
+of the calibration part set the thresholds (``attribution.calibration.conformal``: a
+temperature fitted on them, then one threshold, or one per generator) and the test part
+measures what a user would see: empirical coverage (the share of test queries whose set holds
+their true generator), mean set size, the shares of singleton and empty sets, and the top-1
+accuracy next to them. Coverage is
 averaged over splits because one calibration's coverage is itself random around the guarantee.
 
 Splits are stratified: every generator gives the same share of its references to calibration,
@@ -28,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from resynth_index.attribution.calibration import conformal
 from resynth_index.errors import RsxError
 from resynth_index.evaluation.metrics import mean_std
-from resynth_index.pipeline import conformal
 
 DEFAULT_SPLITS = 100
 DEFAULT_CALIBRATION_SHARE = 0.5

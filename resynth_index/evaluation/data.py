@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from resynth_index.attribution.evidence.resynthesis import distance_matrix
 from resynth_index.errors import RsxError
-from resynth_index.pipeline.attribution import aggregate, similarity_to_distance
-from resynth_index.pipeline.intake import ensure_embeddings, load_stored_image
-from resynth_index.pipeline.resynthesis import generate_missing, plan_resyntheses
+from resynth_index.pipeline.intake import ensure_embeddings
+from resynth_index.pipeline.plans import plan_resyntheses
+from resynth_index.pipeline.resynthesis import generate_missing
 from resynth_index.store import embeddings, repository
 
 if TYPE_CHECKING:
@@ -51,14 +52,9 @@ class EvalData:
 
     def resynthesis_distances(self, queries: np.ndarray) -> np.ndarray:
         """(n, C) aggregated distance of each query to each candidate's resyntheses."""
-        out = np.full((len(queries), self.n_classes), MISSING_DISTANCE)
-        for i, per_generator in enumerate(self.resyntheses):
-            for c, vectors in enumerate(per_generator):
-                if len(vectors):
-                    sims = vectors @ queries[i]
-                    values = [similarity_to_distance(float(s), self.distance) for s in sims]
-                    out[i, c] = aggregate(values, self.aggregation)
-        return out
+        return distance_matrix(
+            queries, self.resyntheses, self.distance, self.aggregation, MISSING_DISTANCE
+        )
 
 
 def load_eval_data(
@@ -158,7 +154,7 @@ def perturbed_features(
     parts: dict[str, list[np.ndarray]] = {op: [] for op in ops}
     for start in range(0, len(image_ids), batch):  # a batch at a time: big images, many ops
         keys = [int(i) for i in image_ids[start : start + batch]]
-        originals = [load_stored_image(lab, key) for key in keys]
+        originals = [lab.stored_image(key) for key in keys]
         for op in ops:
             changed = [
                 apply(op, picture, image_rng(seed, op, key))[0]

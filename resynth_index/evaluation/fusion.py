@@ -5,9 +5,9 @@ Signals (each a distance per query and candidate, NaN where it does not exist):
 - ``resynthesis``: the lab's own resynthesis distance (the protocol's ``distances``; a candidate
   without a resynthesis of the caption has none);
 - ``reconstruction``: how much the candidate's own autoencoder changes the query
-  (``models.reconstruction``; imported generators have none);
+  (``attribution.evidence.reconstruction``; imported generators have none);
 - ``layer-N`` (``--fusion-layers``): the resynthesis distance measured on block N of the lab's
-  embedder instead of the layer the lab was made with (``pipeline.layers``, shared with
+  embedder instead of the layer the lab was made with (``attribution.evidence.layers``, shared with
   ``rsx query --method fused``: the blocks' vectors of stored images are kept under each block's
   fingerprint; post-processed queries exist only in memory and are read through the model).
 
@@ -16,7 +16,7 @@ Methods:
 - ``aeroblade`` ranks candidates by reconstruction distance alone. Candidates without an
   autoencoder are ranked last and named in the result (``unsupported``): never guessed.
 - ``fused`` z-scores the resynthesis and reconstruction signals across candidates per query and
-  takes the weighted mean of the z-scores each candidate has (``pipeline.fusion_query.fuse``),
+  takes the weighted mean of the z-scores each candidate has (``attribution.combination.fuse``),
   with weights fixed in advance: ``--fusion-weights`` or, by default, equal. This is exactly what
   ``rsx query --method fused`` computes.
 - ``fused-loo`` fuses every signal measured (resynthesis, reconstruction and the ``layer-N`` ones)
@@ -44,19 +44,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from resynth_index.errors import RsxError
-from resynth_index.pipeline.fusion_query import (  # the rule and the weights: shared with queries
+from resynth_index.attribution.calibration.fusion_weights import (
     GRID_STEP,
-    RECONSTRUCTION,
-    RESYNTHESIS,
     choose_fusion_weights,
-    fixed_weights,
-    fuse,
     fusion_weight_choice,
-    rank_missing_last,
     weight_grid,
 )
-from resynth_index.pipeline.layers import layer_distances, layer_reader, layer_signal
+from resynth_index.attribution.combination import (
+    RECONSTRUCTION,
+    RESYNTHESIS,
+    fixed_weights,
+    fuse,
+    rank_missing_last,
+)
+from resynth_index.attribution.evidence.layers import layer_distances, layer_reader, layer_signal
+from resynth_index.errors import RsxError
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -175,9 +177,8 @@ def load_fusion_signals(
     Post-processing draws the same parameters per image as ``perturbed_features`` (the same
     ``image_rng``), so each condition's signals describe the same images as its embeddings.
     """
+    from resynth_index.attribution.evidence.reconstruction import ReconstructionScorer
     from resynth_index.evaluation.perturb import apply, image_rng
-    from resynth_index.models.reconstruction import ReconstructionScorer
-    from resynth_index.pipeline.intake import load_stored_image
     from resynth_index.store import repository
 
     rows = {row.name: row for row in lab.generators()}
@@ -208,7 +209,7 @@ def load_fusion_signals(
     batch = lab.settings.embedding_batch_size
     for start in range(0, len(data.image_ids), batch):
         keys = [int(i) for i in data.image_ids[start : start + batch]]
-        originals = [load_stored_image(lab, key) for key in keys]
+        originals = [lab.stored_image(key) for key in keys]
         for cond in conditions:
             if cond == CLEAN_KEY:
                 pictures = originals

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from resynth_index.attribution.evidence.reconstruction import DEFAULT_METRIC, METRICS
 from resynth_index.errors import RsxError
 from resynth_index.evaluation import metrics
 from resynth_index.evaluation.conformal_eval import (
@@ -51,7 +52,6 @@ from resynth_index.evaluation.fusion import (
     family_index,
     score_fusion_split,
 )
-from resynth_index.models.reconstruction import DEFAULT_METRIC, METRICS
 
 if TYPE_CHECKING:
     from resynth_index.evaluation.data import EvalData

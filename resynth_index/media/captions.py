@@ -13,9 +13,10 @@ from __future__ import annotations
 import codecs
 import hashlib
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from resynth_index.errors import RsxError
 from resynth_index.media.metadata import embedded_prompt
@@ -23,8 +24,6 @@ from resynth_index.media.text import normalise_caption
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
-
-    from resynth_index.models.captioners import Captioner
 
 __all__ = [
     "Caption",
@@ -144,6 +143,13 @@ def _read_sidecar(path: Path) -> str | None:
 
 
 # --------------------------------------------------------------------------- resolution
+class Captioner(Protocol):
+    """Writes one caption per image; ``fingerprint`` changes whenever its output could (the
+    models are in ``models/captioners.py``; a caption source is all this module needs)."""
+
+    fingerprint: str
+
+    def caption(self, images: Sequence[PILImage.Image]) -> list[str]: ...
 
 
 def resolve_caption(

@@ -1,4 +1,4 @@
-"""Captioning models: a local transformers image-to-text folder behind the ``Captioner`` protocol.
+"""Captioning models: a local transformers image-to-text folder, a ``media.captions.Captioner``.
 
 Loaded with ``local_files_only=True`` and never with remote code; weights that do not match the
 architecture are refused rather than silently re-initialised.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from resynth_index.errors import ModelLoadError, RsxError
 from resynth_index.media.text import normalise_caption
@@ -20,14 +20,6 @@ if TYPE_CHECKING:
 
 
 # --------------------------------------------------------------------------- captioning models
-
-
-class Captioner(Protocol):
-    """Writes one caption per image; ``fingerprint`` changes whenever its output could."""
-
-    fingerprint: str
-
-    def caption(self, images: Sequence[PILImage.Image]) -> list[str]: ...
 
 
 class TransformersCaptioner:

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
 
-from resynth_index.errors import StoreError
-from resynth_index.media.images import LoadedImage, load_image_bytes
+from resynth_index.media.images import LoadedImage
 from resynth_index.store import embeddings, repository
 from resynth_index.store.faults import crash_point
 
@@ -86,19 +85,6 @@ def encode_png(image: PIL.Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def load_stored_image(lab: Lab, image_id: int) -> PIL.Image.Image:
-    """Decode a stored image from its blob, refusing one whose bytes no longer match the hash."""
-    with lab.session() as session:
-        sha256 = repository.image_sha256(session, image_id)
-    if sha256 is None:
-        raise StoreError(f"image {image_id} is not in the store")
-    problem = lab.blobs.verify(sha256)
-    if problem is not None:
-        raise StoreError(f"blob {sha256} is {problem}; run 'rsx check --repair'")
-    data = lab.blobs.read(sha256)
-    return load_image_bytes(data, f"blob {sha256[:12]}", lab.settings.max_pixels).image
-
-
 def ensure_embeddings(
     lab: Lab,
     images: Mapping[int, PIL.Image.Image | None],
@@ -129,7 +115,7 @@ def ensure_embeddings(
 
 
 def _picture(lab: Lab, image_id: int, given: PIL.Image.Image | None) -> PIL.Image.Image:
-    return given if given is not None else load_stored_image(lab, image_id)
+    return given if given is not None else lab.stored_image(image_id)
 
 
 def write_embeddings(lab: Lab, image_ids: Sequence[int], vectors: np.ndarray) -> dict[int, int]:

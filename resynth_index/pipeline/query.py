@@ -11,46 +11,43 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from resynth_index import __version__
+from resynth_index.attribution.answer import (
+    QueryFailure,
+    QueryResult,
+    RankedGenerator,
+    score_meaning,
+)
+from resynth_index.attribution.calibration import sets as calibration_sets
+from resynth_index.attribution.calibration.fusion_weights import QueryFusion, fusion_for_query
+from resynth_index.attribution.combination import QUERY_METHODS, apply_fusion
+from resynth_index.attribution.evidence.layers import layer_distances, layer_reader, layer_signal
+from resynth_index.attribution.evidence.reconstruction import query_reconstruction, scorer_for
+from resynth_index.attribution.evidence.resynthesis import resynthesis_distances
+from resynth_index.attribution.verdict import attribute
 from resynth_index.errors import RsxError, StoreError
 from resynth_index.media.captions import resolve_caption
 from resynth_index.media.folders import walk_files
 from resynth_index.media.images import IMAGE_SUFFIXES, LoadedImage, load_image_file
 from resynth_index.media.metadata import embedded_metadata
 from resynth_index.models.generators import factory
-from resynth_index.pipeline import calibrated
-from resynth_index.pipeline.attribution import (
-    SCORE_MEANING,
-    attribute,
-    score_meaning,
-    similarity_to_distance,
-)
-from resynth_index.pipeline.fusion_lab import QueryFusion, fusion_for_query
-from resynth_index.pipeline.fusion_query import (
-    QUERY_METHODS,
-    apply_fusion,
-    query_reconstruction,
-    scorer_for,
-)
 from resynth_index.pipeline.intake import ensure_embeddings, store_images
-from resynth_index.pipeline.layers import layer_distances, layer_reader, layer_signal
-from resynth_index.pipeline.resynthesis import (
+from resynth_index.pipeline.plans import (
     PlannedGenerations,
     ProgressCallback,
     ProgressEvent,
     ResynthesisPlan,
-    generate_missing,
     plan_resyntheses,
-    record_pending,
 )
+from resynth_index.pipeline.resynthesis import generate_missing, record_pending
 from resynth_index.store import audit, embeddings, repository
 from resynth_index.store.models import GeneratorRow
 from resynth_index.store.vectors import MissingVectorsError
@@ -59,7 +56,7 @@ if TYPE_CHECKING:
     import PIL.Image
 
     from resynth_index.lab import Lab
-    from resynth_index.models.captioners import Captioner
+    from resynth_index.media.captions import Captioner
 
 
 class MissingGenerator(Protocol):
@@ -74,131 +71,6 @@ class MissingGenerator(Protocol):
         *,
         events: ProgressCallback | None = None,
     ) -> list[int]: ...
-
-
-@dataclass
-class RankedGenerator:
-    generator: str
-    distance: float
-    score: float  # relative among the candidates asked (see QueryResult.score_meaning)
-    distances: list[float]
-    nearest_sha256: str  # the resynthesis closest to the query (for reports)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> RankedGenerator:
-        """One ranking entry from its JSON form (``asdict``), as stored in an answer."""
-        if not isinstance(data, Mapping) or "generator" not in data or "distance" not in data:
-            raise RsxError("not a stored ranking entry: it needs a generator and a distance")
-        distance = float(data["distance"])
-        return cls(
-            generator=str(data["generator"]),
-            distance=distance,
-            score=float(data.get("score", 0.0)),
-            distances=[float(d) for d in data.get("distances") or [distance]],
-            nearest_sha256=str(data.get("nearest_sha256") or ""),
-        )
-
-
-@dataclass
-class QueryResult:
-    """One answer: the verdict, how firm it is, the evidence, and what reproduces it.
-
-    Every field after ``fingerprints`` was added after the first release; ``from_json`` fills
-    them with defaults when it reads an answer stored before they existed.
-    """
-
-    image: str
-    sha256: str
-    caption: str
-    caption_source: str
-    verdict: str  # the best generator, or inconclusive / unknown / no-evidence
-    ranking: list[RankedGenerator]
-    margin: float | None
-    generated: int
-    reused: int
-    pending: list[str]
-    not_generated: list[str]  # runnable candidates skipped because generation was off
-    candidates: list[str]
-    distance: str
-    aggregation: str
-    fingerprints: dict[str, str]
-    metadata: dict[str, str] = field(default_factory=dict)  # embedded evidence, never trusted
-    query_id: int | None = None
-    verdict_reason: str = ""  # why this verdict, in one line
-    tied: list[str] = field(default_factory=list)  # the candidates an inconclusive answer names
-    threshold: float | None = None  # the 'unknown' threshold applied; None: closed set
-    margin_floor: float = 0.0  # the margin under which the answer is inconclusive
-    closed_set: bool = True  # no threshold: the source may be none of the candidates
-    without_resynthesis: list[str] = field(default_factory=list)  # candidates not compared
-    exact_match_of: list[str] = field(default_factory=list)  # its bytes are their resynthesis
-    score_meaning: str = SCORE_MEANING
-    temperature: float = 0.05  # of the softmax behind ``score``
-    rsx_version: str = ""  # the rsx that answered ("" in answers stored before it was kept)
-    resyntheses_per_generator: dict[str, int] = field(default_factory=dict)  # K used
-    generation: dict[str, dict[str, Any]] = field(default_factory=dict)  # settings + seeds used
-    # with a stored calibration (rsx calibrate, pipeline/calibrated.py); None without one
-    prediction_set: list[str] | None = None  # the candidates at ``coverage``, best first
-    coverage: float | None = None
-    calibration_id: int | None = None  # the calibration behind the set and the scores
-    calibration_note: str | None = None  # why the lab's calibration was not used
-    method: str = "resynthesis"  # or "fused" (pipeline/fusion_query.py)
-    fusion: dict[str, Any] | None = None  # fused only: weights, per-generator signals, scores
-
-    def to_json(self) -> dict[str, Any]:
-        """The answer as ``rsx query --json`` prints it and the audit row stores it."""
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> QueryResult:
-        """The answer ``to_json`` made (``--json`` output, an audit row's ``result_json``).
-
-        The inverse of ``to_json``. An answer stored by an older rsx lacks the newer fields:
-        they take their defaults (``closed_set`` follows the threshold: without one, the answer
-        was closed-set). Keys this version does not know are ignored, so a newer answer reads
-        too. Raises RsxError when ``data`` is not an answer at all.
-        """
-        if not isinstance(data, Mapping):
-            raise RsxError("not a stored answer: expected a JSON object")
-        lacking = [key for key in ("image", "sha256", "verdict") if key not in data]
-        if lacking:
-            raise RsxError(f"not a stored answer: it lacks {', '.join(lacking)}")
-        known = {f.name for f in fields(cls)}
-        values: dict[str, Any] = {
-            key: copy.deepcopy(value) for key, value in data.items() if key in known
-        }
-        ranking = data.get("ranking") or []
-        if not isinstance(ranking, list):
-            raise RsxError("not a stored answer: its ranking is not a list")
-        values["ranking"] = [RankedGenerator.from_json(entry) for entry in ranking]
-        for key, default in _OLD_ANSWER_DEFAULTS.items():
-            if values.get(key) is None:
-                values[key] = copy.deepcopy(default)
-        values.setdefault("margin", None)
-        values.setdefault("closed_set", values.get("threshold") is None)
-        return cls(**values)
-
-
-#: What an answer stored before a field was required gets for it (older rows always had these,
-#: but an answer written by hand or cut short should still read).
-_OLD_ANSWER_DEFAULTS: dict[str, Any] = {
-    "caption": "",
-    "caption_source": "",
-    "generated": 0,
-    "reused": 0,
-    "pending": [],
-    "not_generated": [],
-    "candidates": [],
-    "distance": "cosine",
-    "aggregation": "min",
-    "fingerprints": {},
-    "metadata": {},
-}
-
-
-@dataclass
-class QueryFailure:
-    image: str
-    error: str
 
 
 @dataclass
@@ -361,7 +233,9 @@ def run_queries(
 
     # prediction sets are of resynthesis answers: a fused call neither looks one up nor notes one
     calibration = (
-        calibrated.for_query(lab, generators, plan.wanted) if method == "resynthesis" else None
+        calibration_sets.for_query(lab, generators, plan.wanted)
+        if method == "resynthesis"
+        else None
     )
     fusion = (
         fusion_for_query(lab, generators, plan.wanted, fusion_layers) if method == "fused" else None
@@ -376,7 +250,7 @@ def run_queries(
         query_layer_signals(lab, fusion, prepared, generators, plan) if fusion is not None else {}
     )
     results: list[QueryResult | QueryFailure] = []
-    answers: list[tuple[QueryResult, str, dict]] = []
+    answers: list[_Answered] = []
     counted: set[str] = set()
     for outcome in outcomes:
         if not isinstance(outcome, _Prepared):
@@ -386,11 +260,12 @@ def run_queries(
             0 if outcome.caption_hash in counted else generated_for.get(outcome.caption_hash, 0)
         )
         counted.add(outcome.caption_hash)
+        name = image_names.get(outcome.path) if image_names else None
         result, distances = _answer(
-            lab, outcome, generators, plan, embedding_of, vectors, image_sha, generated
+            lab, outcome, generators, plan, embedding_of, vectors, image_sha, generated, name
         )
         if fusion is not None:
-            apply_fusion(
+            result = apply_fusion(
                 result,
                 reconstruction[outcome.sha256] if scorer is not None else None,
                 fusion.weights,
@@ -398,12 +273,11 @@ def run_queries(
                 layers=layer_values.get(outcome.image_id),
                 origin=fusion.to_json(),
             )
-        calibrated.apply(calibration, result)
-        if image_names and outcome.path in image_names:
-            result.image = image_names[outcome.path]
+        result = calibration_sets.apply(calibration, result)
+        answers.append(_Answered(len(results), result, outcome.caption_hash, distances))
         results.append(result)
-        answers.append((result, outcome.caption_hash, distances))
-    _record_answers(lab, answers)
+    for answered in _recorded(lab, answers):
+        results[answered.position] = answered.result
     return results
 
 
@@ -417,7 +291,8 @@ def query_layer_signals(
     """query image id -> ``layer-N`` -> candidate -> layer distance (None: no resynthesis).
 
     Only the layers the fusion weighs are measured; the blocks' vectors of the query images and
-    resyntheses are stored (``pipeline.layers``), so a resynthesis is read at a block once.
+    resyntheses are stored (``attribution.evidence.layers``), so a resynthesis is read at a block
+    once.
     """
     layers = fusion.computed_layers()
     if not layers or not prepared:
@@ -578,30 +453,23 @@ def _answer(
     vectors: dict[int, np.ndarray],
     image_sha: dict[int, str],
     generated: int,
+    name: str | None = None,
 ) -> tuple[QueryResult, dict[str, list[float]]]:
-    """The answer for one prepared image, and its distances per generator (for the audit)."""
+    """The answer for one prepared image (named ``name`` in it, else by its path), and its
+    distances per generator (for the audit)."""
     settings = lab.settings
     per_generator: dict[str, list[int]] = {
         row.name: plan.stored.get((query.caption_hash, row.name), []) for row in generators
     }
-    query_vector = vectors[embedding_of[query.image_id]].astype(np.float64)
-    similarity: dict[int, float] = {}
-    for image_ids in per_generator.values():
-        for image_id in image_ids:
-            embedding_id = embedding_of[image_id]
-            if embedding_id not in similarity:
-                candidate = vectors[embedding_id].astype(np.float64)
-                similarity[embedding_id] = float(np.dot(query_vector, candidate))
+    query_vector = vectors[embedding_of[query.image_id]]
     distances: dict[str, list[float]] = {}
     nearest: dict[str, str] = {}
-    for name, image_ids in per_generator.items():
-        values = [
-            similarity_to_distance(similarity[embedding_of[i]], settings.distance)
-            for i in image_ids
-        ]
-        distances[name] = values
+    for generator, image_ids in per_generator.items():
+        resyntheses = [vectors[embedding_of[i]] for i in image_ids]
+        values = resynthesis_distances(query_vector, resyntheses, settings.distance)
+        distances[generator] = values
         if values:
-            nearest[name] = image_sha[image_ids[int(np.argmin(values))]]
+            nearest[generator] = image_sha[image_ids[int(np.argmin(values))]]
     outcome = attribute(
         distances,
         aggregation=settings.aggregation,
@@ -625,7 +493,7 @@ def _answer(
         **{row.name: row.fingerprint for row in generators},
     }
     result = QueryResult(
-        image=str(query.path),
+        image=name or str(query.path),
         sha256=query.sha256,
         caption=query.caption_text,
         caption_source=query.caption_source,
@@ -691,19 +559,34 @@ def _generation_record(
     }
 
 
-def _record_answers(lab: Lab, answers: list[tuple[QueryResult, str, dict]]) -> None:
-    """The audit rows of a call's answers, in one transaction; each result gets its query_id,
-    and each row's stored answer holds it too.
+@dataclass(frozen=True)
+class _Answered:
+    """An answer of a call on its way to the audit: where it stands among the call's results,
+    its caption's hash and its distances per generator (for the audit row)."""
 
-    ``answers`` holds (result, caption hash, distances per generator).
-    """
+    position: int
+    result: QueryResult
+    caption_hash: str
+    distances: dict[str, list[float]]
+
+
+def _recorded(lab: Lab, answers: list[_Answered]) -> list[_Answered]:
+    """The audit rows of a call's answers, in one transaction; the answers as recorded, each
+    with its query_id (which each row's stored answer holds too)."""
     if not answers:
-        return
+        return []
+    recorded = []
     with lab.session() as session:
-        for result, caption_hash, distances in answers:
-            result.query_id = audit.record_query(
-                session, answer=result.to_json(), caption_hash=caption_hash, distances=distances
+        for answered in answers:
+            query_id = audit.record_query(
+                session,
+                answer=answered.result.to_json(),
+                caption_hash=answered.caption_hash,
+                distances=answered.distances,
             )
+            result = dataclasses.replace(answered.result, query_id=query_id)
+            recorded.append(dataclasses.replace(answered, result=result))
+    return recorded
 
 
 def _image_shas(lab: Lab, image_ids: list[int]) -> dict[int, str]:

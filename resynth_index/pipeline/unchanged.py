@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from resynth_index.lab import Lab
-    from resynth_index.pipeline.ingest import IngestItem
+    from resynth_index.pipeline.ingest_items import IngestItem
 
 
 def unchanged_items(lab: Lab, items: Sequence[IngestItem]) -> set[int]:

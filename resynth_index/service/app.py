@@ -560,7 +560,7 @@ def _candidates(fields: dict[str, list[str]]) -> tuple[str, ...] | None:
 
 def _method(text: str | None) -> str:
     """The form's ``method`` field: what ``rsx query --method`` takes (resynthesis by default)."""
-    from resynth_index.pipeline.fusion_query import QUERY_METHODS
+    from resynth_index.attribution.combination import QUERY_METHODS
 
     method = (text or "resynthesis").strip().lower()
     if method not in QUERY_METHODS:

@@ -117,8 +117,8 @@ class QueryForm:
 
 def query_form(lab: Lab) -> QueryForm:
     """The query form's candidates, the ones ticked, and what calibrated set exists."""
-    from resynth_index.pipeline.calibrated import level
-    from resynth_index.pipeline.conformal import METHOD
+    from resynth_index.attribution.calibration.conformal import METHOD
+    from resynth_index.attribution.calibration.sets import level
 
     names = [row.name for row in lab.generators()]
     defaults = [n for n in (_settings(lab).default_candidates or []) if n in names]

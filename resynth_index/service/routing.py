@@ -107,8 +107,8 @@ def needing_generation(
 ) -> set[str]:
     """The caption hashes, among ``jobs``', that lack a resynthesis by some candidate (what
     ``run_queries`` would generate). Unknown candidates: none (the query fails at once)."""
+    from resynth_index.pipeline.plans import plan_resyntheses
     from resynth_index.pipeline.query import select_candidates
-    from resynth_index.pipeline.resynthesis import plan_resyntheses
 
     try:
         generators = select_candidates(lab, list(candidates) if candidates else None)

@@ -586,7 +586,8 @@ class QueryWorker:
     def _answer_group(self, lab: Lab, jobs: list[QueryJob], fast: bool) -> None:
         """One ``run_queries`` call for jobs that share candidates, K, generation and method.
         On the fast lane, a plan that turns out to need generation passes the jobs on."""
-        from resynth_index.pipeline.query import QueryResult, run_queries
+        from resynth_index.attribution.answer import QueryResult
+        from resynth_index.pipeline.query import run_queries
 
         candidates, resyntheses, generate, method = jobs[0].batch_key
         progress = GroupProgress(jobs, self._count)

@@ -13,7 +13,7 @@ candidates that finish at once, on two machines sharing a PostgreSQL store, are 
 the other and exactly one stays active.
 
 This module stores plain JSON-able values; what a record means (``Calibration``) is the
-pipeline's business (``pipeline/conformal.py``, ``pipeline/calibrated.py``).
+business of ``attribution/calibration/`` and ``pipeline/calibrate.py``.
 """
 
 from __future__ import annotations

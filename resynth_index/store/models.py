@@ -169,7 +169,8 @@ class PendingResynthesisRow(Base):
 class CalibrationRow(Base):
     """A calibration of prediction sets (``rsx calibrate``), kept for audit once superseded.
 
-    ``record_json`` is the calibration itself (``pipeline.conformal.Calibration.to_dict``):
+    ``record_json`` is the calibration itself (``Calibration.to_dict`` of
+    ``attribution.calibration.conformal``):
     thresholds, fitted temperature, the reference ids used, every fingerprint, the scoring
     settings. ``settings_json`` holds what else a query must match to use it (resyntheses per
     generator); ``summary_json`` what ``rsx calibrate`` reported (references per generator, ECE).

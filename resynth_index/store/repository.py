@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, cast
 from sqlalchemy import CursorResult, Engine, bindparam, exists, func, select, text, update
 from sqlalchemy.orm import Session
 
+from resynth_index.errors import StoreError
 from resynth_index.store.engine import (
     dialect_insert,
     in_chunks,
@@ -340,6 +341,60 @@ def resynthesis_in_slot(
         )
     ).first()
     return None if row is None else (row[0], row[1])
+
+
+class SlotClaim(NamedTuple):
+    """What ``claim_resynthesis_slot`` found: ``seed`` the slot's seed; ``holder`` the (image id,
+    image hash) the slot holds, this image when ``claimed`` (this call's row went in), else the
+    image another writer stored there first (perhaps the very same image)."""
+
+    claimed: bool
+    seed: int
+    holder: tuple[int, str]
+
+
+#: How often a next free seed may be taken by concurrent writers in a row before a claim gives up.
+SEED_TRIES = 8
+
+
+def claim_resynthesis_slot(
+    session: Session,
+    *,
+    image_id: int,
+    sha256: str,
+    seed: int | None,
+    generator_id: int,
+    caption_hash: str,
+    settings_hash: str,
+) -> SlotClaim:
+    """Record ``image_id`` as the resynthesis in the slot (generator, caption, settings, seed),
+    or say who holds it: a slot holds one image, whoever comes first, under any concurrency.
+
+    ``seed`` None (an imported generator's delivery, which has none) takes the caption's next
+    free seed, and tries the next again when a concurrent writer took it meanwhile (at most
+    ``SEED_TRIES`` times, then StoreError). With a seed, the slot's holder is returned as is.
+    """
+    for _ in range(SEED_TRIES):
+        chosen = seed
+        if chosen is None:
+            chosen = next_free_seed(session, generator_id, caption_hash, settings_hash)
+        where = (generator_id, caption_hash, settings_hash, chosen)
+        if ensure_resynthesis(session, image_id=image_id, **_slot(*where)):
+            return SlotClaim(True, chosen, (image_id, sha256))
+        held = resynthesis_in_slot(session, **_slot(*where))
+        if held is not None and (seed is not None or held[1] == sha256):
+            return SlotClaim(False, chosen, held)
+    raise StoreError("no free seed found for a resynthesis: other writers keep taking them")
+
+
+def _slot(generator_id: int, caption_hash: str, settings_hash: str, seed: int) -> dict[str, Any]:
+    """The keyword arguments that name one resynthesis slot."""
+    return {
+        "generator_id": generator_id,
+        "caption_hash": caption_hash,
+        "settings_hash": settings_hash,
+        "seed": seed,
+    }
 
 
 def resynthesis_seed_of_image(

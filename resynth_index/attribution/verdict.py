@@ -1,12 +1,7 @@
-"""From distances to an answer: aggregation over resyntheses, ranking, scores, margin, verdict.
+"""From a signal's distances to a verdict: ranking, relative scores, margin, and its reason.
 
-The method names the generator whose resynthesis lies closest to the query in embedding space
-(j* = argmin_j d(E(s_j(p(I))), E(I))). With K resyntheses per generator the K distances are
-aggregated (min by default: the closest resynthesis counts, as max-similarity beat the mean in
-published follow-up work). Scores are a softmax over negative aggregated distances: a relative
-score among the candidates asked, not a probability.
-
-The verdict is one of four states, each with a one-line reason:
+Scores are a softmax over negative aggregated distances: a relative score among the candidates
+asked, not a probability. The verdict is one of four states, each with a one-line reason:
 - a generator's name: the closest candidate, clear of the others by at least the margin floor;
 - ``inconclusive``: two or more candidates lie within the margin floor of the best (``tied``);
 - ``unknown``: the best distance exceeds the lab's threshold (open set: the source is likely none
@@ -23,60 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-UNKNOWN = "unknown"
-INCONCLUSIVE = "inconclusive"
-NO_EVIDENCE = "no-evidence"
-VERDICT_STATES = (UNKNOWN, INCONCLUSIVE, NO_EVIDENCE)
-CLOSED_SET_NOTE = "closed set: the source may be none of these candidates"
-
-
-def score_meaning(temperature: float) -> str:
-    """What an answer's ``score`` is, in words an answer carries (``score_meaning``): a softmax
-    over the candidates asked, so one candidate alone always scores 1."""
-    return f"relative among candidates (softmax of -distance/{temperature:g})"
-
-
-SCORE_MEANING = score_meaning(0.05)  # at the default temperature
-#: The line a rendered answer puts under its scores (the terminal table, the HTML report).
-SCORE_FOOTNOTE = "rel.score: relative score among these candidates, not a probability"
-
-
-def no_evidence_note(verdict: str, lacking: Sequence[str]) -> str:
-    """What a 'no-evidence' answer lacked: the candidates without a resynthesis of its caption
-    ("" for any other verdict)."""
-    if verdict != NO_EVIDENCE:
-        return ""
-    return f"no evidence: no resynthesis of this caption by {', '.join(lacking) or 'any candidate'}"
-
-
-def exact_match_note(generators: Sequence[str]) -> str:
-    """The warning an answer carries when the query's bytes are a stored resynthesis by
-    ``generators`` ("" when none): its distance 0 to itself is no evidence of its origin."""
-    if not generators:
-        return ""
-    return (
-        f"this image is itself a stored resynthesis by {', '.join(generators)}:"
-        " a distance of 0 says nothing about its origin"
-    )
-
-
-def similarity_to_distance(similarity: float, metric: str = "cosine") -> float:
-    """Distance between two L2-normalised vectors from their inner product."""
-    if metric == "cosine":
-        return 1.0 - similarity
-    if metric == "euclidean":
-        return math.sqrt(max(0.0, 2.0 - 2.0 * similarity))
-    raise ValueError(f"unknown distance {metric!r}")
-
-
-def aggregate(distances: Sequence[float], how: str = "min") -> float:
-    if not distances:
-        raise ValueError("no distances to aggregate")
-    if how == "min":
-        return min(distances)
-    if how == "mean":
-        return sum(distances) / len(distances)
-    raise ValueError(f"unknown aggregation {how!r}")
+from resynth_index.attribution.answer import CLOSED_SET_NOTE, INCONCLUSIVE, NO_EVIDENCE, UNKNOWN
+from resynth_index.attribution.evidence.resynthesis import aggregate
 
 
 def softmax_scores(distances: Sequence[float], temperature: float) -> list[float]:

@@ -1,7 +1,7 @@
 """Fused attribution: resynthesis distance and reconstruction distance, z-scored and weighted.
 
 Resynthesis tells generators apart by what they draw from a caption; look-alike generators (a base
-model and its fine-tunes) draw alike. The reconstruction distance (``models.reconstruction``: how
+model and its fine-tunes) draw alike. The reconstruction distance (``evidence.reconstruction``: how
 much a candidate's own autoencoder changes the query) is a second, caption-free signal. The fusion
 rule, shared by ``rsx query --method fused`` and ``rsx eval --methods fused``:
 
@@ -13,45 +13,41 @@ rule, shared by ``rsx query --method fused`` and ``rsx eval --methods fused``:
    and one without a resynthesis of the caption to its reconstruction alone;
 3. a candidate with no signal at all ranks last.
 
-Signals beyond these two are the ``layer-N`` ones (``pipeline.layers``): the resynthesis distance
+Signals beyond these two are the ``layer-N`` ones (``evidence.layers``): the resynthesis distance
 read at vision block N of the lab's embedder.
 
 The weights are fixed in advance (``DEFAULT_WEIGHTS``: equal) or chosen on references of known
-generator by ``fusion_weight_choice`` (the best accuracy on a grid: the rule of ``rsx eval``'s
-``fused-loo`` on its training references, and of ``rsx calibrate --method fused`` on the lab's
-references, ``pipeline.fusion_lab``); never on the queries they then rank. The accuracy of the
-chosen weights on the references they were chosen on is in-sample (training accuracy); the
+generator by ``calibration.fusion_weights.fusion_weight_choice`` (the best accuracy on a grid:
+the rule of ``rsx eval``'s ``fused-loo`` on its training references, and of ``rsx calibrate
+--method fused`` on the lab's references); never on the queries they then rank. The accuracy of
+the chosen weights on the references they were chosen on is in-sample (training accuracy); the
 rule's honest figure is its nested leave-one-out accuracy, which ``fusion_weight_choice`` also
 gives.
 """
 
 from __future__ import annotations
 
-import itertools
-import weakref
-from collections.abc import Callable, Mapping, Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from resynth_index.attribution.answer import INCONCLUSIVE, NO_EVIDENCE, UNKNOWN, QueryResult
 from resynth_index.errors import RsxError
 
-if TYPE_CHECKING:
-    import PIL.Image
-
-    from resynth_index.lab import Lab
-    from resynth_index.models.reconstruction import ReconstructionScorer
-    from resynth_index.pipeline.query import QueryResult
-    from resynth_index.store.models import GeneratorRow
-
 RESYNTHESIS = "resynthesis"
+
+
 RECONSTRUCTION = "reconstruction"
+
+
 QUERY_METHODS = ("resynthesis", "fused")
+
+
 #: Fixed weights of the query-time fusion: equal (see the module docstring).
 DEFAULT_WEIGHTS: dict[str, float] = {RESYNTHESIS: 1.0, RECONSTRUCTION: 1.0}
-#: Step of the weight grid ``choose_fusion_weights`` searches.
-GRID_STEP = 0.1
 
 
 def nan_zscore_rows(similarity: np.ndarray) -> np.ndarray:
@@ -126,128 +122,6 @@ def parse_weights(text: str | None) -> dict[str, float]:
     return weights
 
 
-# ----------------------------------------------------------------------------- weights
-def weight_grid(names: Sequence[str], step: float = GRID_STEP) -> list[dict[str, float]]:
-    """Every weight vector over ``names`` with entries on multiples of ``step`` summing to 1."""
-    parts = round(1 / step)
-    grid = []
-    for combo in itertools.product(range(parts + 1), repeat=len(names)):
-        if sum(combo) == parts:
-            grid.append({n: round(c / parts, 10) for n, c in zip(names, combo, strict=True)})
-    return grid
-
-
-def _normalised(weights: Mapping[str, float], names: Sequence[str]) -> np.ndarray:
-    vector = np.array([float(weights.get(n, 0.0)) for n in names])
-    total = vector.sum()
-    return vector / total if total > 0 else np.full(len(names), 1.0 / len(names))
-
-
-#: Scores held at once while the grid is searched (grid vectors x references x candidates), so
-#: the memory stays near 8 MB a working array whatever the number of references.
-_GRID_CHUNK_VALUES = 1_000_000
-
-
-@dataclass(frozen=True)
-class WeightChoice:
-    """Fusion weights chosen on references of known generator, and how well the choice does.
-
-    ``training_accuracy`` is in-sample: the chosen weights' accuracy on the very references they
-    were chosen on, the best of every vector on the grid, so it flatters (on pure noise it sits
-    well above chance). ``nested_loo_accuracy`` is the honest figure: each reference is scored
-    with the weights the same rule chooses on all the other references, and the hits averaged.
-    Both are NaN without references.
-    """
-
-    weights: dict[str, float]
-    training_accuracy: float
-    nested_loo_accuracy: float
-    grid_size: int  # weight vectors searched
-
-
-def fusion_weight_choice(
-    train: Mapping[str, np.ndarray],
-    y_train: np.ndarray,
-    prior: Mapping[str, float],
-    step: float = GRID_STEP,
-) -> WeightChoice:
-    """The grid weights with the best accuracy on the references, and the rule's nested
-    leave-one-out accuracy.
-
-    The rule: every weight vector on a grid over the simplex (steps of ``step``) is scored by
-    its top-1 accuracy on the references; the best wins; ties go to the tied vector closest (L1)
-    to ``prior``, then to the first in grid order. ``train``: signal -> (m, K) distances of the
-    references over the candidates (NaN: missing); ``y_train``: their generators (column
-    indices). Only these references are seen.
-
-    No signal is fitted and each reference is z-scored across its own candidates, so whether a
-    grid vector ranks a reference right does not depend on the other references. The (grid,
-    references) table of hits is therefore computed once, and the nested leave-one-out only
-    repeats the choice: leaving reference i out subtracts its column from the counts. The cost
-    is that of the choice alone, O(grid x m x K x signals), not m times it.
-    """
-    names = sorted(train)
-    grid = weight_grid(names, step)
-    matrix = np.array([[w[n] for n in names] for w in grid], dtype=np.float64)
-    y = np.asarray(y_train)
-    hits = _grid_hits([np.asarray(train[n], dtype=np.float64) for n in names], matrix, y)
-    ranked = _tie_break_order(matrix, _normalised(prior, names))
-    hits = hits[ranked]  # best tie-break first: np.argmax keeps the first of tied counts
-    counts = hits.sum(axis=1)
-    best = grid[int(ranked[int(np.argmax(counts))])]
-    if not y.size:
-        return WeightChoice(best, float("nan"), float("nan"), len(grid))
-    # reference i left out: every vector's count on the others, the rule's pick, its hit on i
-    picked = np.argmax(counts[:, None] - hits, axis=0)
-    nested = hits[picked, np.arange(y.size)]
-    return WeightChoice(best, float(counts.max() / y.size), float(nested.mean()), len(grid))
-
-
-def _grid_hits(signals: Sequence[np.ndarray], matrix: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """(grid vectors, references): True where the vector's fused score ranks ``y`` first.
-
-    ``signals``: (m, K) distances per column of ``matrix`` (the grid, one vector a row). The
-    arithmetic is ``fuse``'s, term by term in the same order, vectorised over the grid in
-    chunks of ``_GRID_CHUNK_VALUES`` scores.
-    """
-    z = [nan_zscore_rows(-values) for values in signals]
-    present = [np.isfinite(values) for values in z]
-    filled = [np.where(p, values, 0.0) for p, values in zip(present, z, strict=True)]
-    m, k = filled[0].shape
-    hits = np.zeros((len(matrix), m), dtype=bool)
-    if not m or not k:
-        return hits
-    chunk = max(1, _GRID_CHUNK_VALUES // (m * k))
-    for start in range(0, len(matrix), chunk):
-        w = matrix[start : start + chunk, :, None, None]  # (g, signals, 1, 1)
-        total = sum(w[:, s] * filled[s] for s in range(len(filled)))
-        mass = sum(w[:, s] * present[s] for s in range(len(present)))
-        fused = np.where(mass > 0, total / np.where(mass > 0, mass, 1), np.nan)
-        scores = rank_missing_last(fused.reshape(-1, k)).reshape(fused.shape)
-        hits[start : start + chunk] = scores.argmax(axis=2) == y
-    return hits
-
-
-def _tie_break_order(matrix: np.ndarray, prior: np.ndarray) -> np.ndarray:
-    """The grid's row numbers, closest (L1, to 1e-9) to ``prior`` first, then in grid order."""
-    normalised = matrix / matrix.sum(axis=1, keepdims=True)  # every grid row sums to 1 > 0
-    closeness = np.array([round(float(d), 9) for d in np.abs(normalised - prior).sum(axis=1)])
-    return np.lexsort((np.arange(len(matrix)), closeness))
-
-
-def choose_fusion_weights(
-    train: Mapping[str, np.ndarray],
-    y_train: np.ndarray,
-    prior: Mapping[str, float],
-    step: float = GRID_STEP,
-) -> tuple[dict[str, float], float]:
-    """(weights, training accuracy) of ``fusion_weight_choice``: the accuracy is in-sample,
-    measured on the references the weights were chosen on (optimistic; the rule's honest figure
-    is ``fusion_weight_choice(...).nested_loo_accuracy``)."""
-    choice = fusion_weight_choice(train, y_train, prior, step)
-    return choice.weights, choice.training_accuracy
-
-
 def fixed_weights(names: Sequence[str], given: Mapping[str, float]) -> dict[str, float]:
     """The fixed fusion weights, summing to 1: those given (signals not named weigh 0), else
     equal ones (the fusion is the same for any positive multiple of the weights)."""
@@ -311,66 +185,8 @@ def fuse_one(
     return FusedRanking(order, by_name, clean, weights, dict(unsupported or {}))
 
 
-def query_reconstruction(
-    lab: Lab,
-    generators: Sequence[GeneratorRow],
-    images: Sequence[tuple[str, PIL.Image.Image]],
-    scorer: ReconstructionScorer,
-) -> dict[str, dict[str, float | None]]:
-    """image SHA-256 -> candidate -> reconstruction distance (None: unsupported or too small).
-
-    Generators are taken from the lab (``lab.generator_model``), so a pipeline loaded for
-    generation lends its autoencoder; only the autoencoder of the others is loaded.
-    """
-    models = [lab.generator_model(row) for row in generators]
-    values = scorer.distances(models, images)
-    return {
-        sha: {
-            row.name: (None if not np.isfinite(values[i, k]) else float(values[i, k]))
-            for k, row in enumerate(generators)
-        }
-        for i, (sha, _picture) in enumerate(images)
-    }
-
-
 #: What ``score`` means in a fused answer (``QueryResult.score_meaning``).
 FUSED_SCORE_MEANING = "relative among candidates (softmax of the fused z-score)"
-
-#: Reconstruction scorers kept per open lab, so a long-lived process (``rsx serve``) loads each
-#: autoencoder once and never reconstructs the same image twice. A scorer must not hold its lab
-#: (``_weak_embed``): a value that refers to its key keeps the entry, and the lab, forever.
-_SCORERS: weakref.WeakKeyDictionary[Any, ReconstructionScorer] = weakref.WeakKeyDictionary()
-
-
-def scorer_for(lab: Lab) -> ReconstructionScorer:
-    """The lab's reconstruction scorer (default metric, the lab's embedder), made once per lab."""
-    from resynth_index.models.reconstruction import DEFAULT_METRIC, ReconstructionScorer
-
-    scorer = _SCORERS.get(lab)
-    if scorer is None:
-        embed = _weak_embed(lab) if DEFAULT_METRIC == "embedder" else None
-        scorer = ReconstructionScorer(
-            metric=DEFAULT_METRIC,
-            embed=embed,
-            embedder_fingerprint=lab.fingerprint if embed is not None else None,
-            device=lab.device,
-        )
-        _SCORERS[lab] = scorer
-    return scorer
-
-
-def _weak_embed(lab: Lab) -> Callable[[Sequence[PIL.Image.Image]], np.ndarray]:
-    """The lab's embedder as a function that holds the lab weakly, so the scorer kept for the
-    lab in ``_SCORERS`` lets it be freed once closed and dropped (the entry goes with it)."""
-    held = weakref.ref(lab)
-
-    def embed(images: Sequence[PIL.Image.Image]) -> np.ndarray:
-        owner = held()
-        if owner is None:  # only a scorer taken out of _SCORERS can outlive its lab
-            raise RsxError("the lab of this reconstruction scorer is gone: open it again")
-        return owner.embedder.embed(images)
-
-    return embed
 
 
 def apply_fusion(
@@ -381,21 +197,20 @@ def apply_fusion(
     *,
     layers: Mapping[str, Mapping[str, float | None]] | None = None,
     origin: Mapping[str, Any] | None = None,
-) -> None:
-    """Turn a resynthesis answer into a fused one (``method`` "fused"), in place.
+) -> QueryResult:
+    """A resynthesis answer turned into a fused one (``method`` "fused"): a new answer,
+    ``result`` unchanged.
 
     The ranking is re-ordered by fused score and each entry's ``score`` becomes a softmax of the
     fused z-scores; ``fusion`` records the weights, every signal's value per candidate, the fused
     scores, the candidates without an autoencoder and ``origin`` (the layers, and where the
-    weights came from: ``pipeline.fusion_lab.QueryFusion.to_json``). ``reconstruction`` None:
-    not measured (its weight is 0); ``layers``: the ``layer-N`` signals. The verdict follows the
-    fused ranking when the resynthesis answer named a generator or was inconclusive; 'unknown'
-    (the lab's threshold on the resynthesis distance) and 'no-evidence' stay as they are.
-    ``margin`` stays the resynthesis margin; ``fusion["margin"]`` is the fused one (best minus
-    second-best z-score).
+    weights came from: ``calibration.fusion_weights.QueryFusion.to_json``). ``reconstruction``
+    None: not measured (its weight is 0); ``layers``: the ``layer-N`` signals. The verdict
+    follows the fused ranking when the resynthesis answer named a generator or was
+    inconclusive; 'unknown' (the lab's threshold on the resynthesis distance) and 'no-evidence'
+    stay as they are. ``margin`` stays the resynthesis margin; ``fusion["margin"]`` is the fused
+    one (best minus second-best z-score).
     """
-    from resynth_index.pipeline.attribution import INCONCLUSIVE, NO_EVIDENCE, UNKNOWN
-
     candidates = list(result.candidates)
     resynthesis: dict[str, float | None] = dict.fromkeys(candidates)
     resynthesis.update({entry.generator: entry.distance for entry in result.ranking})
@@ -408,36 +223,33 @@ def apply_fusion(
     ranked = {entry.generator for entry in result.ranking}
     order = [c for c in fused.order if c in ranked]
     margin = fused.scores[order[0]] - fused.scores[order[1]] if len(order) > 1 else None
-    result.method = "fused"
-    result.fusion = {**fused.to_json(), "weights": all_weights, "margin": margin}
-    result.fusion.update(origin or {})
-    used = [name for name in sorted(signals) if all_weights.get(name, 0.0) > 0]
+    record = {**fused.to_json(), "weights": all_weights, "margin": margin, **(origin or {})}
+    answer = dataclasses.replace(result, method="fused", fusion=record)
     if not order:
-        return
+        return answer
+    used = [name for name in sorted(signals) if all_weights.get(name, 0.0) > 0]
     by_name = {entry.generator: entry for entry in result.ranking}
-    result.ranking = [by_name[c] for c in order]
     logits = np.array([fused.scores[c] for c in order])
     probabilities = np.exp(logits - logits.max())
     probabilities /= probabilities.sum()
-    for entry, probability in zip(result.ranking, probabilities, strict=True):
-        entry.score = float(probability)
-    result.score_meaning = FUSED_SCORE_MEANING
+    ranking = [
+        dataclasses.replace(by_name[c], score=float(probability))
+        for c, probability in zip(order, probabilities, strict=True)
+    ]
+    answer = dataclasses.replace(answer, ranking=ranking, score_meaning=FUSED_SCORE_MEANING)
     if result.verdict in (UNKNOWN, NO_EVIDENCE):
-        return
+        return answer
     best = order[0]
     tied = [c for c in order if fused.scores[c] == fused.scores[best]]
     if len(tied) > 1:
-        result.verdict = INCONCLUSIVE
-        result.tied = tied
-        result.verdict_reason = f"fused: {' and '.join(tied)} are exactly tied"
-        return
-    result.verdict = best
-    result.tied = []
+        reason = f"fused: {' and '.join(tied)} are exactly tied"
+        return dataclasses.replace(answer, verdict=INCONCLUSIVE, tied=tied, verdict_reason=reason)
     second = f" over {order[1]}" if len(order) > 1 else ""
-    result.verdict_reason = (
+    reason = (
         f"fused ({' + '.join(used)}): best {best}, z-score margin"
         f" {margin if margin is not None else 0:.2g}{second}"
     )
+    return dataclasses.replace(answer, verdict=best, tied=[], verdict_reason=reason)
 
 
 def fusion_summary(fusion: Mapping[str, Any]) -> str:

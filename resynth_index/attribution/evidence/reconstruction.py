@@ -31,6 +31,7 @@ independent of captions and resyntheses.
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,9 @@ from resynth_index.models.fingerprints import combine
 if TYPE_CHECKING:
     import PIL.Image
 
+    from resynth_index.lab import Lab
     from resynth_index.models.generators.protocol import Generator
+    from resynth_index.store.models import GeneratorRow
 
 RECONSTRUCTION_VERSION = "rsx-vae-reconstruction-v1"
 METRICS = ("pixel-l1", "pixel-l2", "embedder")
@@ -312,3 +315,61 @@ def _loaded_float32_vae(generator: Generator) -> Any:
     import torch
 
     return vae if next(vae.parameters()).dtype == torch.float32 else None
+
+
+def query_reconstruction(
+    lab: Lab,
+    generators: Sequence[GeneratorRow],
+    images: Sequence[tuple[str, PIL.Image.Image]],
+    scorer: ReconstructionScorer,
+) -> dict[str, dict[str, float | None]]:
+    """image SHA-256 -> candidate -> reconstruction distance (None: unsupported or too small).
+
+    Generators are taken from the lab (``lab.generator_model``), so a pipeline loaded for
+    generation lends its autoencoder; only the autoencoder of the others is loaded.
+    """
+    models = [lab.generator_model(row) for row in generators]
+    values = scorer.distances(models, images)
+    return {
+        sha: {
+            row.name: (None if not np.isfinite(values[i, k]) else float(values[i, k]))
+            for k, row in enumerate(generators)
+        }
+        for i, (sha, _picture) in enumerate(images)
+    }
+
+
+#: Reconstruction scorers kept per open lab, so a long-lived process (``rsx serve``) loads each
+#: autoencoder once and never reconstructs the same image twice. A scorer must not hold its lab
+#: (``_weak_embed``): a value that refers to its key keeps the entry, and the lab, forever.
+_SCORERS: weakref.WeakKeyDictionary[Any, ReconstructionScorer] = weakref.WeakKeyDictionary()
+
+
+def scorer_for(lab: Lab) -> ReconstructionScorer:
+    """The lab's reconstruction scorer (default metric, the lab's embedder), made once per lab."""
+
+    scorer = _SCORERS.get(lab)
+    if scorer is None:
+        embed = _weak_embed(lab) if DEFAULT_METRIC == "embedder" else None
+        scorer = ReconstructionScorer(
+            metric=DEFAULT_METRIC,
+            embed=embed,
+            embedder_fingerprint=lab.fingerprint if embed is not None else None,
+            device=lab.device,
+        )
+        _SCORERS[lab] = scorer
+    return scorer
+
+
+def _weak_embed(lab: Lab) -> Callable[[Sequence[PIL.Image.Image]], np.ndarray]:
+    """The lab's embedder as a function that holds the lab weakly, so the scorer kept for the
+    lab in ``_SCORERS`` lets it be freed once closed and dropped (the entry goes with it)."""
+    held = weakref.ref(lab)
+
+    def embed(images: Sequence[PIL.Image.Image]) -> np.ndarray:
+        owner = held()
+        if owner is None:  # only a scorer taken out of _SCORERS can outlive its lab
+            raise RsxError("the lab of this reconstruction scorer is gone: open it again")
+        return owner.embedder.embed(images)
+
+    return embed

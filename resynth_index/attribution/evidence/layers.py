@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from resynth_index.attribution.evidence.resynthesis import distance_matrix
 from resynth_index.errors import RsxError
-from resynth_index.pipeline.attribution import aggregate, similarity_to_distance
 from resynth_index.store import embeddings
 
 if TYPE_CHECKING:
@@ -175,7 +175,6 @@ def stored_layer_vectors(
     loads the image from the blob store) and their vectors stored, so no image is read at a
     block twice.
     """
-    from resynth_index.pipeline.intake import load_stored_image
 
     ids = list(dict.fromkeys(int(i) for i in images))
     batch_size = batch_size or lab.settings.embedding_batch_size
@@ -187,9 +186,7 @@ def stored_layer_vectors(
     missing = [i for i in ids if any(i not in found[layer] for layer in reader.layers)]
     for start in range(0, len(missing), batch_size):
         chunk = missing[start : start + batch_size]
-        pictures = [
-            images[i] if images[i] is not None else load_stored_image(lab, i) for i in chunk
-        ]
+        pictures = [images[i] if images[i] is not None else lab.stored_image(i) for i in chunk]
         vectors = reader.embed(pictures, batch_size=batch_size)  # type: ignore[arg-type]
         with lab.session() as session:
             for layer, fingerprint in reader.fingerprints.items():
@@ -209,18 +206,9 @@ def layer_distance_matrix(
     """(n, C) distance of each query to each candidate's resyntheses, NaN where it has none.
 
     ``queries``: (n, d) vectors; ``resyntheses``: per query, per candidate, (K, d) vectors. The
-    lab's distance and aggregation, computed as ``EvalData.resynthesis_distances`` does.
+    lab's distance and aggregation (``evidence.resynthesis.distance_matrix``).
     """
-    n = len(resyntheses)
-    width = len(resyntheses[0]) if n else 0
-    out = np.full((n, width), np.nan)
-    for i, per_candidate in enumerate(resyntheses):
-        for c, vectors in enumerate(per_candidate):
-            if len(vectors):
-                sims = np.asarray(vectors) @ queries[i]
-                values = [similarity_to_distance(float(s), distance) for s in sims]
-                out[i, c] = aggregate(values, aggregation)
-    return out
+    return distance_matrix(queries, resyntheses, distance, aggregation)
 
 
 def layer_distances(

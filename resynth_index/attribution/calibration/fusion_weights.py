@@ -2,8 +2,8 @@
 
 ``rsx calibrate --method fused [--fusion-layers 1,2,3]`` measures every signal of the fused
 method on the lab's usable references (images of known generator whose caption has resyntheses
-by every candidate, ``calibrated.find_references``): the resynthesis distance, the
-reconstruction distance and the ``layer-N`` distances (``pipeline.layers``). It then chooses
+by every candidate, ``pipeline.references.find_references``): the resynthesis distance, the
+reconstruction distance and the ``layer-N`` distances (``evidence.layers``). It then chooses
 the weights exactly as ``rsx eval``'s ``fused-loo`` does on its training references
 (``fusion_query.fusion_weight_choice``: the best accuracy on the references over a 0.1-step
 grid, ties to equal weights) and saves them in the calibrations table (method ``fused``) with
@@ -25,40 +25,40 @@ never chooses weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from resynth_index.errors import RsxError
-from resynth_index.pipeline import calibrated
-from resynth_index.pipeline.fusion_query import (
+from resynth_index.attribution.calibration import sets
+from resynth_index.attribution.combination import (
     DEFAULT_WEIGHTS,
-    GRID_STEP,
     RECONSTRUCTION,
     RESYNTHESIS,
-    fixed_weights,
-    fusion_weight_choice,
-    query_reconstruction,
-    scorer_for,
+    nan_zscore_rows,
+    rank_missing_last,
 )
-from resynth_index.pipeline.layers import (
-    layer_distances,
-    layer_reader,
-    layer_signal,
-    signal_layer,
-)
-from resynth_index.pipeline.resynthesis import plan_resyntheses
-from resynth_index.store import calibrations, repository
+from resynth_index.attribution.evidence.layers import layer_signal, signal_layer
+from resynth_index.errors import RsxError
+from resynth_index.store import calibrations
 from resynth_index.store.models import GeneratorRow
 
 if TYPE_CHECKING:
     from resynth_index.lab import Lab
 
+
+GRID_STEP = 0.1
 FUSED = "fused"
+
+
 FIXED = "fixed"
+
+
 RECORDED = "recorded"
+
+
 #: A fused calibration has no coverage; its row stores this in the coverage column.
 NO_COVERAGE = 0.0
 
@@ -125,150 +125,6 @@ class FusionRecord:
         )
 
 
-# ----------------------------------------------------------------------------- signals
-def reference_signals(
-    lab: Lab,
-    found: calibrated.ReferenceSet,
-    layers: Sequence[int],
-    echo: Callable[[str], None] | None = None,
-) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, str], dict[str, str]]:
-    """Every fused signal of the usable references: (signal -> (n, C) distances, NaN where
-    missing; (n,) true columns; candidates without an autoencoder; block -> fingerprint).
-
-    Measured as ``rsx query`` measures a query (and ``rsx eval`` a reference): the resynthesis
-    distance of ``calibrated.reference_distances``, the reconstruction distance of the query's
-    scorer, the ``layer-N`` distances of ``pipeline.layers``.
-    """
-    from resynth_index.pipeline.intake import load_stored_image
-
-    rows = found.generators
-    names = found.names
-    refs = found.references
-    reader = layer_reader(lab, layers) if layers else None  # a missing block: refused first
-    resynthesis, labels = calibrated.reference_distances(lab, found, echo)
-    signals: dict[str, np.ndarray] = {RESYNTHESIS: resynthesis}
-    if echo:
-        echo(f"reconstructing {len(refs)} reference(s) through the candidates' autoencoders")
-    scorer = scorer_for(lab)
-    with lab.session() as session:
-        shas = repository.image_sha256s(session, [r.image_id for r in refs])
-    recon = np.full((len(refs), len(names)), np.nan)
-    batch = lab.settings.embedding_batch_size
-    for start in range(0, len(refs), batch):
-        chunk = refs[start : start + batch]
-        pictures = [(shas[r.image_id], load_stored_image(lab, r.image_id)) for r in chunk]
-        values = query_reconstruction(lab, rows, pictures, scorer)
-        for offset, (sha, _picture) in enumerate(pictures):
-            for c, name in enumerate(names):
-                value = values[sha][name]
-                recon[start + offset, c] = np.nan if value is None else value
-    signals[RECONSTRUCTION] = recon
-    fingerprints: dict[str, str] = {}
-    if reader is not None:
-        captions = list(dict.fromkeys(r.caption_hash for r in refs))
-        plan = plan_resyntheses(lab, captions, rows)  # after any generation
-        if echo:
-            echo(f"reading references and resyntheses at layer(s) {', '.join(map(str, layers))}")
-        found_layers = layer_distances(
-            lab,
-            reader,
-            [r.image_id for r in refs],
-            [[plan.stored.get((r.caption_hash, n), []) for n in names] for r in refs],
-        )
-        for layer, matrix in found_layers.items():
-            signals[layer_signal(layer)] = matrix
-        fingerprints = {str(layer): fp for layer, fp in reader.fingerprints.items()}
-    return signals, labels, dict(scorer.unsupported), fingerprints
-
-
-# ----------------------------------------------------------------------------- calibrating
-@dataclass(frozen=True)
-class FusionOutcome:
-    """A saved fused calibration and what ``rsx calibrate --method fused`` reports about it."""
-
-    id: int
-    superseded: list[int]
-    record: FusionRecord
-    summary: dict[str, Any]
-
-
-def calibrate_fusion(
-    lab: Lab,
-    generators: Sequence[GeneratorRow],
-    *,
-    layers: Sequence[int] = (),
-    generate: bool = False,
-    echo: Callable[[str], None] | None = None,
-) -> FusionOutcome:
-    """Choose the fused weights on the lab's references, measure the choice by nested
-    leave-one-out, and save them.
-
-    Every refusal (no usable reference, a block the embedder lacks) comes before anything is
-    written.
-    """
-    from resynth_index.models.reconstruction import DEFAULT_METRIC
-
-    layers = tuple(sorted(set(layers)))
-    found = calibrated.find_references(lab, generators, generate=generate)
-    if not found.references:
-        why = "".join(f"; {note}" for note in found.notes)
-        raise RsxError(
-            "--method fused needs references of the candidates to choose its weights on, and"
-            " the lab has no usable one (a usable reference is captioned and its caption has"
-            f" resyntheses by every candidate): ingest some with role 'reference'{why}"
-        )
-    if layers:
-        layer_reader(lab, layers)  # refuse a block the embedder lacks before generating
-    signals, labels, unsupported, layer_fps = reference_signals(lab, found, layers, echo)
-    names = sorted(signals)
-    choice = fusion_weight_choice(signals, labels, fixed_weights(names, {}))
-    alone = {
-        name: float(np.mean(np.where(np.isfinite(m), m, np.inf).argmin(axis=1) == labels))
-        for name, m in signals.items()
-    }
-    record = FusionRecord(
-        weights=choice.weights,
-        layers=layers,
-        candidates=tuple(found.names),
-        reference_ids=tuple(r.id for r in found.references),
-        training_accuracy=choice.training_accuracy,
-        nested_loo_accuracy=choice.nested_loo_accuracy,
-        embedder_fingerprint=lab.fingerprint,
-        layer_fingerprints=layer_fps,
-        generator_fingerprints={row.name: row.fingerprint for row in found.generators},
-        distance=lab.settings.distance,
-        aggregation=lab.settings.aggregation,
-        reconstruction_metric=DEFAULT_METRIC,
-    )
-    notes = list(found.notes)
-    if unsupported:
-        notes.append(
-            f"no reconstruction by {', '.join(sorted(unsupported))} (no autoencoder): those"
-            " candidates are fused on their other signals"
-        )
-    summary: dict[str, Any] = {
-        "references": len(labels),
-        "references_per_generator": found.counts(),
-        "signals": names,
-        "accuracy_alone": alone,
-        "unsupported": dict(sorted(unsupported.items())),
-        "notes": notes,
-    }
-    with lab.session() as session:
-        new_id, superseded = calibrations.save_calibration(
-            session,
-            method=FUSED,
-            coverage=NO_COVERAGE,
-            per_generator=False,
-            candidates=found.names,
-            embedder_fingerprint=lab.fingerprint,
-            record=record.to_dict(),
-            settings={"resyntheses": dict(found.plan.wanted)},
-            summary=summary,
-        )
-    return FusionOutcome(new_id, superseded, record, summary)
-
-
 # ----------------------------------------------------------------------------- using one
 @dataclass(frozen=True)
 class QueryFusion:
@@ -333,7 +189,7 @@ def fusion_for_query(
     fingerprints, the lab's distance and aggregation, the same resyntheses per generator, the
     default reconstruction metric, and (when given) these layers.
     """
-    from resynth_index.models.reconstruction import DEFAULT_METRIC
+    from resynth_index.attribution.evidence.reconstruction import DEFAULT_METRIC
 
     asked = None if layers is None else tuple(sorted(set(layers)))
     names = [row.name for row in generators]
@@ -346,9 +202,7 @@ def fusion_for_query(
         note = None
         if other is not None:
             active = {row.name for row in lab.generators()}
-            fix = calibrated.candidates_fix(
-                other.candidates, active, "rsx calibrate --method fused"
-            )
+            fix = sets.candidates_fix(other.candidates, active, "rsx calibrate --method fused")
             note = (
                 f"fused calibration #{other.id} not used: it was made for the candidates"
                 f" {', '.join(other.candidates)}, not {', '.join(sorted(names))}; {fix}"
@@ -399,3 +253,128 @@ def fusion_for_query(
         nested_loo_accuracy=record.nested_loo_accuracy,
         training_accuracy=record.training_accuracy,
     )
+
+
+#: Step of the weight grid ``choose_fusion_weights`` searches.
+
+
+# ----------------------------------------------------------------------------- weights
+def weight_grid(names: Sequence[str], step: float = GRID_STEP) -> list[dict[str, float]]:
+    """Every weight vector over ``names`` with entries on multiples of ``step`` summing to 1."""
+    parts = round(1 / step)
+    grid = []
+    for combo in itertools.product(range(parts + 1), repeat=len(names)):
+        if sum(combo) == parts:
+            grid.append({n: round(c / parts, 10) for n, c in zip(names, combo, strict=True)})
+    return grid
+
+
+def _normalised(weights: Mapping[str, float], names: Sequence[str]) -> np.ndarray:
+    vector = np.array([float(weights.get(n, 0.0)) for n in names])
+    total = vector.sum()
+    return vector / total if total > 0 else np.full(len(names), 1.0 / len(names))
+
+
+#: Scores held at once while the grid is searched (grid vectors x references x candidates), so
+#: the memory stays near 8 MB a working array whatever the number of references.
+_GRID_CHUNK_VALUES = 1_000_000
+
+
+@dataclass(frozen=True)
+class WeightChoice:
+    """Fusion weights chosen on references of known generator, and how well the choice does.
+
+    ``training_accuracy`` is in-sample: the chosen weights' accuracy on the very references they
+    were chosen on, the best of every vector on the grid, so it flatters (on pure noise it sits
+    well above chance). ``nested_loo_accuracy`` is the honest figure: each reference is scored
+    with the weights the same rule chooses on all the other references, and the hits averaged.
+    Both are NaN without references.
+    """
+
+    weights: dict[str, float]
+    training_accuracy: float
+    nested_loo_accuracy: float
+    grid_size: int  # weight vectors searched
+
+
+def fusion_weight_choice(
+    train: Mapping[str, np.ndarray],
+    y_train: np.ndarray,
+    prior: Mapping[str, float],
+    step: float = GRID_STEP,
+) -> WeightChoice:
+    """The grid weights with the best accuracy on the references, and the rule's nested
+    leave-one-out accuracy.
+
+    The rule: every weight vector on a grid over the simplex (steps of ``step``) is scored by
+    its top-1 accuracy on the references; the best wins; ties go to the tied vector closest (L1)
+    to ``prior``, then to the first in grid order. ``train``: signal -> (m, K) distances of the
+    references over the candidates (NaN: missing); ``y_train``: their generators (column
+    indices). Only these references are seen.
+
+    No signal is fitted and each reference is z-scored across its own candidates, so whether a
+    grid vector ranks a reference right does not depend on the other references. The (grid,
+    references) table of hits is therefore computed once, and the nested leave-one-out only
+    repeats the choice: leaving reference i out subtracts its column from the counts. The cost
+    is that of the choice alone, O(grid x m x K x signals), not m times it.
+    """
+    names = sorted(train)
+    grid = weight_grid(names, step)
+    matrix = np.array([[w[n] for n in names] for w in grid], dtype=np.float64)
+    y = np.asarray(y_train)
+    hits = _grid_hits([np.asarray(train[n], dtype=np.float64) for n in names], matrix, y)
+    ranked = _tie_break_order(matrix, _normalised(prior, names))
+    hits = hits[ranked]  # best tie-break first: np.argmax keeps the first of tied counts
+    counts = hits.sum(axis=1)
+    best = grid[int(ranked[int(np.argmax(counts))])]
+    if not y.size:
+        return WeightChoice(best, float("nan"), float("nan"), len(grid))
+    # reference i left out: every vector's count on the others, the rule's pick, its hit on i
+    picked = np.argmax(counts[:, None] - hits, axis=0)
+    nested = hits[picked, np.arange(y.size)]
+    return WeightChoice(best, float(counts.max() / y.size), float(nested.mean()), len(grid))
+
+
+def _grid_hits(signals: Sequence[np.ndarray], matrix: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(grid vectors, references): True where the vector's fused score ranks ``y`` first.
+
+    ``signals``: (m, K) distances per column of ``matrix`` (the grid, one vector a row). The
+    arithmetic is ``fuse``'s, term by term in the same order, vectorised over the grid in
+    chunks of ``_GRID_CHUNK_VALUES`` scores.
+    """
+    z = [nan_zscore_rows(-values) for values in signals]
+    present = [np.isfinite(values) for values in z]
+    filled = [np.where(p, values, 0.0) for p, values in zip(present, z, strict=True)]
+    m, k = filled[0].shape
+    hits = np.zeros((len(matrix), m), dtype=bool)
+    if not m or not k:
+        return hits
+    chunk = max(1, _GRID_CHUNK_VALUES // (m * k))
+    for start in range(0, len(matrix), chunk):
+        w = matrix[start : start + chunk, :, None, None]  # (g, signals, 1, 1)
+        total = sum(w[:, s] * filled[s] for s in range(len(filled)))
+        mass = sum(w[:, s] * present[s] for s in range(len(present)))
+        fused = np.where(mass > 0, total / np.where(mass > 0, mass, 1), np.nan)
+        scores = rank_missing_last(fused.reshape(-1, k)).reshape(fused.shape)
+        hits[start : start + chunk] = scores.argmax(axis=2) == y
+    return hits
+
+
+def _tie_break_order(matrix: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """The grid's row numbers, closest (L1, to 1e-9) to ``prior`` first, then in grid order."""
+    normalised = matrix / matrix.sum(axis=1, keepdims=True)  # every grid row sums to 1 > 0
+    closeness = np.array([round(float(d), 9) for d in np.abs(normalised - prior).sum(axis=1)])
+    return np.lexsort((np.arange(len(matrix)), closeness))
+
+
+def choose_fusion_weights(
+    train: Mapping[str, np.ndarray],
+    y_train: np.ndarray,
+    prior: Mapping[str, float],
+    step: float = GRID_STEP,
+) -> tuple[dict[str, float], float]:
+    """(weights, training accuracy) of ``fusion_weight_choice``: the accuracy is in-sample,
+    measured on the references the weights were chosen on (optimistic; the rule's honest figure
+    is ``fusion_weight_choice(...).nested_loo_accuracy``)."""
+    choice = fusion_weight_choice(train, y_train, prior, step)
+    return choice.weights, choice.training_accuracy

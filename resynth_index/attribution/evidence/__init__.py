@@ -1,0 +1,1 @@
+"""The signals an answer rests on, one module each (see ``attribution``)."""
